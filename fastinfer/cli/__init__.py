@@ -1,0 +1,1 @@
+"""fastinfer.cli"""

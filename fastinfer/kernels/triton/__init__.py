@@ -1,0 +1,1 @@
+"""fastinfer.kernels.triton"""
