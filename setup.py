@@ -16,7 +16,7 @@ if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
 
 from pybind11.setup_helpers import Pybind11Extension  # noqa: E402
 from setuptools import setup  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 
 def native_core() -> Pybind11Extension:
@@ -29,7 +29,20 @@ def native_core() -> Pybind11Extension:
     )
 
 
-ext_modules = [native_core()]
+def native_cpu() -> CppExtension:
+    # torch C++ extension: CPU kernels registered as torch.ops.fastinfer_cpu.* (its own flag
+    # lists; never pass -std= to torch extensions). Portable flags only: the AVX-512 / AVX2
+    # kernels use per-function target attributes and are picked at run time. -fopenmp makes
+    # at::parallel_for use torch's OpenMP pool (torch ships and loads libgomp.so.1).
+    return CppExtension(
+        "fastinfer._C_cpu",
+        ["csrc/cpu/linear_f32.cpp"],
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
+        extra_link_args=["-fopenmp"],
+    )
+
+
+ext_modules = [native_core(), native_cpu()]
 
 setup(
     ext_modules=ext_modules,

@@ -1,1 +1,71 @@
-"""fastinfer.ops"""
+"""``fastinfer.ops``: THE dispatch point between native CPU, Triton, CUDA and the pure-torch
+reference. Layers call these functions and never ask which device they run on.
+
+Shapes and dtypes of every op are documented on its reference in ``ops/reference.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastinfer.ops import cpu_native, reference
+from fastinfer.ops.dispatch import implementations, register, select
+from fastinfer.ops.metadata import AttentionMetadata
+
+_REFERENCE_OPS = (
+    "linear", "embedding", "rms_norm", "silu_and_mul", "rotary_embedding",
+    "reshape_and_cache", "paged_attention",
+)
+for _name in _REFERENCE_OPS:
+    register(_name, "reference", getattr(reference, _name))
+
+
+def _native_f32_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias=None) -> bool:
+    # The native kernel has a fixed reduction order per output element, so float32 results do
+    # not depend on the batch (BUILD_NOTES.md, Numerics): it is the default float32 CPU path.
+    return x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+
+
+if cpu_native.available():
+    register("linear", "cpu_native", cpu_native.linear_f32, _native_f32_linear_applies)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T (+ bias)`` -> ``[..., N]``."""
+    return select("linear", x, weight, bias)(x, weight, bias)
+
+
+def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Embedding lookup ``[T]`` -> ``[T, H]``."""
+    return select("embedding", token_ids, weight)(token_ids, weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim."""
+    return select("rms_norm", x, weight, eps)(x, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of a fused gate/up projection ``[..., 2d]`` -> ``[..., d]``."""
+    return select("silu_and_mul", x)(x)
+
+
+def rotary_embedding(positions, q, k, cos_sin):
+    """Rotary position embedding of q and k; returns (q, k)."""
+    return select("rotary_embedding", positions, q, k, cos_sin)(positions, q, k, cos_sin)
+
+
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Stores this step's keys and values in the paged cache."""
+    select("reshape_and_cache", key, value, k_cache, v_cache, slot_mapping)(
+        key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of packed queries over the paged cache."""
+    return select("paged_attention", q, k_cache, v_cache, meta, scale)(q, k_cache, v_cache, meta, scale)
+
+
+__all__ = [
+    "AttentionMetadata", "embedding", "implementations", "linear", "paged_attention",
+    "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
+]

@@ -1,0 +1,51 @@
+"""Deterministic benchmark workloads: prompts cut from real English text (CPython's language
+reference, shipped with every Python) with lengths drawn under a seed."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Prompt token ids and the number of tokens each request must generate."""
+
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+    seed: int
+
+    @property
+    def input_lens(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+
+def corpus_token_ids(tokenizer, min_tokens: int) -> list[int]:
+    """At least ``min_tokens`` token ids of English prose (repeated when the text is short)."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = tokenizer.encode(text)
+    while len(ids) < min_tokens:
+        ids = ids + ids
+    return ids
+
+
+def mixed_workload(tokenizer, num_prompts: int, input_range: tuple[int, int],
+                   output_range: tuple[int, int], seed: int = 0, name: str = "mixed") -> Workload:
+    """``num_prompts`` requests with input and output lengths uniform in the (inclusive)
+    ranges, prompts taken from consecutive, non-overlapping slices of the corpus."""
+    for label, (lo, hi) in (("input", input_range), ("output", output_range)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{label} length range must satisfy 1 <= lo <= hi, got {(lo, hi)}")
+    rng = random.Random(seed)
+    in_lens = [rng.randint(*input_range) for _ in range(num_prompts)]
+    out_lens = [rng.randint(*output_range) for _ in range(num_prompts)]
+    ids = corpus_token_ids(tokenizer, sum(in_lens))
+    prompts, pos = [], rng.randrange(0, max(1, len(ids) - sum(in_lens)))
+    for n in in_lens:
+        if pos + n > len(ids):
+            pos = 0
+        prompts.append(ids[pos:pos + n])
+        pos += n
+    return Workload(name, prompts, out_lens, seed)

@@ -1,0 +1,115 @@
+"""``fastinfer`` command line: ``generate`` and ``chat`` (more subcommands come with their issues)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fastinfer.errors import FastInferError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or Hugging Face folder")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="KV-cache size, e.g. 2GiB")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastinfer", description="fastinfer LLM inference runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete one or more prompts")
+    gen.add_argument("prompts", nargs="+", help="prompt text(s)")
+    gen.add_argument("-n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--template", choices=["auto", "none"], default="auto",
+                     help="auto: wrap the prompt in the model's chat template when it has one")
+    _engine_args(gen)
+    _sampling_args(gen)
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--message", action="append", default=None,
+                      help="send these user messages instead of reading stdin (repeatable)")
+    _engine_args(chat)
+    _sampling_args(chat)
+    return parser
+
+
+def _make_llm(args: argparse.Namespace):
+    from fastinfer import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               kv_cache_memory=args.kv_cache_memory)
+
+
+def _params(args: argparse.Namespace, n: int = 1):
+    from fastinfer import SamplingParams
+
+    return SamplingParams(n=n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _params(args, args.n)
+    llm = _make_llm(args)
+    tok = llm.get_tokenizer()
+    use_template = args.template == "auto" and tok.chat_template is not None
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True) if use_template else p
+               for p in args.prompts]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(args.prompts, outs):
+        for c in out.outputs:
+            header = f"--- {prompt!r}" + (f" [{c.index}]" if len(out.outputs) > 1 else "")
+            print(header)
+            print(c.text)
+            print(f"--- ({len(c.token_ids)} tokens, finish_reason={c.finish_reason})")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
+    llm = _make_llm(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.message is None and sys.stdin.isatty()
+    lines = iter(args.message) if args.message is not None else sys.stdin
+    if interactive:
+        print("fastinfer chat — type a message, Ctrl-D or /exit to quit", flush=True)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = next(lines, None)
+        if line is None or line.strip() == "/exit":
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastinfer`` command."""
+    args = build_parser().parse_args(argv)
+    handlers = {"generate": cmd_generate, "chat": cmd_chat}
+    try:
+        return handlers[args.command](args)
+    except (FastInferError, ValueError) as exc:
+        print(f"fastinfer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""``Engine``: the one engine core. ``step()`` runs schedule -> prepare -> forward -> sample ->
+update once; ``LLM`` and (later) ``AsyncEngine`` drive it."""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from fastinfer.engine.config import EngineConfig
+from fastinfer.engine.memory import kv_cache_budget
+from fastinfer.engine.outputs import RequestMetrics, RequestOutput
+from fastinfer.engine.request import Request, Sample
+from fastinfer.errors import InvalidRequestError, RequestTooLargeError
+from fastinfer.kv_cache.block_manager import BlockManager
+from fastinfer.kv_cache.cache import KVCache, bytes_per_block
+from fastinfer.model.loader import LoadedModel, load_model
+from fastinfer.model.runner import ModelRunner, StepInput
+from fastinfer.sampling.detokenizer import IncrementalDetokenizer
+from fastinfer.sampling.params import SamplingParams
+from fastinfer.sampling.sampler import Sampler, SamplingRow
+from fastinfer.sampling.stop import find_stop
+from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
+from fastinfer.scheduler.sequence import Sequence
+
+Prompt = str | list[int]
+
+
+class Engine:
+    """Continuous-batching engine over a paged KV cache.
+
+    ``add_request`` validates and queues; ``step`` runs one packed batch and returns the
+    outputs of every request that advanced (each request's last output has
+    ``finished=True``, exactly once); ``abort`` ends a request with ``finish_reason="abort"``.
+    """
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.loaded = loaded or load_model(config.model, self.dtype, self.device)
+        mcfg = self.loaded.config
+        self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
+        per_block = bytes_per_block(mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        num_blocks = kv_cache_budget(config, self.device, self.loaded.model) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory holds no block: one block of {config.block_size} tokens "
+                             f"needs {per_block} bytes")
+        self.kv_cache = KVCache(mcfg.num_layers, num_blocks, config.block_size, mcfg.num_kv_heads,
+                                mcfg.head_dim, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len))
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device)
+        self.sampler = Sampler()
+        self.tokenizer = self.loaded.tokenizer
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
+        self._rng = random.Random(config.seed)
+        self._requests: dict[str, Request] = {}
+        self._by_seq: dict[int, tuple[Request, Sample]] = {}
+        self._aborted: list[Request] = []
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self.num_steps = 0
+
+    def _max_model_len(self, model_limit: int) -> int:
+        wanted = self.config.max_model_len
+        if wanted is not None and wanted > model_limit:
+            raise ValueError(f"max_model_len ({wanted}) exceeds the model's context length ({model_limit})")
+        return wanted or model_limit
+
+    # ----------------------------------------------------------------- submission
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validates and queues one request; returns its id. Bad input raises
+        ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        self._check_fits(ids, params)
+        now = time.monotonic()
+        samples = [self._new_sample(i, ids, params) for i in range(params.n)]
+        req = Request(request_id, text, ids, params, samples, RequestMetrics(now))
+        self._requests[request_id] = req
+        for s in samples:
+            self._by_seq[s.seq.seq_id] = (req, s)
+            self.scheduler.add(s.seq)
+        return request_id
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt is empty after tokenization")
+            return prompt, ids
+        if not isinstance(prompt, Seq) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise InvalidRequestError("prompt is empty (no token ids)")
+        vocab = self.loaded.config.vocab_size
+        bad = next(((i, t) for i, t in enumerate(prompt) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary [0, {vocab})")
+        return None, list(prompt)
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        if len(ids) >= self.max_model_len:
+            raise RequestTooLargeError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which leaves no room for a new token")
+        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = self.block_manager.blocks_for(total)
+        if need > self.block_manager.num_total:
+            raise RequestTooLargeError(
+                f"request needs {need} KV-cache blocks ({total} tokens) but the whole cache has "
+                f"{self.block_manager.num_total}; lower max_tokens or raise kv_cache_memory")
+
+    def _new_sample(self, index: int, ids: list[int], params: SamplingParams) -> Sample:
+        if params.seed is not None:
+            seed = params.seed if index == 0 else (params.seed * 1_000_003 + index) % (2**63)
+        else:
+            seed = self._rng.getrandbits(63)
+        gen = torch.Generator().manual_seed(seed)
+        sid = next(self._seq_ids)
+        seq = Sequence(sid, list(ids), len(ids), self.max_model_len, arrival=sid)
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        return Sample(index, seq, detok, gen, logprobs=[] if params.logprobs is not None else None)
+
+    # ----------------------------------------------------------------- control
+    def abort(self, request_id: str) -> bool:
+        """Ends a request now; its final output (``finish_reason="abort"``) comes from the next
+        ``step``. Returns False for an unknown or already finished request."""
+        req = self._requests.get(str(request_id))
+        if req is None or req.finished:
+            return False
+        for s in req.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+                self.scheduler.finish(s.seq)
+        req.metrics.finished_time = time.monotonic()
+        self._aborted.append(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while any request has not yet returned its final output."""
+        return bool(self._requests)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the scheduler and the KV cache."""
+        return {
+            "num_requests": len(self._requests),
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_total": self.block_manager.num_total,
+            "kv_blocks_free": self.block_manager.num_free,
+            "block_size": self.config.block_size,
+            "kv_cache_bytes": self.kv_cache.nbytes,
+            "max_model_len": self.max_model_len,
+            "num_steps": self.num_steps,
+        }
+
+    # ----------------------------------------------------------------- the loop
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run the model, sample, update, emit outputs."""
+        touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
+        self._aborted = []
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            self.num_steps += 1
+            self._run(sched, touched)
+        return self._emit(touched.values())
+
+    def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
+        now = time.monotonic()
+        inp = StepInput(
+            token_ids=[s.seq.token_ids[s.start:s.start + s.num_tokens] for s in sched.scheduled],
+            start_positions=[s.start for s in sched.scheduled],
+            block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
+        )
+        logits = self.runner.execute(inp)
+        pairs = [self._by_seq[s.seq.seq_id] for s in sched.scheduled]
+        rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
+                for req, smp in pairs]
+        out = self.sampler(logits, rows)
+        now = time.monotonic()
+        for i, (s, (req, smp)) in enumerate(zip(sched.scheduled, pairs)):
+            s.seq.num_computed = s.start + s.num_tokens
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            self._append(req, smp, out.token_ids[i], out.logprobs[i], now)
+            touched[req.request_id] = req
+
+    def _append(self, req: Request, smp: Sample, token: int, logprobs, now: float) -> None:
+        seq, params = smp.seq, req.params
+        seq.append(token)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        if smp.logprobs is not None:
+            smp.logprobs.append(logprobs)
+        if token in params.stop_token_ids:
+            self._finish(smp, "stop", token)
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            self._finish(smp, "stop", None)
+        else:
+            self._update_text(smp, token, params.stop_list)
+        if smp.finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
+                                          or seq.num_tokens >= self.max_model_len):
+            self._finish(smp, "length", None)
+
+    def _update_text(self, smp: Sample, token: int, stops: list[str]) -> None:
+        delta = smp.detok.add(token)
+        smp.text += delta
+        if stops and delta:
+            cut = find_stop(smp.text, len(delta), stops)
+            if cut is not None:
+                matched = next((s for s in stops if smp.text.startswith(s, cut)), None)
+                smp.text = smp.text[:cut]
+                self._finish(smp, "stop", matched)
+
+    def _finish(self, smp: Sample, reason: str, stop_reason: str | int | None) -> None:
+        smp.finish_reason, smp.stop_reason = reason, stop_reason
+        self.scheduler.finish(smp.seq)
+
+    def _emit(self, touched) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for req in touched:
+            if req.reported_final:
+                continue
+            if req.finished:
+                req.reported_final = True
+                req.metrics.finished_time = req.metrics.finished_time or now
+                del self._requests[req.request_id]
+                for s in req.samples:
+                    self._by_seq.pop(s.seq.seq_id, None)
+            outputs.append(req.output())
+        return outputs

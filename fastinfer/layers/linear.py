@@ -1,0 +1,22 @@
+"""Linear layer: every matmul goes through ``ops.linear`` (dense today; quantized weights plug
+in at the same point)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer import ops
+
+
+class Linear(nn.Module):
+    """``y = x @ weight.T + bias`` with ``weight [out_features, in_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)

@@ -1,0 +1,19 @@
+"""RMSNorm through ``ops.rms_norm``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer import ops
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)

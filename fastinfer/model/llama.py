@@ -1,0 +1,69 @@
+"""The Llama family (Llama, Mistral, Qwen2): a decoder of pre-norm blocks over a paged cache.
+
+The model knows nothing of requests: it takes a packed batch (token ids, positions), the
+per-layer cache tensors and one ``AttentionMetadata`` shared by all layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer import ops
+from fastinfer.layers.attention import Attention
+from fastinfer.layers.embedding import Embedding
+from fastinfer.layers.mlp import GatedMLP
+from fastinfer.layers.norm import RMSNorm
+from fastinfer.layers.rotary import RotaryEmbedding
+from fastinfer.model.config import ModelConfig
+from fastinfer.ops.metadata import AttentionMetadata
+
+
+class DecoderLayer(nn.Module):
+    """``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   rotary, cfg.attention_bias, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embedding, ``num_layers`` decoder layers, final norm and the LM head (maybe tied)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = cfg
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings else
+                               nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
+                                            requires_grad=False))
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """``token_ids, positions [T]`` -> final hidden states ``[T, hidden]``."""
+        x = self.embed_tokens(token_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(positions, x, kv, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [B, hidden]`` -> ``logits [B, vocab]`` in float32."""
+        return ops.linear(hidden, self.lm_head_weight).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Loads Hugging Face-named weights (``model.layers.N.self_attn.q_proj.weight`` ...),
+        fusing q/k/v and gate/up. Missing or unexpected weights raise ``ValueError``."""
+        from fastinfer.model.weights import load_llama_weights
+        load_llama_weights(self, weights)

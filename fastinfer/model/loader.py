@@ -1,0 +1,82 @@
+"""Loads a model and its tokenizer from an alias, a GGUF file or a Hugging Face folder."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fastinfer.errors import ModelLoadError
+from fastinfer.model import gguf_loader
+from fastinfer.model.config import ModelConfig
+from fastinfer.model.llama import LlamaForCausalLM
+from fastinfer.model.registry import resolve_model_path
+from fastinfer.model.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run, with the tokenizer and facts read from the same source."""
+
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    path: str
+
+
+def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Reads weights and tokenizer; unknown paths and corrupt files raise ModelLoadError."""
+    path = resolve_model_path(model)
+    if os.path.isdir(path):
+        cfg, weights, tok = _read_hf_folder(path)
+    elif path.endswith(".gguf"):
+        cfg, weights, tok = _read_gguf(path)
+    else:
+        raise ModelLoadError(f"{path} is not a .gguf file or a model folder")
+    net = LlamaForCausalLM(cfg, dtype)
+    try:
+        net.load_weights(weights)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    return LoadedModel(cfg, net.to(device).eval(), tok, path)
+
+
+def _read_gguf(path: str):
+    reader = gguf_loader.open_gguf(path)
+    meta = gguf_loader.read_metadata(reader)
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = ModelConfig.from_gguf(meta, has_output)
+    weights = gguf_loader.load_gguf_tensors(reader, cfg.num_heads, cfg.num_kv_heads)
+    return cfg, weights, Tokenizer.from_gguf(meta)
+
+
+def _read_hf_folder(path: str):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if ggufs:
+            return _read_gguf(ggufs[0])
+        raise ModelLoadError(f"{path} has no config.json (not a Hugging Face model folder)")
+    try:
+        with open(cfg_path) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ModelLoadError(f"{cfg_path} is not a valid model config: {exc}") from exc
+    return cfg, _read_safetensors(path), Tokenizer.from_folder(path)
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            weights.update(load_file(file))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+    return weights

@@ -1,0 +1,221 @@
+"""The sampler: one token (and optional logprobs) per sequence per engine step.
+
+Pipeline per row (vLLM's semantics): penalties on the float32 logits; greedy rows take the
+argmax; random rows divide by the temperature, take the softmax, keep the top-k / top-p /
+min-p survivors and draw one token by inverse CDF with ONE uniform from the row's own
+``torch.Generator``. Logprobs come from ``log_softmax`` of the raw (unpenalised) logits.
+
+Batch invariance: rows are grouped by the work they need and each group is vectorised, but
+every op is row-wise (softmax, topk, cumsum, searchsorted over the last dim) or an exactly
+rounded elementwise op, the shape of any per-row op (``topk``'s K) is a function of that row
+alone (its params, and for top-p whether its own nucleus fits the candidates), and each
+random row consumes exactly one ``torch.rand(1, generator=g)`` per step (greedy rows none).
+A row's result is therefore bit-identical alone or in any batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastinfer.sampling.params import SamplingParams
+from fastinfer.sampling.processors import apply_penalties_, min_p_, needs_penalties, top_p_
+
+# Top-p rows first look for their nucleus among this many most likely tokens, then among
+# more, then sort the whole row: most nuclei are small; at V = 49152 topk(64) costs ~60 us a
+# row, topk(4096) ~0.6 ms and a full sort ~3 ms.
+TOP_P_CANDIDATES = (64, 512, 4096)
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence to sample a token for this step."""
+
+    params: SamplingParams
+    generator: torch.Generator          # this sequence's own CPU generator
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]     # tokens generated so far by this sequence
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """The tokens of one step, one per row, and per row its logprobs dict (or None)."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    """Samples one token per row of a [B, V] logits tensor; see the module docstring.
+
+    Holds reusable [B, V] float32 scratch buffers (three: 144 MiB at B=256, V=49152): fresh
+    buffers of that size page-fault on every step, which at B=32 costs more than the math.
+    So one ``Sampler`` serves one engine loop; it is not safe to call from two threads at once.
+    """
+
+    def __init__(self) -> None:
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """Sample for ``rows`` from ``logits`` [len(rows), V] (float32, bf16 or fp16).
+
+        Never modifies ``logits``. Returns token ids and logprobs in row order.
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [num_rows={len(rows)}, vocab], "
+                             f"got {tuple(logits.shape)}")
+        raw = logits.float()
+        params = [r.params for r in rows]
+        work = raw
+        if any(needs_penalties(p) for p in params):
+            work = self._buffer("penalised", raw.shape[0], raw)
+            work.copy_(raw)
+            apply_penalties_(work, params, [r.prompt_token_ids for r in rows],
+                             [r.output_token_ids for r in rows])
+        tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            # torch.argmax returns the first maximal index: the lowest id wins a tie.
+            _put(tokens, greedy, self._take(work, greedy, "a").argmax(-1))
+        for k, idx in _random_groups(params, raw.shape[1]).items():
+            _put(tokens, idx, self._sample_random(work, idx, [rows[i] for i in idx], k))
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
+
+    def _sample_random(self, work: torch.Tensor, idx: list[int], rows: Sequence[SamplingRow],
+                       k: int | None) -> torch.Tensor:
+        """Token ids [R] drawn for ``rows`` (rows ``idx`` of the penalised logits ``work``)."""
+        dev, vocab = work.device, work.shape[1]
+        temp = _column(rows, "temperature", dev).unsqueeze(1)
+        scaled = self._buffer("a", len(idx), work)
+        if len(idx) == work.shape[0]:
+            torch.div(work, temp, out=scaled)
+        else:
+            torch.index_select(work, 0, _index(idx, dev), out=scaled).div_(temp)
+        probs = torch.softmax(scaled, dim=-1, out=self._buffer("b", len(idx), work))
+        # One float32 uniform per row from its own generator, whatever the row's path.
+        u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(dev)
+        min_p = _column(rows, "min_p", dev)
+        if k is None:
+            if bool((min_p > 0).any()):
+                min_p_(probs, min_p, probs.amax(-1))
+            return _draw(probs, u, cdf_out=scaled)
+        has_k = torch.tensor([0 < r.params.top_k < vocab for r in rows], device=dev)
+        return _sample_truncated(probs, k, has_k, _column(rows, "top_p", dev), min_p, u)
+
+    def _logprobs(self, raw: torch.Tensor, token_ids: list[int],
+                  params: Sequence[SamplingParams]) -> list[dict[int, float] | None]:
+        """Per row: None, or {sampled token, then the top-k tokens: logprob} of the raw logits."""
+        out: list[dict[int, float] | None] = [None] * len(params)
+        need = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not need:
+            return out
+        logp = torch.log_softmax(self._take(raw, need, "b"), dim=-1,
+                                 out=self._buffer("a", len(need), raw))
+        sampled = _index([token_ids[i] for i in need], raw.device)
+        chosen = logp.gather(1, sampled.unsqueeze(1)).squeeze(1).tolist()
+        by_k: dict[int, list[int]] = {}
+        for j, i in enumerate(need):
+            out[i] = {token_ids[i]: chosen[j]}
+            k = min(params[i].logprobs, raw.shape[1])
+            if k > 0:
+                by_k.setdefault(k, []).append(j)
+        for k, local in by_k.items():    # one topk per k: its ties depend on k only
+            vals, ids = self._take(logp, local, "b").topk(k, dim=-1)
+            for j, row_ids, row_vals in zip(local, ids.tolist(), vals.tolist()):
+                out[need[j]].update(zip(row_ids, row_vals))
+        return out
+
+    def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Scratch [rows, V] float32 tensor ``name``, reused from step to step."""
+        n = rows * like.shape[1]
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < n or buf.device != like.device:
+            buf = torch.empty(n, dtype=torch.float32, device=like.device)
+            self._scratch[name] = buf
+        return buf[:n].view(rows, like.shape[1])
+
+    def _take(self, t: torch.Tensor, idx: list[int], scratch: str) -> torch.Tensor:
+        """Rows ``idx`` (ascending) of ``t``: ``t`` itself when that is every row, else a copy
+        in the scratch buffer ``scratch``."""
+        if len(idx) == t.shape[0]:
+            return t
+        out = self._buffer(scratch, len(idx), t)
+        return torch.index_select(t, 0, _index(idx, t.device), out=out)
+
+
+def _random_groups(params: Sequence[SamplingParams], vocab: int) -> dict[int | None, list[int]]:
+    """Random rows grouped by their candidate count K (None: the whole vocabulary, unsorted).
+
+    K depends only on a row's own params, which keeps ``topk``'s result per row invariant.
+    """
+    groups: dict[int | None, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        if 0 < p.top_k < vocab:
+            k: int | None = p.top_k
+        elif p.top_p < 1.0:
+            k = min(TOP_P_CANDIDATES[0], vocab)
+        else:
+            k = None
+        groups.setdefault(k, []).append(i)
+    return groups
+
+
+def _sample_truncated(probs: torch.Tensor, k: int, has_k: torch.Tensor, top_p: torch.Tensor,
+                      min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draw among each row's ``k`` most likely tokens after top-p and min-p.
+
+    Rows with top-k hold exactly their k tokens and measure top-p against those tokens' mass
+    (top-k is applied first, as in vLLM); top-p-only rows whose nucleus does not end inside
+    the k candidates are retried with the next candidate count, finally a full sort.
+    """
+    vocab = probs.shape[1]
+    if k >= vocab:
+        cand, ids = probs.sort(dim=-1, descending=True, stable=True)
+    else:
+        cand, ids = probs.topk(k, dim=-1)
+    fits = top_p_(cand, top_p, has_k) | has_k
+    if k >= vocab:
+        fits.fill_(True)
+    if bool((min_p > 0).any()):
+        min_p_(cand, min_p, cand[:, 0])
+    out = ids.gather(1, _draw(cand, u).unsqueeze(1)).squeeze(1)
+    if not bool(fits.all()):
+        redo = (~fits).nonzero().squeeze(1)
+        bigger = next((c for c in TOP_P_CANDIDATES if c > k), vocab)
+        out[redo] = _sample_truncated(probs[redo], bigger, has_k[redo], top_p[redo],
+                                      min_p[redo], u[redo])
+    return out
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor,
+          cdf_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse-CDF draw: per row the position whose cumulative weight interval holds u.
+
+    ``weights`` [R, N] need not be normalised; a zero-weight position is never returned.
+    ``cdf_out`` optionally receives the cumulative sums (a scratch buffer).
+    """
+    cdf = torch.cumsum(weights, -1, out=cdf_out) if cdf_out is not None else weights.cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    over = pos >= weights.shape[1]      # u * total rounded up to total: take the last positive
+    if bool(over.any()):
+        last = weights.shape[1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(-1)
+        pos = torch.where(over, last, pos)
+    return pos
+
+
+def _index(idx: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _put(t: torch.Tensor, idx: list[int], values: torch.Tensor) -> None:
+    t[_index(idx, t.device)] = values
+
+
+def _column(rows: Sequence[SamplingRow], name: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(r.params, name) for r in rows], dtype=torch.float32,
+                        device=device)

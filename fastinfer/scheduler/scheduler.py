@@ -1,0 +1,113 @@
+"""Continuous batching: each step picks one packed batch of prefills and decodes under a
+token budget and a sequence cap; preempts the newest running sequence when blocks run out.
+
+The scheduler deals in sequences and block counts only (no tensors, no devices).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from fastinfer.kv_cache.block_manager import BlockManager
+from fastinfer.scheduler.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """``seq`` computes its tokens at positions ``[start, start + num_tokens)`` this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """This step's batch, in order, and the sequences preempted while building it."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """FCFS continuous batching with recompute preemption (newest first)."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence (its size was validated at submission)."""
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Builds one step: running sequences first (oldest first), then waiting ones."""
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        queue = deque(sorted(self.running, key=lambda s: s.arrival))
+        kept: list[Sequence] = []
+        while queue:
+            seq = queue.popleft()
+            need = seq.num_tokens - seq.num_computed
+            if need > budget:
+                kept.append(seq)  # stays running, waits for the next step
+                continue
+            while not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                self.blocks.grow(seq.seq_id, seq.num_tokens)
+                out.scheduled.append(ScheduledSeq(seq, seq.num_computed, need))
+                kept.append(seq)
+                budget -= need
+        self.running = kept
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            need = seq.num_tokens  # a (re)started sequence computes all its tokens
+            if need > budget or not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq.seq_id, seq.num_tokens)
+            seq.status, seq.num_computed = SeqStatus.RUNNING, 0
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, 0, need))
+            budget -= need
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Frees the blocks of ``seq``; it is recomputed from scratch when readmitted."""
+        self.blocks.free(seq.seq_id)
+        seq.status, seq.num_computed = SeqStatus.PREEMPTED, 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished (or aborted) sequence and frees its blocks at once."""
+        seq.status = SeqStatus.FINISHED
+        self.blocks.free(seq.seq_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,53 @@
+"""Unknown model paths and corrupt model files raise ModelLoadError with a clear message."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastinfer import LLM, ModelLoadError
+from fastinfer.model.loader import load_model
+
+CPU = torch.device("cpu")
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither a known alias"):
+        LLM(str(tmp_path / "no-such-model"))
+
+
+def test_garbage_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a gguf file at all" * 10)
+    with pytest.raises(ModelLoadError, match="cannot read GGUF file"):
+        load_model(str(bad), torch.float32, CPU)
+
+
+def test_truncated_gguf(tmp_path, smollm_path):
+    with open(smollm_path, "rb") as f:
+        head = f.read(3_000_000)  # header and metadata, then the tensor data stops early
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(head)
+    with pytest.raises(ModelLoadError):
+        load_model(str(bad), torch.float32, CPU)
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors weights"):
+        load_model(str(tmp_path), torch.float32, CPU)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture"):
+        load_model(str(tmp_path), torch.float32, CPU)
+
+
+def test_folder_with_corrupt_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not a valid model config"):
+        load_model(str(tmp_path), torch.float32, CPU)
