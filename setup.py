@@ -8,6 +8,7 @@
 See ../shared/BUILD_NOTES.md for the measured facts behind these choices.
 """
 import os
+import shutil
 
 # torch guesses CUDA_HOME=/usr/local from the nvcc wrapper and then fails; point it at the
 # real toolkit before torch.utils.cpp_extension is imported.
@@ -16,6 +17,7 @@ if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
 
 from pybind11.setup_helpers import Pybind11Extension  # noqa: E402
 from setuptools import setup  # noqa: E402
+import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 
@@ -42,7 +44,29 @@ def native_cpu() -> CppExtension:
     )
 
 
-ext_modules = [native_core(), native_cpu()]
+def build_cuda() -> bool:
+    """FASTINFER_BUILD_CUDA=0/1 decides; otherwise build when torch has CUDA, nvcc exists and
+    CUDA_HOME is a directory."""
+    forced = os.environ.get("FASTINFER_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    cuda_home = os.environ.get("CUDA_HOME", "")
+    return bool(torch.version.cuda) and shutil.which("nvcc") is not None and os.path.isdir(cuda_home)
+
+
+def native_cuda():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    # Without a GPU torch cannot guess the architectures and raises IndexError.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return CUDAExtension(
+        "fastinfer._C_cuda",
+        ["csrc/cuda/bindings.cpp", "csrc/cuda/cache_kernels.cu"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+
+
+ext_modules = [native_core(), native_cpu()] + ([native_cuda()] if build_cuda() else [])
 
 setup(
     ext_modules=ext_modules,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fastinfer.ops import cpu_native, reference
+from fastinfer.ops import cpu_native, cuda_native, reference
 from fastinfer.ops.dispatch import implementations, register, select
 from fastinfer.ops.metadata import AttentionMetadata
 
@@ -27,6 +27,15 @@ def _native_f32_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias=None)
 
 if cpu_native.available():
     register("linear", "cpu_native", cpu_native.linear_f32, _native_f32_linear_applies)
+
+
+def _cuda_cache_write_applies(key, value, k_cache, v_cache, slot_mapping) -> bool:
+    return (key.is_cuda and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
+            and key.stride(-1) == 1 and value.stride(-1) == 1)
+
+
+if cuda_native.available():
+    register("reshape_and_cache", "cuda", cuda_native.reshape_and_cache, _cuda_cache_write_applies)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,14 +42,11 @@ def isa() -> str:
     return torch.ops.fastinfer_cpu.isa_name()
 
 
-_OP = None  # torch.ops.fastinfer_cpu.linear_f32.default once loaded
-
-
+@functools.lru_cache(maxsize=1)
 def _linear_op():
-    global _OP
+    """``torch.ops.fastinfer_cpu.linear_f32.default``, resolved once."""
     _require()
-    _OP = torch.ops.fastinfer_cpu.linear_f32.default
-    return _OP
+    return torch.ops.fastinfer_cpu.linear_f32.default
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +71,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     result for a row is bit-identical whatever the other rows in the batch, the row's
     position, the thread count or the SIMD path (AVX-512, AVX2, scalar). No autograd.
     """
-    op = _OP if _OP is not None else _linear_op()
+    op = _linear_op()
     if weight.dim() == 2 and weight.stride(1) != 1:
         weight = weight.contiguous()
     if bias is not None and bias.dim() == 1 and bias.stride(0) != 1:
