@@ -9,7 +9,7 @@ from fastinfer import SamplingParams
 
 from .conftest import make_engine, run_to_completion
 
-NEW_TOKENS = 16
+NEW_TOKENS = 32
 
 
 def varied_prompts(tokenizer, count: int = 32) -> list[list[int]]:

@@ -28,14 +28,13 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define FI_X86 1
+#include "isa.h"
+
+#if FI_X86
 // gcc 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_ps().
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-#else
-#define FI_X86 0
 #endif
 
 namespace fastinfer_cpu {
@@ -285,27 +284,6 @@ void block_avx512(const Problem& p, int64_t m_begin, int64_t m_end, int64_t n_be
 #endif  // FI_X86
 
 using BlockFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t);
-
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa detect_isa() {
-#if FI_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("fma"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kScalar;
-}
-
-// Test hook: 0 = scalar, 1 = AVX2, 2 = AVX-512; capped by what the CPU supports.
-int g_isa_cap = 2;
-
-Isa current_isa() {
-  static const Isa best = detect_isa();
-  return static_cast<Isa>(std::min(static_cast<int>(best), g_isa_cap));
-}
 
 // Column multiple a block must respect so blocks never split a micro-tile needlessly.
 constexpr int64_t kColAlign = 16;

@@ -49,3 +49,23 @@ def mixed_workload(tokenizer, num_prompts: int, input_range: tuple[int, int],
         prompts.append(ids[pos:pos + n])
         pos += n
     return Workload(name, prompts, out_lens, seed)
+
+
+def prefix_workload(tokenizer, num_prompts: int, prefix_len: int, suffix_range: tuple[int, int],
+                    output_range: tuple[int, int], seed: int = 0) -> Workload:
+    """Requests that share one ``prefix_len``-token prefix (a system prompt) followed by
+    distinct suffixes: the workload a prefix cache speeds up."""
+    base = mixed_workload(tokenizer, num_prompts, suffix_range, output_range, seed, name="prefix")
+    prefix = corpus_token_ids(tokenizer, prefix_len + sum(base.input_lens))[-prefix_len:]
+    return Workload("prefix", [prefix + p for p in base.prompts], base.output_lens, seed)
+
+
+def dataset_workload(tokenizer, entries, output_range: tuple[int, int], seed: int = 0,
+                     num_prompts: int | None = None, name: str = "dataset") -> Workload:
+    """Requests from dataset entries (``prompt``, optional ``max_tokens``); entries without
+    ``max_tokens`` draw their output length from ``output_range``."""
+    rng = random.Random(seed)
+    entries = list(entries)[: num_prompts or None]
+    prompts = [tokenizer.encode(e.prompt) for e in entries]
+    outs = [e.max_tokens or rng.randint(*output_range) for e in entries]
+    return Workload(name, prompts, outs, seed)

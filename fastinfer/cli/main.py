@@ -1,4 +1,4 @@
-"""``fastinfer`` command line: ``generate`` and ``chat`` (more subcommands come with their issues)."""
+"""``fastinfer`` command line: ``generate``, ``chat`` and ``bench`` (more subcommands come with their issues)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="send these user messages instead of reading stdin (repeatable)")
     _engine_args(chat)
     _sampling_args(chat)
+    from fastinfer.cli.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -103,7 +106,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastinfer`` command."""
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "chat": cmd_chat}
+    from fastinfer.cli.bench import run_bench
+
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except (FastInferError, ValueError) as exc:

@@ -27,6 +27,8 @@ def _native_f32_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias=None)
 
 if cpu_native.available():
     register("linear", "cpu_native", cpu_native.linear_f32, _native_f32_linear_applies)
+    # Fixed reduction order per (query, head): batch-invariant, like the reference.
+    register("paged_attention", "cpu_native", cpu_native.paged_attention, cpu_native.paged_attention_applies)
 
 
 def _cuda_cache_write_applies(key, value, k_cache, v_cache, slot_mapping) -> bool:

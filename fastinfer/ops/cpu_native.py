@@ -6,12 +6,15 @@ and wraps the ops with shape handling. The package imports fine without the exte
 """
 from __future__ import annotations
 
+import array
 import functools
 import math
 
 import torch
 
-__all__ = ["available", "isa", "linear_f32"]
+from fastinfer.ops.metadata import AttentionMetadata
+
+__all__ = ["available", "isa", "linear_f32", "paged_attention", "paged_attention_applies"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,3 +90,77 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         x2 = x2.contiguous()
     y = op(x2, weight, bias)
     return y.view(*lead, y.shape[1])
+
+
+@functools.lru_cache(maxsize=1)
+def _paged_attention_op():
+    """``torch.ops.fastinfer_cpu.paged_attention.default``, resolved once."""
+    _require()
+    return torch.ops.fastinfer_cpu.paged_attention.default
+
+
+_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_paged_attention() -> bool:
+    """False for an extension built before the op existed (rebuild to get it)."""
+    return _load() and hasattr(torch.ops.fastinfer_cpu, "paged_attention")
+
+
+def paged_attention_applies(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float,
+) -> bool:
+    """True when :func:`paged_attention` takes these inputs: the extension is built, all
+    tensors are on the CPU in float32 or bfloat16 (one dtype), q is ``[T, H, D]`` with D a
+    multiple of 16 up to 256, and the caches are contiguous ``[num_blocks, block_size, Hkv, D]``."""
+    return (
+        _has_paged_attention() and q.device.type == "cpu" and q.dtype in _ATTENTION_DTYPES
+        and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+        and k_cache.device.type == "cpu" and v_cache.device.type == "cpu"
+        and q.dim() == 3 and k_cache.dim() == 4 and q.shape[2] % 16 == 0 and 16 <= q.shape[2] <= 256
+        and k_cache.shape[3] == q.shape[2] and k_cache.is_contiguous() and v_cache.is_contiguous()
+    )
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed queries over the paged KV cache (same contract as
+    :func:`fastinfer.ops.reference.paged_attention`), batch-invariant.
+
+    Args:
+        q: ``[T, H, D]`` float32 or bfloat16 CPU tensor, any strides (copied only when its last
+            dim is strided). D: a multiple of 16.
+        k_cache, v_cache: contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype;
+            ``H % Hkv == 0`` (query head h reads kv head ``h // (H // Hkv)``).
+        meta: ``query_start_loc`` (B+1 ints), ``context_lens`` (B ints) and ``block_tables``
+            (``[B, W]`` int32/int64) of the batch; sequence i's queries are the last
+            ``query_start_loc[i+1] - query_start_loc[i]`` of its ``context_lens[i]`` tokens.
+        scale: softmax scale (usually ``D ** -0.5``).
+
+    Returns:
+        ``[T, H, D]`` contiguous, q's dtype. Computed in float32 with an online softmax over
+        key tiles of 16 at fixed positions: every (query, head) row is reduced in an order
+        that depends only on its position and D, so a sequence's output is bit-identical
+        whatever else is in the batch, its place in it, how its queries are chunked and the
+        thread count. Slots past ``context_lens[i]`` are never read.
+
+    Raises:
+        TypeError: wrong dtypes. ValueError: inconsistent shapes, lengths or block ids.
+        RuntimeError: a non-CPU tensor, or the extension is not built.
+    """
+    op = _paged_attention_op()
+    if q.dim() == 3 and q.stride(2) != 1:
+        q = q.contiguous()
+    qsl, ctx = _int64_tensor(meta.query_start_loc), _int64_tensor(meta.context_lens)
+    return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale))
+
+
+def _int64_tensor(values: list[int]) -> torch.Tensor:
+    """A list of ints as an int64 tensor; through ``array`` it costs ~1 us (torch.tensor: ~3 us)."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)

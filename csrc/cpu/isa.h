@@ -1,0 +1,40 @@
+// Run-time instruction-set dispatch shared by the CPU kernels of fastinfer._C_cpu.
+//
+// Kernels are compiled with portable flags; AVX2 / AVX-512 code paths carry per-function
+// target attributes and are picked once per process from what the CPU supports, capped by a
+// test hook (torch.ops.fastinfer_cpu.set_isa_cap) so tests can exercise every path.
+#pragma once
+
+#include <algorithm>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FI_X86 1
+#else
+#define FI_X86 0
+#endif
+
+namespace fastinfer_cpu {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa detect_isa() {
+#if FI_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+// Test hook: 0 = scalar, 1 = AVX2, 2 = AVX-512; capped by what the CPU supports. One variable
+// for the whole extension (C++17 inline variable), so the cap applies to every kernel.
+inline int g_isa_cap = 2;
+
+inline Isa current_isa() {
+  static const Isa best = detect_isa();
+  return static_cast<Isa>(std::min(static_cast<int>(best), g_isa_cap));
+}
+
+}  // namespace fastinfer_cpu

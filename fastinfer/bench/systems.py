@@ -1,0 +1,201 @@
+"""The systems a benchmark runs on the same workload, in the same process: fastinfer's
+engine and three PyTorch baselines. Every system generates exactly ``output_lens[i]`` tokens
+for request ``i`` (greedy, EOS ignored); all requests arrive together at the start."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastinfer.bench.memory import PeakMemory
+from fastinfer.engine.engine import Engine
+from fastinfer.kv_cache.cache import KVCache
+from fastinfer.model.llama import LlamaForCausalLM
+from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.sampling.params import SamplingParams
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """Times (seconds, one clock) of one request: all arrive at ``arrival``."""
+
+    arrival: float
+    first_token: float
+    finish: float
+    output_tokens: int
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token - self.arrival) * 1e3
+
+    @property
+    def e2e_ms(self) -> float:
+        return (self.finish - self.arrival) * 1e3
+
+    @property
+    def tpot_ms(self) -> float | None:
+        n = self.output_tokens - 1
+        return (self.finish - self.first_token) * 1e3 / n if n > 0 else None
+
+
+@dataclass(slots=True)
+class SystemRun:
+    """One system's pass over a workload."""
+
+    system: str
+    total_time_s: float
+    records: list[RequestRecord]
+    peak_memory_mb: float
+
+
+def _noop(_: int) -> None:
+    pass
+
+
+class FastinferSystem:
+    """fastinfer's engine: every request submitted at once, continuous batching."""
+
+    name = "fastinfer"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        with PeakMemory(self.engine.device) as mem:
+            start = time.perf_counter()
+            mono0 = time.monotonic()
+            ids = [self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+                   for p, n in zip(prompts, output_lens)]
+            finals = {}
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        progress(1)
+            total = time.perf_counter() - start
+        records = []
+        for rid in ids:
+            out = finals[rid]
+            m = out.metrics
+            records.append(RequestRecord(mono0, m.first_token_time, m.finished_time,
+                                         len(out.outputs[0].token_ids)))
+        return SystemRun(self.name, total, records, mem.peak_mb)
+
+
+class _StepClock:
+    """A transformers streamer that records when each generation step's tokens arrive."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first pushes the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(time.monotonic())
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersSystem:
+    """Hugging Face ``generate``, one request at a time (the usual baseline)."""
+
+    name = "transformers"
+
+    def __init__(self, model, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        records = []
+        with PeakMemory(self.device) as mem:
+            start, arrival = time.perf_counter(), time.monotonic()
+            for p, n in zip(prompts, output_lens):
+                clock = _StepClock()
+                _hf_generate(self.model, torch.tensor([p], device=self.device), None, n, clock)
+                records.append(RequestRecord(arrival, clock.times[0], clock.times[n - 1], n))
+                progress(1)
+            total = time.perf_counter() - start
+        return SystemRun(self.name, total, records, mem.peak_mb)
+
+
+class TransformersBatchedSystem:
+    """Hugging Face ``generate`` on static batches (left padding); a batch runs until its
+    longest request is done, and only each request's own tokens count."""
+
+    name = "transformers-batched"
+
+    def __init__(self, model, device: torch.device, batch_size: int = 8, pad_token_id: int = 0) -> None:
+        self.model, self.device, self.batch_size, self.pad = model, device, batch_size, pad_token_id
+
+    def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        records: list[RequestRecord] = []
+        with PeakMemory(self.device) as mem:
+            start, arrival = time.perf_counter(), time.monotonic()
+            for b in range(0, len(prompts), self.batch_size):
+                batch, lens = prompts[b:b + self.batch_size], output_lens[b:b + self.batch_size]
+                ids, mask = self._left_pad(batch)
+                clock = _StepClock()
+                _hf_generate(self.model, ids, mask, max(lens), clock)
+                records += [RequestRecord(arrival, clock.times[0], clock.times[n - 1], n) for n in lens]
+                progress(len(batch))
+            total = time.perf_counter() - start
+        return SystemRun(self.name, total, records, mem.peak_mb)
+
+    def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+@torch.inference_mode()
+def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int, streamer) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                          do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          eos_token_id=None, pad_token_id=0, streamer=streamer)
+
+
+class TorchNaiveSystem:
+    """A plain PyTorch greedy decode loop over fastinfer's own model code, one request at a
+    time, with one contiguous KV cache per request (one block as long as the request): no
+    scheduler, no paging, no batching — the gain from those shows apart from the kernels."""
+
+    name = "torch-naive"
+
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.device, self.dtype = model, device, dtype
+
+    def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        records = []
+        with PeakMemory(self.device) as mem:
+            start, arrival = time.perf_counter(), time.monotonic()
+            for p, n in zip(prompts, output_lens):
+                times = self._generate(p, n)
+                records.append(RequestRecord(arrival, times[0], times[-1], n))
+                progress(1)
+            total = time.perf_counter() - start
+        return SystemRun(self.name, total, records, mem.peak_mb)
+
+    @torch.inference_mode()
+    def _generate(self, prompt: list[int], n: int) -> list[float]:
+        cfg = self.model.config
+        cache = KVCache(cfg.num_layers, 1, len(prompt) + n, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        tokens, pos, times = torch.tensor(prompt, device=self.device), 0, []
+        for _ in range(n):
+            end = pos + tokens.numel()
+            meta = AttentionMetadata(torch.arange(pos, end, device=self.device), [0, end - pos], [end],
+                                     torch.zeros(1, 1, dtype=torch.long, device=self.device), end - pos)
+            hidden = self.model(tokens, torch.arange(pos, end, device=self.device), cache.layers, meta)
+            tokens = self.model.compute_logits(hidden[-1:]).argmax(-1)
+            times.append(time.monotonic())
+            pos = end
+        return times

@@ -1,0 +1,122 @@
+"""``fastinfer bench``: throughput, latency and prefix benchmarks of fastinfer beside PyTorch
+baselines measured in the same run, and ``compare`` for CI regression gates."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+QUICK = {
+    "throughput": dict(num_prompts=8, input_len="16:128", output_len="16:64"),
+    "latency": dict(batch_size=4, input_len="64", output_len="16", num_iters=2),
+    "prefix": dict(num_prompts=8, prefix_len=256, input_len="8:32", output_len="16:32"),
+}
+BASELINES = ("transformers", "transformers-batched", "torch-naive", "none")
+
+
+def length_range(text: str) -> tuple[int, int]:
+    """``"128"`` -> (128, 128); ``"16:512"`` -> (16, 512)."""
+    try:
+        lo, _, hi = text.partition(":")
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"length range must satisfy 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--kv-cache-memory", default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", nargs="+", choices=BASELINES, default=["transformers"])
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="static batch size of transformers-batched (latency: the batch size)")
+    p.add_argument("--input-len", type=length_range, default=None, help="N or LO:HI prompt tokens")
+    p.add_argument("--output-len", type=length_range, default=None, help="N or LO:HI new tokens")
+    p.add_argument("--json", default=None, help="write the result document here")
+    p.add_argument("--markdown", default=None, help="write a Markdown table here")
+    p.add_argument("--plot", default=None, help="write a PNG (throughput bars, latency CDF) here")
+    p.add_argument("--quick", action="store_true", help="a small CI-sized run")
+    p.add_argument("--min-ratio", action="append", default=[], metavar="SYSTEM=X",
+                   help="exit 1 unless fastinfer's throughput is >= X times SYSTEM's (repeatable)")
+
+
+def add_bench_parser(sub) -> None:
+    """Adds ``bench`` and its subcommands to the top-level CLI."""
+    bench = sub.add_parser("bench", help="benchmarks against PyTorch baselines, and compare")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    tp = bsub.add_parser("throughput", help="offline: all requests at once")
+    _common(tp)
+    tp.add_argument("--num-prompts", type=int, default=None, help="default 32")
+    tp.add_argument("--dataset", default=None, help="JSONL: ShareGPT conversations or {prompt, max_tokens}")
+    lat = bsub.add_parser("latency", help="one batch repeated: e2e, TTFT, TPOT percentiles")
+    _common(lat)
+    lat.add_argument("--num-iters", type=int, default=None, help="default 5")
+    pre = bsub.add_parser("prefix", help="requests sharing a long common prefix")
+    _common(pre)
+    pre.add_argument("--num-prompts", type=int, default=None, help="default 16")
+    pre.add_argument("--prefix-len", type=int, default=None, help="default 1024")
+    pre.add_argument("--enable-prefix-caching", action="store_true",
+                     help="turn on the prefix cache (when the engine has one)")
+    cmp_ = bsub.add_parser("compare", help="compare two result files; exit 1 on regression, 2 on bad input")
+    cmp_.add_argument("base")
+    cmp_.add_argument("new")
+    cmp_.add_argument("--threshold", default="5%")
+    cmp_.add_argument("--metrics", nargs="+", default=None)
+    cmp_.add_argument("--on", choices=["absolute", "ratios"], default="absolute")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry point of ``fastinfer bench ...``; returns the exit code."""
+    if args.bench_command == "compare":
+        from fastinfer.bench.compare import main_compare, parse_threshold
+
+        try:
+            threshold = parse_threshold(args.threshold)
+        except ValueError as exc:
+            print(f"fastinfer bench compare: {exc}", file=sys.stderr)
+            return 2
+        return main_compare(args.base, args.new, threshold, args.metrics, args.on)
+    _apply_quick(args)
+    from fastinfer.bench.driver import run_benchmark
+
+    doc = run_benchmark(args, command_line=_command_line())
+    return _check_ratios(doc, args.min_ratio)
+
+
+DEFAULTS = {
+    "throughput": dict(num_prompts=32, input_len="16:512", output_len="16:256", batch_size=8),
+    "latency": dict(batch_size=8, input_len="128", output_len="128", num_iters=5),
+    "prefix": dict(num_prompts=16, prefix_len=1024, input_len="16:64", output_len="16:64", batch_size=8),
+}
+
+
+def _apply_quick(args: argparse.Namespace) -> None:
+    """Fills options left unset: from the --quick preset, else from the normal defaults."""
+    preset = {**DEFAULTS[args.bench_command], **(QUICK[args.bench_command] if args.quick else {})}
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, length_range(value) if key in ("input_len", "output_len") else value)
+
+
+def _check_ratios(doc: dict, wanted: list[str]) -> int:
+    code = 0
+    for item in wanted:
+        system, _, value = item.partition("=")
+        ratio = doc["ratios"].get(system)
+        if ratio is None:
+            print(f"--min-ratio: no ratio for system {system!r} (ran: {sorted(doc['ratios'])})", file=sys.stderr)
+            return 2
+        ok = ratio >= float(value)
+        print(f"ratio fastinfer/{system} = {ratio:.2f} (required >= {value}): {'ok' if ok else 'TOO LOW'}")
+        code = code or (0 if ok else 1)
+    return code
+
+
+def _command_line() -> str:
+    return "fastinfer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
