@@ -32,12 +32,9 @@ def smollm(smollm_path):
 @pytest.fixture(scope="session")
 def hf_smollm(smollm_path):
     """transformers' float32 load of the same GGUF file, dequantized: the reference model."""
-    from transformers import AutoModelForCausalLM, GgufConfig
+    from fastinfer.bench.baselines import load_transformers_model
 
-    folder, name = os.path.split(smollm_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
-    return model.eval()
+    return load_transformers_model(smollm_path, torch.float32)
 
 
 @pytest.fixture(scope="session")

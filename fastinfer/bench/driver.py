@@ -16,7 +16,7 @@ from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.engine import Engine
 
 
-def build_workload(args: argparse.Namespace, tokenizer) -> Workload:
+def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int | None = None) -> Workload:
     """The workload of ``args.bench_command`` from the command-line options."""
     if args.bench_command == "latency":
         return mixed_workload(tokenizer, args.batch_size, args.input_len, args.output_len, args.seed, "latency")
@@ -27,7 +27,8 @@ def build_workload(args: argparse.Namespace, tokenizer) -> Workload:
         from fastinfer.bench.dataset import load_dataset
 
         entries = load_dataset(args.dataset, tokenizer)
-        return dataset_workload(tokenizer, entries, args.output_len, args.seed, args.num_prompts)
+        return dataset_workload(tokenizer, entries, args.output_len, args.seed, args.num_prompts,
+                                max_model_len=max_model_len)
     return mixed_workload(tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed)
 
 
@@ -69,7 +70,7 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
                           kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                           seed=args.seed, enable_prefix_caching=getattr(args, "enable_prefix_caching", False))
     engine = Engine(config)
-    workload = build_workload(args, engine.tokenizer)
+    workload = build_workload(args, engine.tokenizer, engine.max_model_len)
     runs = run_systems(build_systems(args, engine), workload, getattr(args, "num_iters", 1))
     results = {name: report.summarize(r) for name, r in runs.items()}
     w = {"name": workload.name, "num_prompts": len(workload.prompts), "seed": workload.seed,

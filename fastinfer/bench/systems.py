@@ -51,6 +51,14 @@ class SystemRun:
     records: list[RequestRecord]
     peak_memory_mb: float
 
+    def check(self, output_lens: list[int]) -> SystemRun:
+        """Raises unless every request generated exactly the tokens it was asked for: a
+        throughput comparison is only fair on identical work."""
+        for i, (rec, n) in enumerate(zip(self.records, output_lens)):
+            if rec.output_tokens != n:
+                raise RuntimeError(f"{self.system}: request {i} generated {rec.output_tokens} tokens, expected {n}")
+        return self
+
 
 def _noop(_: int) -> None:
     pass
@@ -65,6 +73,7 @@ class FastinferSystem:
         self.engine = engine
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
         with PeakMemory(self.engine.device) as mem:
             start = time.perf_counter()
             mono0 = time.monotonic()
@@ -83,7 +92,7 @@ class FastinferSystem:
             m = out.metrics
             records.append(RequestRecord(mono0, m.first_token_time, m.finished_time,
                                          len(out.outputs[0].token_ids)))
-        return SystemRun(self.name, total, records, mem.peak_mb)
+        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
 
 
 class _StepClock:
@@ -112,16 +121,17 @@ class TransformersSystem:
         self.model, self.device = model, device
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
         records = []
         with PeakMemory(self.device) as mem:
             start, arrival = time.perf_counter(), time.monotonic()
             for p, n in zip(prompts, output_lens):
                 clock = _StepClock()
                 _hf_generate(self.model, torch.tensor([p], device=self.device), None, n, clock)
-                records.append(RequestRecord(arrival, clock.times[0], clock.times[n - 1], n))
+                records.append(RequestRecord(arrival, clock.times[0], clock.times[-1], len(clock.times)))
                 progress(1)
             total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, mem.peak_mb)
+        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
 
 
 class TransformersBatchedSystem:
@@ -134,6 +144,7 @@ class TransformersBatchedSystem:
         self.model, self.device, self.batch_size, self.pad = model, device, batch_size, pad_token_id
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
         records: list[RequestRecord] = []
         with PeakMemory(self.device) as mem:
             start, arrival = time.perf_counter(), time.monotonic()
@@ -142,10 +153,12 @@ class TransformersBatchedSystem:
                 ids, mask = self._left_pad(batch)
                 clock = _StepClock()
                 _hf_generate(self.model, ids, mask, max(lens), clock)
-                records += [RequestRecord(arrival, clock.times[0], clock.times[n - 1], n) for n in lens]
+                # request of n tokens is done at step n (when the batch got that far)
+                records += [RequestRecord(arrival, clock.times[0], clock.times[min(n, len(clock.times)) - 1],
+                                          min(n, len(clock.times))) for n in lens]
                 progress(len(batch))
             total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, mem.peak_mb)
+        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
 
     def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in batch)
@@ -175,15 +188,16 @@ class TorchNaiveSystem:
         self.model, self.device, self.dtype = model, device, dtype
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
+        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
         records = []
         with PeakMemory(self.device) as mem:
             start, arrival = time.perf_counter(), time.monotonic()
             for p, n in zip(prompts, output_lens):
                 times = self._generate(p, n)
-                records.append(RequestRecord(arrival, times[0], times[-1], n))
+                records.append(RequestRecord(arrival, times[0], times[-1], len(times)))
                 progress(1)
             total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, mem.peak_mb)
+        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
 
     @torch.inference_mode()
     def _generate(self, prompt: list[int], n: int) -> list[float]:

@@ -61,11 +61,21 @@ def prefix_workload(tokenizer, num_prompts: int, prefix_len: int, suffix_range: 
 
 
 def dataset_workload(tokenizer, entries, output_range: tuple[int, int], seed: int = 0,
-                     num_prompts: int | None = None, name: str = "dataset") -> Workload:
+                     num_prompts: int | None = None, name: str = "dataset",
+                     max_model_len: int | None = None) -> Workload:
     """Requests from dataset entries (``prompt``, optional ``max_tokens``); entries without
-    ``max_tokens`` draw their output length from ``output_range``."""
+    ``max_tokens`` draw their output length from ``output_range``. Entries whose prompt plus
+    output would not fit in ``max_model_len`` are skipped (as vLLM's benchmarks do)."""
     rng = random.Random(seed)
-    entries = list(entries)[: num_prompts or None]
-    prompts = [tokenizer.encode(e.prompt) for e in entries]
-    outs = [e.max_tokens or rng.randint(*output_range) for e in entries]
+    prompts, outs = [], []
+    for e in entries:
+        if num_prompts is not None and len(prompts) == num_prompts:
+            break
+        ids = tokenizer.encode(e.prompt)
+        n = e.max_tokens or rng.randint(*output_range)
+        if ids and (max_model_len is None or len(ids) + n <= max_model_len):
+            prompts.append(ids)
+            outs.append(n)
+    if not prompts:
+        raise ValueError("no dataset entry fits: every prompt is empty or longer than max_model_len")
     return Workload(name, prompts, outs, seed)

@@ -28,6 +28,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastinfer`` argument parser with all its subcommands."""
     parser = argparse.ArgumentParser(prog="fastinfer", description="fastinfer LLM inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete one or more prompts")
@@ -65,6 +66,7 @@ def _params(args: argparse.Namespace, n: int = 1):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``fastinfer generate``: completes each prompt and prints the text."""
     params = _params(args, args.n)
     llm = _make_llm(args)
     tok = llm.get_tokenizer()
@@ -82,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """``fastinfer chat``: a conversation with the model's chat template (stdin or --message)."""
     params = _params(args)
     llm = _make_llm(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -98,9 +101,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line.strip()})
-        reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
+        reply = _reply(llm, history, params)
+        if reply is None:
+            history.pop()
+            print("fastinfer: error: the message alone is longer than the model's context", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)
+
+
+def _reply(llm, history: list[dict], params) -> str | None:
+    """The assistant's answer; the oldest turns are dropped while the conversation is too long."""
+    from fastinfer.errors import RequestTooLargeError
+
+    first = 1 if history[0]["role"] == "system" else 0
+    while True:
+        try:
+            return llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
+        except RequestTooLargeError:
+            if len(history) - first <= 1:
+                return None
+            del history[first:first + 2]  # the oldest user turn and its answer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

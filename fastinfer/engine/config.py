@@ -35,7 +35,7 @@ class EngineConfig:
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
     gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +59,9 @@ class EngineConfig:
         _need(0 < self.gpu_memory_utilization <= 1,
               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        _need(not self.enable_prefix_caching,
+              "enable_prefix_caching=True is not supported yet (the prefix cache comes with the "
+              "KV-cache management work)")
 
     def torch_device(self) -> torch.device:
         """The device to run on (``auto``: CUDA when available, else CPU)."""

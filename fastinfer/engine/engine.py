@@ -2,6 +2,7 @@
 update once; ``LLM`` and (later) ``AsyncEngine`` drive it."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import time
@@ -52,7 +53,7 @@ class Engine:
                                 mcfg.head_dim, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len))
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device)
         self.sampler = Sampler()
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
@@ -78,7 +79,9 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        # A validated private copy: the caller may change or reuse its object afterwards.
+        params = dataclasses.replace(params)
+        request_id = self._next_id() if request_id is None else str(request_id)
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
@@ -91,6 +94,12 @@ class Engine:
             self._by_seq[s.seq.seq_id] = (req, s)
             self.scheduler.add(s.seq)
         return request_id
+
+    def _next_id(self) -> str:
+        rid = str(next(self._ids))
+        while rid in self._requests:  # a caller chose this id for an earlier request
+            rid = str(next(self._ids))
+        return rid
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -179,22 +188,23 @@ class Engine:
         return self._emit(touched.values())
 
     def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
-        now = time.monotonic()
+        pairs = [self._by_seq[s.seq.seq_id] for s in sched.scheduled]
+        start = time.monotonic()
+        for req, _ in pairs:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = start
         inp = StepInput(
             token_ids=[s.seq.token_ids[s.start:s.start + s.num_tokens] for s in sched.scheduled],
             start_positions=[s.start for s in sched.scheduled],
             block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
         )
         logits = self.runner.execute(inp)
-        pairs = [self._by_seq[s.seq.seq_id] for s in sched.scheduled]
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
                 for req, smp in pairs]
         out = self.sampler(logits, rows)
         now = time.monotonic()
         for i, (s, (req, smp)) in enumerate(zip(sched.scheduled, pairs)):
             s.seq.num_computed = s.start + s.num_tokens
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
             self._append(req, smp, out.token_ids[i], out.logprobs[i], now)
             touched[req.request_id] = req
 

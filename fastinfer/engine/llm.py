@@ -33,7 +33,8 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generates for every prompt (strings or token-id lists) and returns the final
-        ``RequestOutput``s in input order. Every prompt is validated before any is queued."""
+        ``RequestOutput``s in input order. All or nothing: when one prompt is rejected, the
+        ones already queued are aborted and the error is raised."""
         prompts = _as_prompt_list(prompts)
         params = _params_per_prompt(sampling_params, len(prompts))
         ids = self._submit_all(prompts, params)

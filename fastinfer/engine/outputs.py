@@ -15,10 +15,12 @@ class RequestMetrics:
 
     @property
     def time_in_queue(self) -> float | None:
+        """Seconds from arrival to the first step that ran the request."""
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft(self) -> float | None:
+        """Seconds from arrival to the first generated token."""
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 

@@ -1,6 +1,7 @@
 """``Request``: one submitted prompt, its ``n`` sequences and what each has produced."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +26,9 @@ class Sample:
     stop_reason: str | int | None = None
 
     def completion(self) -> CompletionOutput:
+        logprobs = None if self.logprobs is None else list(self.logprobs)
         return CompletionOutput(self.index, self.text, list(self.seq.output_token_ids),
-                                self.finish_reason, self.logprobs, self.stop_reason)
+                                self.finish_reason, logprobs, self.stop_reason)
 
 
 @dataclass(slots=True, eq=False)
@@ -46,5 +48,7 @@ class Request:
         return all(s.finish_reason is not None for s in self.samples)
 
     def output(self) -> RequestOutput:
+        # Snapshots: an output already handed out never changes under its reader.
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids),
-                             [s.completion() for s in self.samples], self.finished, self.metrics)
+                             [s.completion() for s in self.samples], self.finished,
+                             dataclasses.replace(self.metrics))

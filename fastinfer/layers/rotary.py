@@ -19,7 +19,13 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
         return (inv / scaling["factor"]).float()
     if kind == "llama3":
         return _llama3_scaling(inv, scaling).float()
-    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: one divisor per frequency
+        factors = torch.tensor(scaling["factors"], dtype=torch.float64)
+        if factors.numel() != inv.numel():
+            raise ValueError(f"rope_freqs has {factors.numel()} factors, expected {inv.numel()}")
+        return (inv / factors).float()
+    raise ValueError(
+        f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, freq_factors)")
 
 
 def _llama3_scaling(inv: torch.Tensor, s: dict) -> torch.Tensor:

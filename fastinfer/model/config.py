@@ -50,6 +50,10 @@ class ModelConfig:
                 f"unsupported architecture {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
+        max_len = cfg.get("max_position_embeddings", 4096)
+        window = _sliding_window(family, cfg)
+        if window:  # attention is full within the window: serve up to the window, exactly
+            max_len = min(max_len, window)
         return cls(
             family=family,
             vocab_size=cfg["vocab_size"],
@@ -61,7 +65,7 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=_rope_theta(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_len,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_scaling=_rope_scaling(cfg),
@@ -69,18 +73,32 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], has_output_weight: bool) -> ModelConfig:
-        """From GGUF metadata (``general.architecture`` must be ``llama``)."""
+    def from_gguf(cls, meta: dict[str, Any], has_output_weight: bool,
+                  rope_freq_factors: list[float] | None = None) -> ModelConfig:
+        """From GGUF metadata (``general.architecture`` must be ``llama``); a missing or bad
+        key raises ModelLoadError. ``rope_freq_factors`` come from a ``rope_freqs`` tensor
+        (Llama 3.1+ files store their rope scaling that way)."""
+        try:
+            return cls._from_gguf(meta, has_output_weight, rope_freq_factors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"GGUF metadata is incomplete or invalid: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _from_gguf(cls, meta: dict[str, Any], has_output_weight: bool,
+                   rope_freq_factors: list[float] | None) -> ModelConfig:
         arch = meta.get("general.architecture")
         if arch != "llama":
             raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (supported: 'llama')")
 
         def get(key: str, default: Any = None) -> Any:
-            return meta.get(f"llama.{key}", default)
+            value = meta.get(f"llama.{key}", default)
+            if value is None:
+                raise KeyError(f"llama.{key}")
+            return value
 
         heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
-        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             family="llama",
@@ -96,8 +114,18 @@ class ModelConfig:
             max_position_embeddings=int(get("context_length", 4096)),
             tie_word_embeddings=not has_output_weight,
             attention_bias=False,
+            rope_scaling={"rope_type": "freq_factors", "factors": list(rope_freq_factors)}
+            if rope_freq_factors is not None else None,
             eos_token_ids=(int(eos),) if eos is not None else (),
         )
+
+
+def _sliding_window(family: str, cfg: dict[str, Any]) -> int | None:
+    """The attention window of Mistral (always) and Qwen2 (when ``use_sliding_window``)."""
+    window = cfg.get("sliding_window")
+    if family == "mistral" or (family == "qwen2" and cfg.get("use_sliding_window")):
+        return int(window) if window else None
+    return None
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

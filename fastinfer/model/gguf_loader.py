@@ -28,6 +28,7 @@ _BLOCK = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+: rotary frequency divisors, not a model weight
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -59,6 +60,8 @@ def hf_name(gguf_name: str) -> str:
     ``model.layers.3.self_attn.q_proj.weight``)."""
     if gguf_name in _NAMES:
         return _NAMES[gguf_name]
+    if gguf_name == ROPE_FREQS:
+        return ROPE_FREQS
     m = _BLK.match(gguf_name)
     if not m or m.group(2) not in _BLOCK:
         raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}")

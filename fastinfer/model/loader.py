@@ -49,7 +49,17 @@ def _read_gguf(path: str):
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = ModelConfig.from_gguf(meta, has_output)
     weights = gguf_loader.load_gguf_tensors(reader, cfg.num_heads, cfg.num_kv_heads)
-    return cfg, weights, Tokenizer.from_gguf(meta)
+    factors = weights.pop(gguf_loader.ROPE_FREQS, None)
+    if factors is not None:
+        cfg = ModelConfig.from_gguf(meta, has_output, factors.flatten().tolist())
+    return cfg, weights, _tokenizer(Tokenizer.from_gguf, meta, path)
+
+
+def _tokenizer(build, source, path: str) -> Tokenizer:
+    try:
+        return build(source)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: cannot build the tokenizer: {exc}") from exc
 
 
 def _read_hf_folder(path: str):
@@ -64,7 +74,7 @@ def _read_hf_folder(path: str):
             cfg = ModelConfig.from_hf(json.load(f))
     except (json.JSONDecodeError, KeyError) as exc:
         raise ModelLoadError(f"{cfg_path} is not a valid model config: {exc}") from exc
-    return cfg, _read_safetensors(path), Tokenizer.from_folder(path)
+    return cfg, _read_safetensors(path), _tokenizer(Tokenizer.from_folder, path, path)
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:

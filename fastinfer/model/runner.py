@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from fastinfer._native import native
-from fastinfer.kv_cache.cache import KVCache
 from fastinfer.model.llama import LlamaForCausalLM
 from fastinfer.ops.metadata import AttentionMetadata
 
@@ -37,10 +36,12 @@ class PreparedBatch:
 
 
 class ModelRunner:
-    """Runs ``model`` over a paged ``kv_cache``."""
+    """Runs ``model`` over a paged KV cache: ``kv_layers`` holds each layer's ``(k_cache,
+    v_cache)``, ``[num_blocks, block_size, num_kv_heads, head_dim]`` each."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
-        self.model, self.kv_cache, self.device = model, kv_cache, device
+    def __init__(self, model: LlamaForCausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int, device: torch.device) -> None:
+        self.model, self.kv_layers, self.block_size, self.device = model, kv_layers, block_size, device
 
     def prepare(self, inp: StepInput) -> PreparedBatch:
         """Packs the batch: ids, positions, slot mapping, block tables, lengths."""
@@ -51,7 +52,7 @@ class ModelRunner:
             starts_loc.append(starts_loc[-1] + n)
         flat = [t for ids in inp.token_ids for t in ids]
         positions = torch.cat([torch.arange(s, e) for s, e in zip(inp.start_positions, ends)])
-        slots = native.slot_mapping(inp.block_tables, inp.start_positions, ends, self.kv_cache.block_size)
+        slots = native.slot_mapping(inp.block_tables, inp.start_positions, ends, self.block_size)
         tables = native.pack_block_tables(inp.block_tables, 0)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(self.device),
@@ -72,7 +73,7 @@ class ModelRunner:
         """Runs one step. Returns float32 logits ``[B, vocab]`` of each sequence's last
         position (``[T, vocab]`` for every position when ``all_logits``)."""
         batch = self.prepare(inp)
-        hidden = self.model(batch.token_ids, batch.positions, self.kv_cache.layers, batch.meta)
+        hidden = self.model(batch.token_ids, batch.positions, self.kv_layers, batch.meta)
         if not all_logits:
             hidden = hidden.index_select(0, batch.last_index)
         return self.model.compute_logits(hidden)

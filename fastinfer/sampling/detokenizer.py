@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastinfer.model.tokenizer import Tokenizer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # sampling sits below model/ (DESIGN.md): the type is only named here
+    from fastinfer.model.tokenizer import Tokenizer
 
 # Prompt tokens decoded as context before the first generated token (word boundaries, spaces).
 _PROMPT_CONTEXT_TOKENS = 5

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Below this temperature sampling is numerically greedy (logits / T overflow): treat as greedy.
+GREEDY_EPS = 1e-5
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -49,7 +52,9 @@ class SamplingParams:
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
         _check(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                     and -(2**63) <= self.seed < 2**63),
+               f"seed must be an int in [-2**63, 2**63) or None, got {self.seed!r}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
                f"logprobs must be an int >= 0 or None, got {self.logprobs!r}")
         self.stop_list = self._stop_strings()
@@ -68,8 +73,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when tokens are picked by argmax (temperature 0)."""
-        return self.temperature == 0.0
+        """True when tokens are picked by argmax (temperature 0, or below 1e-5)."""
+        return self.temperature < GREEDY_EPS
 
 
 def _is_num(x: object) -> bool:

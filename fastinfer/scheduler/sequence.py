@@ -40,6 +40,7 @@ class Sequence:
         return self.token_ids[: self.num_prompt_tokens]
 
     def append(self, token_id: int) -> None:
+        """Adds a generated token."""
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
 

@@ -56,3 +56,26 @@ def test_min_ratio_gate(quick_result, tmp_path, capsys):
     assert _check_ratios(doc, [f"torch-naive={ratio / 2}"]) == 0
     assert _check_ratios(doc, [f"torch-naive={ratio * 2}"]) == 1
     assert _check_ratios(doc, ["transformers=1"]) == 2
+
+
+def test_latency_with_transformers_baselines(tmp_path):
+    path = tmp_path / "lat.json"
+    code = main(["bench", "latency", "--batch-size", "2", "--input-len", "16", "--output-len", "5",
+                 "--num-iters", "2", "--baseline", "transformers", "transformers-batched",
+                 "--dtype", "float32", "--kv-cache-memory", "64MiB", "--json", str(path)])
+    assert code == 0
+    doc = load_result(str(path))
+    assert set(doc["results"]) == {"fastinfer", "transformers", "transformers-batched"}
+    for res in doc["results"].values():  # 2 iterations x 2 requests x 5 tokens, for every system
+        assert res["num_requests"] == 4 and res["output_tokens"] == 20
+        assert res["tpot_ms"]["p50"] > 0
+
+
+def test_prefix_workload_runs_with_the_cache_off(tmp_path):
+    path = tmp_path / "prefix.json"
+    code = main(["bench", "prefix", "--num-prompts", "3", "--prefix-len", "40", "--input-len", "4:8",
+                 "--output-len", "3", "--baseline", "none", "--dtype", "float32", "--kv-cache-memory", "64MiB",
+                 "--json", str(path)])
+    assert code == 0
+    doc = load_result(str(path))
+    assert doc["command"] == "prefix" and all(44 <= n <= 48 for n in doc["workload"]["input_lens"])

@@ -1,0 +1,38 @@
+"""The ``fastinfer`` command line: generate, chat, and errors with exit code 2."""
+from __future__ import annotations
+
+from fastinfer.cli.main import main
+
+
+def test_generate_prints_a_completion(smollm_path, capsys):
+    code = main(["generate", "What is the capital of France?", "--model", smollm_path, "--max-tokens", "16",
+                 "--temperature", "0", "--kv-cache-memory", "64MiB", "--max-model-len", "512"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Paris" in out and "finish_reason=stop" in out
+
+
+def test_generate_raw_and_seeded_sampling_is_reproducible(smollm_path, capsys):
+    args = ["generate", "Once upon a time", "--template", "none", "--model", smollm_path, "--max-tokens", "12",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--kv-cache-memory", "64MiB",
+            "--max-model-len", "512"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and "(12 tokens, finish_reason=length)" in first
+
+
+def test_chat_keeps_the_conversation(smollm_path, capsys):
+    code = main(["chat", "--model", smollm_path, "--temperature", "0", "--max-tokens", "32",
+                 "--kv-cache-memory", "64MiB", "--max-model-len", "512",
+                 "--message", "What is the capital of France?", "--message", "And of Italy?"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("assistant>")]
+    assert code == 0 and len(lines) == 2
+    assert "Paris" in lines[0] and "Rome" in lines[1]
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["generate", "hi", "--model", str(tmp_path / "nope")]) == 2
+    assert "neither a known alias" in capsys.readouterr().err
+    assert main(["generate", "hi", "--top-p", "1.5"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
