@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from timing import parse_native_args, times_ms  # benchmarks/timing.py (run as a script from anywhere)
 
 from fastinfer.ops import cpu_native, reference
 from fastinfer.ops.metadata import AttentionMetadata
@@ -44,20 +45,6 @@ def make_batch(seqs: list[tuple[int, int]], h: int, hkv: int, d: int, bs: int, d
     return q, k_cache, v_cache, meta
 
 
-def _times_ms(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
-    """Per-function wall times in ms, interleaved within each repeat."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def bench_row(label: str, seqs, args, gen) -> None:
     q, kc, vc, meta = make_batch(seqs, args.heads, args.kv_heads, args.head_dim, args.block_size,
                                  getattr(torch, args.dtype), gen)
@@ -65,7 +52,7 @@ def bench_row(label: str, seqs, args, gen) -> None:
     fns = (lambda: cpu_native.paged_attention(q, kc, vc, meta, scale),
            lambda: reference.paged_attention(q, kc, vc, meta, scale))
     reps = max(5, args.repeats // 4) if sum(L * n for n, L in seqs) > 1_000_000 else args.repeats
-    native, ref = (statistics.median(t) for t in _times_ms(fns, reps))
+    native, ref = (statistics.median(t) for t in times_ms(fns, reps))
     kv_bytes = 2 * sum(n for n, _ in seqs) * args.kv_heads * args.head_dim * kc.element_size()
     pairs = sum(L * n - L * (L - 1) // 2 for n, L in seqs) * args.heads  # attended (q, k, head)
     flops = 4.0 * args.head_dim * pairs
@@ -81,12 +68,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not cpu_native.available():
-        raise SystemExit("fastinfer._C_cpu is not built")
+    args = parse_native_args(ap)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernel path {cpu_native.isa()}, "
           f"{args.dtype}, H={args.heads} Hkv={args.kv_heads} D={args.head_dim} block={args.block_size}, "
           f"median of {args.repeats} interleaved runs")

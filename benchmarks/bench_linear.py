@@ -12,27 +12,13 @@ import statistics
 import time
 
 import torch
+from timing import parse_native_args, times_ms  # benchmarks/timing.py (run as a script from anywhere)
 import torch.nn.functional as F
 
 from fastinfer.ops import cpu_native
 
 MODEL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
 BATCHES = [1, 8, 32, 128, 512]
-
-
-def _times_ms(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
-    """Per-function wall times in ms; the functions are interleaved within each repeat so that
-    noise from other processes hits all of them alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def main() -> None:
@@ -42,12 +28,7 @@ def main() -> None:
                     help="comma-separated KxN weight shapes")
     ap.add_argument("--ms", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes M")
     ap.add_argument("--stat", choices=("median", "min"), default="median")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not cpu_native.available():
-        raise SystemExit("fastinfer._C_cpu is not built")
+    args = parse_native_args(ap)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     batches = [int(v) for v in args.ms.split(",")]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernel path {cpu_native.isa()}, "
@@ -68,7 +49,7 @@ def main() -> None:
             fns = (lambda: cpu_native.linear_f32(x, w), lambda: F.linear(x, w), lambda: F.linear(xb, wb))
             stat = statistics.median if args.stat == "median" else min
             row = []
-            for ts, esize in zip(_times_ms(fns, reps), (4, 4, 2)):
+            for ts, esize in zip(times_ms(fns, reps), (4, 4, 2)):
                 ms = stat(ts)
                 nbytes = esize * (m * k + n * k + m * n)
                 row.append((ms, flop / ms / 1e6, nbytes / ms / 1e6))

@@ -13,6 +13,13 @@
 #define FI_X86 0
 #endif
 
+#if FI_X86
+// gcc 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_ps().
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
 namespace fastinfer_cpu {
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -30,12 +30,6 @@
 
 #include "isa.h"
 
-#if FI_X86
-// gcc 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_ps().
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#endif
 
 namespace fastinfer_cpu {
 namespace {

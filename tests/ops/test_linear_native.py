@@ -3,13 +3,14 @@
 path), input layouts and error messages."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastinfer.ops import cpu_native
+
+from .native_helpers import isa_cap, threads
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
 
@@ -30,22 +31,6 @@ def _error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return steps * EPS32 * absdot * 1.01 + 1e-30
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
-def _isa_cap(cap: int):
-    try:
-        yield torch.ops.fastinfer_cpu.set_isa_cap(cap)
-    finally:
-        torch.ops.fastinfer_cpu.set_isa_cap(2)
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 97, 130])
@@ -79,7 +64,7 @@ def test_simd_paths_are_bit_identical():
         b = torch.randn(n, generator=g)
         outs = {}
         for cap in (2, 1, 0):
-            with _isa_cap(cap) as name:
+            with isa_cap(cap) as name:
                 outs[name] = cpu_native.linear_f32(x, w, b)
         ys = list(outs.values())
         for name, y in outs.items():
@@ -111,9 +96,9 @@ def test_batch_invariance_model_shapes(k, n):
         perm = torch.randperm(rows, generator=g)[:150]
         assert torch.equal(cpu_native.linear_f32(x[perm], w, bias), single[perm])
         # thread count
-        with _threads(1):
+        with threads(1):
             y1 = cpu_native.linear_f32(x[:257], w, bias)
-        with _threads(2):
+        with threads(2):
             y2 = cpu_native.linear_f32(x[:257], w, bias)
         assert torch.equal(y1, single[:257]) and torch.equal(y2, single[:257])
 
@@ -130,7 +115,7 @@ def test_batch_invariance_vocab_shape():
         for i in rows:
             if i < m:
                 assert torch.equal(y[i], single[i]), f"M={m}, row {i}"
-    with _threads(1):
+    with threads(1):
         y1 = cpu_native.linear_f32(x[:33], w)
     assert all(torch.equal(y1[i], single[i]) for i in rows if i < 33)
 

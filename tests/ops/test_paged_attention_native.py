@@ -10,13 +10,14 @@ float32 reference on the same bf16 inputs within half a bf16 ulp: atol 1e-5, rto
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from fastinfer.ops import cpu_native, reference
 from fastinfer.ops.metadata import AttentionMetadata
+
+from .native_helpers import isa_cap, threads
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
 
@@ -57,22 +58,6 @@ def make_batch(seqs, h, hkv, d, dtype=torch.float32, seed=0, spare_blocks=5, val
     return torch.cat(qs), k_cache, v_cache, meta
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
-def _isa_cap(cap: int):
-    try:
-        yield torch.ops.fastinfer_cpu.set_isa_cap(cap)
-    finally:
-        torch.ops.fastinfer_cpu.set_isa_cap(2)
 
 
 def _check(q, k_cache, v_cache, meta, scale):
@@ -113,7 +98,7 @@ def test_other_head_sizes(d):
 def test_every_code_path(cap, dtype):
     """The portable path (cap 0) and the AVX-512 path (where the CPU has it)."""
     q, kc, vc, meta = make_batch(MIXED, 9, 3, 64, dtype, seed=3)
-    with _isa_cap(cap):
+    with isa_cap(cap):
         _check(q, kc, vc, meta, 0.125)
 
 
@@ -168,10 +153,10 @@ def test_sequence_alone_equals_sequence_in_batch(dtype, n, L):
     for pos in (0, 7, 16):
         seqs = others[:pos] + [(n, L)] + others[pos:]
         assert len(seqs) == 17
-        for threads in (1, 2):
-            with _threads(threads):
+        for n_threads in (1, 2):
+            with threads(n_threads):
                 got = _sequence_output(seqs, pos, values, h, hkv, d, dtype, seed=pos + 10)
-            assert torch.equal(got, alone), f"position {pos}, {threads} threads"
+            assert torch.equal(got, alone), f"position {pos}, {n_threads} threads"
 
 
 def test_query_chunking_does_not_change_rows():
@@ -187,8 +172,8 @@ def test_query_chunking_does_not_change_rows():
         tail = _sequence_output([(n, n - split)], 0, (q[split:], k, v), h, hkv, d, torch.float32,
                                 seed=3)
         assert torch.equal(tail, whole[split:]), f"continuation after {split} cached tokens"
-    for threads in (1, 2):
-        with _threads(threads):
+    for n_threads in (1, 2):
+        with threads(n_threads):
             again = _sequence_output([(n, n)], 0, (q, k, v), h, hkv, d, torch.float32, seed=4)
         assert torch.equal(again, whole)
 
