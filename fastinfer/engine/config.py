@@ -20,8 +20,9 @@ class EngineConfig:
     ``dtype="auto"`` is float32 on a CPU (exact and batch-invariant) and bfloat16 on a GPU.
     ``kv_cache_memory`` (bytes or ``"2GiB"``) sizes the cache; when None, a GPU uses
     ``gpu_memory_utilization`` of its memory and a CPU ``min(4 GiB, 25% of available RAM)``.
-    ``max_num_batched_tokens`` defaults to ``max(max_model_len, 2048)``: a whole prompt is
-    prefilled in one step, so it must be at least ``max_model_len``.
+    ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
+    prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
+    prompt is then prefilled in one step and the budget must hold ``max_model_len``.
     """
 
     model: str = "smollm2-135m"
@@ -36,6 +37,7 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,7 +78,10 @@ class EngineConfig:
         return _DTYPES[self.dtype]
 
     def token_budget(self, max_model_len: int) -> int:
-        """Tokens per step: the configured budget, which must hold one whole prompt."""
+        """Tokens per step: the configured budget (without chunked prefill it must hold one
+        whole prompt)."""
+        if self.enable_chunked_prefill:
+            return self.max_num_batched_tokens or 2048
         budget = self.max_num_batched_tokens or max(max_model_len, 2048)
         _need(budget >= max_model_len,
               f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}): "

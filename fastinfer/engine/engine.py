@@ -52,7 +52,8 @@ class Engine:
         self.kv_cache = KVCache(mcfg.num_layers, num_blocks, config.block_size, mcfg.num_kv_heads,
                                 mcfg.head_dim, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len))
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len),
+                                   chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device)
         self.sampler = Sampler()
         self.tokenizer = self.loaded.tokenizer
@@ -193,18 +194,26 @@ class Engine:
         for req, _ in pairs:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = start
+        completes = [s.completes for s in sched.scheduled]
         inp = StepInput(
             token_ids=[s.seq.token_ids[s.start:s.start + s.num_tokens] for s in sched.scheduled],
             start_positions=[s.start for s in sched.scheduled],
             block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
+            needs_logits=completes,
         )
         logits = self.runner.execute(inp)
+        for s in sched.scheduled:
+            s.seq.num_computed = s.start + s.num_tokens
+        # Only sequences that reached their last token sample (a prefill chunk does not, and
+        # draws nothing from its generator), so chunking never changes a request's tokens.
+        sampled = [(req, smp) for (req, smp), done in zip(pairs, completes) if done]
+        if not sampled:
+            return
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
-                for req, smp in pairs]
+                for req, smp in sampled]
         out = self.sampler(logits, rows)
         now = time.monotonic()
-        for i, (s, (req, smp)) in enumerate(zip(sched.scheduled, pairs)):
-            s.seq.num_computed = s.start + s.num_tokens
+        for i, (req, smp) in enumerate(sampled):
             self._append(req, smp, out.token_ids[i], out.logprobs[i], now)
             touched[req.request_id] = req
 

@@ -18,11 +18,14 @@ from fastinfer.ops.metadata import AttentionMetadata
 @dataclass(frozen=True, slots=True)
 class StepInput:
     """Per sequence: the token ids to compute, the position of the first one, and the
-    sequence's block table (covering every position up to the last)."""
+    sequence's block table (covering every position up to the last). ``needs_logits`` marks
+    the sequences whose last position is sampled (None: all; a prefill chunk that does not
+    reach the end of its prompt needs none)."""
 
     token_ids: list[list[int]]
     start_positions: list[int]
     block_tables: list[list[int]]
+    needs_logits: list[bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +64,19 @@ class ModelRunner:
             block_tables=torch.from_numpy(tables).long().to(self.device),
             max_query_len=max(lens),
         )
+        wanted = inp.needs_logits or [True] * len(lens)
         return PreparedBatch(
             token_ids=torch.tensor(flat, dtype=torch.long, device=self.device),
             positions=positions.to(self.device),
             meta=meta,
-            last_index=torch.tensor(starts_loc[1:], device=self.device) - 1,
+            last_index=torch.tensor([e - 1 for e, w in zip(starts_loc[1:], wanted) if w],
+                                    dtype=torch.long, device=self.device),
         )
 
     @torch.inference_mode()
     def execute(self, inp: StepInput, all_logits: bool = False) -> torch.Tensor:
-        """Runs one step. Returns float32 logits ``[B, vocab]`` of each sequence's last
-        position (``[T, vocab]`` for every position when ``all_logits``)."""
+        """Runs one step. Returns float32 logits ``[B', vocab]`` of the last position of each
+        sequence that ``needs_logits`` (``[T, vocab]`` for every position when ``all_logits``)."""
         batch = self.prepare(inp)
         hidden = self.model(batch.token_ids, batch.positions, self.kv_layers, batch.meta)
         if not all_logits:

@@ -1,5 +1,7 @@
 """Continuous batching: each step picks one packed batch of prefills and decodes under a
 token budget and a sequence cap; preempts the newest running sequence when blocks run out.
+With chunked prefill, a prompt larger than what is left of the budget is computed in pieces
+over several steps, so decodes keep flowing while long prompts are read.
 
 The scheduler deals in sequences and block counts only (no tensors, no devices).
 """
@@ -20,6 +22,11 @@ class ScheduledSeq:
     start: int
     num_tokens: int
 
+    @property
+    def completes(self) -> bool:
+        """True when this step reaches the sequence's last token, so it samples a new one."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
 
 @dataclass(slots=True)
 class SchedulerOutput:
@@ -36,8 +43,10 @@ class SchedulerOutput:
 class Scheduler:
     """FCFS continuous batching with recompute preemption (newest first)."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 chunked_prefill: bool = True) -> None:
         self.blocks = block_manager
+        self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -64,35 +73,42 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue:
             seq = queue.popleft()
-            need = seq.num_tokens - seq.num_computed
-            if need > budget:
+            n = self._chunk(seq.num_tokens - seq.num_computed, budget)
+            if n == 0:
                 kept.append(seq)  # stays running, waits for the next step
                 continue
-            while not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
+            target = seq.num_computed + n
+            while not self.blocks.can_grow(seq.seq_id, target):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                self.blocks.grow(seq.seq_id, seq.num_tokens)
-                out.scheduled.append(ScheduledSeq(seq, seq.num_computed, need))
+                self.blocks.grow(seq.seq_id, target)
+                out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
                 kept.append(seq)
-                budget -= need
+                budget -= n
         self.running = kept
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = seq.num_tokens  # a (re)started sequence computes all its tokens
-            if need > budget or not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
+            n = self._chunk(seq.num_tokens, budget)  # a (re)started sequence computes all its tokens
+            if n == 0 or not self.blocks.can_grow(seq.seq_id, n):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq.seq_id, seq.num_tokens)
+            self.blocks.grow(seq.seq_id, n)
             seq.status, seq.num_computed = SeqStatus.RUNNING, 0
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, 0, need))
-            budget -= need
+            out.scheduled.append(ScheduledSeq(seq, 0, n))
+            budget -= n
+
+    def _chunk(self, need: int, budget: int) -> int:
+        """Tokens of ``need`` to compute this step: a piece when chunking, else all or none."""
+        if self.chunked_prefill:
+            return min(need, budget)
+        return need if need <= budget else 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Frees the blocks of ``seq``; it is recomputed from scratch when readmitted."""
