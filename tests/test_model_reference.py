@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastinfer import SamplingParams
+from fastinfer.bench.systems import hf_generate
 from fastinfer.model.loader import load_model
 from fastinfer.model.runner import StepInput
 
@@ -34,9 +35,7 @@ def ours_prompt_logits(loaded, ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    out = hf_generate(model, torch.tensor([ids]), None, new_tokens)
     return out[0, len(ids):].tolist()
 
 

@@ -79,12 +79,7 @@ class FastinferSystem:
             mono0 = time.monotonic()
             ids = [self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
                    for p, n in zip(prompts, output_lens)]
-            finals = {}
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        finals[out.request_id] = out
-                        progress(1)
+            finals = self.engine.drain(lambda _: progress(1))
             total = time.perf_counter() - start
         records = []
         for rid in ids:
@@ -127,7 +122,7 @@ class TransformersSystem:
             start, arrival = time.perf_counter(), time.monotonic()
             for p, n in zip(prompts, output_lens):
                 clock = _StepClock()
-                _hf_generate(self.model, torch.tensor([p], device=self.device), None, n, clock)
+                hf_generate(self.model, torch.tensor([p], device=self.device), None, n, clock)
                 records.append(RequestRecord(arrival, clock.times[0], clock.times[-1], len(clock.times)))
                 progress(1)
             total = time.perf_counter() - start
@@ -152,7 +147,7 @@ class TransformersBatchedSystem:
                 batch, lens = prompts[b:b + self.batch_size], output_lens[b:b + self.batch_size]
                 ids, mask = self._left_pad(batch)
                 clock = _StepClock()
-                _hf_generate(self.model, ids, mask, max(lens), clock)
+                hf_generate(self.model, ids, mask, max(lens), clock)
                 # request of n tokens is done at step n (when the batch got that far)
                 records += [RequestRecord(arrival, clock.times[0], clock.times[min(n, len(clock.times)) - 1],
                                           min(n, len(clock.times))) for n in lens]
@@ -171,7 +166,10 @@ class TransformersBatchedSystem:
 
 
 @torch.inference_mode()
-def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int, streamer) -> torch.Tensor:
+def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int,
+                streamer=None) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens per row (EOS does not stop it);
+    ``ids [B, L]`` (left-padded when ``mask`` is given). Returns prompt and new tokens."""
     return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
                           do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           eos_token_id=None, pad_token_id=0, streamer=streamer)

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import random
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -139,7 +140,7 @@ class Engine:
             seed = self._rng.getrandbits(63)
         gen = torch.Generator().manual_seed(seed)
         sid = next(self._seq_ids)
-        seq = Sequence(sid, list(ids), len(ids), self.max_model_len, arrival=sid)
+        seq = Sequence(sid, list(ids), len(ids), arrival=sid)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         return Sample(index, seq, detok, gen, logprobs=[] if params.logprobs is not None else None)
 
@@ -178,6 +179,18 @@ class Engine:
         }
 
     # ----------------------------------------------------------------- the loop
+    def drain(self, on_final: Callable[[RequestOutput], None] | None = None) -> dict[str, RequestOutput]:
+        """Steps until every request has finished; returns the final outputs by request id
+        (``on_final`` is called with each one as it arrives)."""
+        finals: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    if on_final is not None:
+                        on_final(out)
+        return finals
+
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model, sample, update, emit outputs."""
         touched: dict[str, Request] = {r.request_id: r for r in self._aborted}

@@ -38,13 +38,8 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params = _params_per_prompt(sampling_params, len(prompts))
         ids = self._submit_all(prompts, params)
-        finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished and out.request_id in ids:
-                        finals[out.request_id] = out
-                        bar.update(1)
+            finals = self.engine.drain(lambda _: bar.update(1))
         return [finals[i] for i in ids]
 
     def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
@@ -55,8 +50,7 @@ class LLM:
         except Exception:
             for rid in submitted:  # all or nothing: leave no orphan requests behind
                 self.engine.abort(rid)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self.engine.drain()
             raise
         return submitted
 

@@ -56,6 +56,3 @@ class BlockManager:
     def block_table(self, seq_id: int) -> list[int]:
         """The blocks of ``seq_id`` in position order."""
         return self._tables[seq_id]
-
-    def holds(self, seq_id: int) -> bool:
-        return seq_id in self._tables

@@ -22,7 +22,3 @@ class AttentionMetadata:
     context_lens: list[int]
     block_tables: torch.Tensor
     max_query_len: int
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)

@@ -30,14 +30,9 @@ class ScheduledSeq:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """This step's batch, in order, and the sequences preempted while building it."""
+    """This step's batch, in order."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
 
 
 class Scheduler:
@@ -80,7 +75,7 @@ class Scheduler:
             target = seq.num_computed + n
             while not self.blocks.can_grow(seq.seq_id, target):
                 victim = queue.pop() if queue else seq
-                self._preempt(victim, out)
+                self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
@@ -110,14 +105,12 @@ class Scheduler:
             return min(need, budget)
         return need if need <= budget else 0
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         """Frees the blocks of ``seq``; it is recomputed from scratch when readmitted."""
         self.blocks.free(seq.seq_id)
         seq.status, seq.num_computed = SeqStatus.PREEMPTED, 0
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        out.preempted.append(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Removes a finished (or aborted) sequence and frees its blocks at once."""

@@ -24,11 +24,9 @@ class Sequence:
     seq_id: int
     token_ids: list[int]
     num_prompt_tokens: int
-    max_len: int
     arrival: int
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0
-    num_preemptions: int = 0
     output_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -43,7 +41,3 @@ class Sequence:
         """Adds a generated token."""
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
-
-    @property
-    def finished(self) -> bool:
-        return self.status is SeqStatus.FINISHED
