@@ -6,14 +6,14 @@ from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.engine import Engine
 from fastinfer.engine.llm import LLM
 from fastinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from fastinfer.errors import (FastInferError, InvalidRequestError, ModelLoadError,
-                              RequestTooLargeError)
+from fastinfer.errors import (ArgumentTypeError, ConfigError, FastInferError, InvalidArgumentError,
+                              InvalidRequestError, ModelLoadError, RequestTooLargeError, RequestTypeError)
 from fastinfer.sampling.params import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "CompletionOutput", "Engine", "EngineConfig", "FastInferError", "InvalidRequestError",
-    "ModelLoadError", "RequestMetrics", "RequestOutput", "RequestTooLargeError", "SamplingParams",
-    "__version__",
+    "LLM", "ArgumentTypeError", "CompletionOutput", "ConfigError", "Engine", "EngineConfig", "FastInferError",
+    "InvalidArgumentError", "InvalidRequestError", "ModelLoadError", "RequestMetrics", "RequestOutput",
+    "RequestTooLargeError", "RequestTypeError", "SamplingParams", "__version__",
 ]

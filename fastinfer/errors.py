@@ -1,21 +1,52 @@
-"""Error classes raised by fastinfer. Bad requests raise ``ValueError`` subclasses so that
-callers that only know Python's built-ins still catch them."""
+"""Error classes raised by fastinfer.
+
+Every bad value given to a public entry (``LLM``, ``Engine``, ``SamplingParams``,
+``EngineConfig``, the CLI) raises an ``InvalidArgumentError``: a ``ValueError``, so callers that
+only know Python's built-ins still catch it, whose ``argument`` names what was wrong (a
+server puts it in the error's ``param``). A value of the wrong type raises
+``ArgumentTypeError``, which is also a ``TypeError``.
+"""
+from __future__ import annotations
 
 
 class FastInferError(Exception):
     """Base class of every fastinfer-specific error."""
 
 
-class ModelLoadError(FastInferError):
-    """A model could not be found or read (unknown path, corrupt or unsupported file)."""
+class InvalidArgumentError(FastInferError, ValueError):
+    """A public entry got a bad value; ``argument`` names it (None when no single one is to
+    blame). Nothing was changed: the engine keeps serving."""
+
+    def __init__(self, message: str, argument: str | None = None) -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
-class InvalidRequestError(FastInferError, ValueError):
+class ArgumentTypeError(InvalidArgumentError, TypeError):
+    """A public entry got a value of the wrong type (``ignore_eos="no"``, a dict as prompt)."""
+
+
+class ConfigError(InvalidArgumentError):
+    """An engine setting this machine cannot meet (a GPU that is not there, a KV-cache budget
+    larger than the memory there is, a budget that holds no block)."""
+
+
+class InvalidRequestError(InvalidArgumentError):
     """A request was rejected at submission; the engine state is unchanged."""
 
 
+class RequestTypeError(InvalidRequestError, ArgumentTypeError):
+    """A request holds a value of the wrong type (a dict as prompt, a message without string
+    content): an ``InvalidRequestError`` and a ``TypeError``."""
+
+
 class RequestTooLargeError(InvalidRequestError):
-    """A request can never fit: longer than ``max_model_len`` or than the whole KV cache."""
+    """A request can never fit: longer than ``max_model_len``, more blocks than the whole KV
+    cache, or more parallel samples than one batch holds."""
+
+
+class ModelLoadError(FastInferError):
+    """A model could not be found or read (unknown path, corrupt, truncated or unsupported file)."""
 
 
 class NativeExtensionError(FastInferError, ImportError):

@@ -35,4 +35,32 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(tmp_path / "nope")]) == 2
     assert "neither a known alias" in capsys.readouterr().err
     assert main(["generate", "hi", "--top-p", "1.5"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_chat_refuses_an_empty_message_when_parsed(capsys):
+    import pytest
+
+    for message in ("", "   "):
+        with pytest.raises(SystemExit) as info:
+            main(["chat", "--message", "hi", "--message", message])
+        assert info.value.code == 2 and "argument --message: message is empty" in capsys.readouterr().err
+
+
+def test_chat_error_exits_non_zero(smollm_path, capsys):
+    code = main(["chat", "--model", smollm_path, "--temperature", "0", "--max-tokens", "4",
+                 "--kv-cache-memory", "64MiB", "--max-model-len", "64", "--message", "word " * 200])
+    assert code == 1
+    assert "the message alone is longer than the model's context" in capsys.readouterr().err
+
+
+def test_generate_errors_name_the_argument(smollm_path, capsys):
+    base = ["generate", "hi", "--model", smollm_path, "--kv-cache-memory", "64MiB"]
+    assert main([*base, "--temperature", "inf"]) == 2
+    assert "temperature must be a finite number" in capsys.readouterr().err
+    assert main([*base[:-2], "--kv-cache-memory", "2X"]) == 2
+    assert "kv_cache_memory must be a number of bytes or a size with a unit" in capsys.readouterr().err
+    assert main([*base, "--device", "cudanope"]) == 2
+    assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+    assert main([*base, "-n", "1000"]) == 2
+    assert "n must be an int in [1, 128], got 1000" in capsys.readouterr().err

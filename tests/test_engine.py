@@ -86,7 +86,7 @@ BAD_REQUESTS = [
     ([5, -1], {}, InvalidRequestError, "token id -1 at position 1"),
     ("word " * 300, {}, RequestTooLargeError, "max_model_len is 256"),
     ("Hello", {"max_tokens": 250}, RequestTooLargeError, "needs 16 KV-cache blocks"),
-    (3.5, {}, InvalidRequestError, "prompt must be a string or a list of token ids"),
+    (3.5, {}, InvalidRequestError, "prompt must be a string or a sequence of int token ids, got float 3.5"),
 ]
 
 
@@ -104,12 +104,12 @@ def test_bad_request_is_rejected_and_others_complete(smollm, prompt, params, err
 
 @pytest.mark.parametrize("field,value,message", [
     ("max_tokens", 0, "max_tokens must be an int >= 1, got 0"),
-    ("temperature", -0.5, "temperature must be >= 0"),
-    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("temperature", -0.5, "temperature must be a number >= 0"),
+    ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
     ("top_k", -3, "top_k must be"),
     ("n", 0, "n must be"),
-    ("stop", [""], "stop must be"),
+    ("stop", [""], r"stop\[0\] is empty"),
 ])
 def test_invalid_sampling_params_name_the_field(smollm, field, value, message):
     engine = make_engine(smollm, kv_cache_memory="32MiB", max_model_len=256)

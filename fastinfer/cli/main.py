@@ -5,6 +5,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from fastinfer.cli.args import message_arg
 from fastinfer.errors import FastInferError
 
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen)
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("--message", action="append", default=None,
+    chat.add_argument("--message", action="append", type=message_arg, default=None,
                       help="send these user messages instead of reading stdin (repeatable)")
     _engine_args(chat)
     _sampling_args(chat)
@@ -84,7 +85,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """``fastinfer chat``: a conversation with the model's chat template (stdin or --message)."""
+    """``fastinfer chat``: a conversation with the model's chat template (stdin or --message).
+
+    Interactive (a terminal), an error is printed and the conversation goes on; scripted
+    (``--message`` or piped stdin), the first error ends the command with exit code 1."""
     params = _params(args)
     llm = _make_llm(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -105,6 +109,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if reply is None:
             history.pop()
             print("fastinfer: error: the message alone is longer than the model's context", file=sys.stderr)
+            if not interactive:
+                return 1
             continue
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)
@@ -135,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FastInferError, ValueError) as exc:
         print(f"fastinfer: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fastinfer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

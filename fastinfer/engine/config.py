@@ -1,11 +1,18 @@
 """``EngineConfig``: every knob of an engine in one validated dataclass."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fastinfer.kv_cache.cache import parse_bytes
+from fastinfer.engine.memory import check_within, total_memory
+from fastinfer.errors import ArgumentTypeError, ConfigError
+from fastinfer.validation import (INT64_MAX, INT64_MIN, check_bool, check_choice, check_float,
+                                  check_int, check_str, parse_bytes, parse_device)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -13,12 +20,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Validated engine settings (vLLM's names). Unknown keys raise ``TypeError``; bad values
-    raise ``ValueError`` naming the field. Run-time facts (how many blocks fit) live in the
-    engine, not here.
+    """Validated engine settings (vLLM's names). Unknown keys raise ``TypeError``; a bad value
+    raises ``InvalidArgumentError`` (a ``ValueError``) naming the field, a wrong type
+    ``ArgumentTypeError`` (also a ``TypeError``), a setting this machine cannot meet (an absent
+    GPU, more KV-cache memory than there is) ``ConfigError``. Everything is checked before
+    anything is loaded. Run-time facts (how many blocks fit) live in the engine, not here.
 
-    ``dtype="auto"`` is float32 on a CPU (exact and batch-invariant) and bfloat16 on a GPU.
-    ``kv_cache_memory`` (bytes or ``"2GiB"``) sizes the cache; when None, a GPU uses
+    ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a GPU that is not there is
+    refused. ``dtype="auto"`` is float32 on a CPU (exact and batch-invariant) and bfloat16 on a
+    GPU. ``kv_cache_memory`` (bytes, or a size such as ``"2GiB"``, ``"512MB"``, ``"2G"``; stored
+    as bytes) sizes the cache and may not exceed the device's memory; when None, a GPU uses
     ``gpu_memory_utilization`` of its memory and a CPU ``min(4 GiB, 25% of available RAM)``.
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
@@ -41,29 +52,48 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.model, str) and self.model, f"model must be a non-empty string, got {self.model!r}")
-        _need(self.dtype == "auto" or self.dtype in _DTYPES,
-              f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        _need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-              f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        _need(self.quantization is None,
-              f"quantization {self.quantization!r} is not supported yet (supported: None)")
-        _need(self.kv_cache_dtype == "auto",
-              f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet (supported: 'auto')")
-        _need(_pos_int(self.block_size), f"block_size must be an int >= 1, got {self.block_size!r}")
-        _need(_pos_int(self.max_num_seqs), f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}")
+        model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
+        self._set("model", check_str("model", model))
+        self._set("dtype", check_choice("dtype", self.dtype, ["auto", *_DTYPES]))
+        if self.device != "auto":
+            parse_device("device", self.device)
+            self._set("device", str(self.device))
+        check_choice("quantization", self.quantization, [None])
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, ["auto"])
+        for name in ("block_size", "max_num_seqs"):
+            self._set(name, check_int(name, getattr(self, name), lo=1))
         for name in ("max_num_batched_tokens", "max_model_len"):
-            v = getattr(self, name)
-            _need(v is None or _pos_int(v), f"{name} must be an int >= 1 or None, got {v!r}")
+            if getattr(self, name) is not None:
+                self._set(name, check_int(name, getattr(self, name), lo=1))
         if self.kv_cache_memory is not None:
-            _need(parse_bytes(self.kv_cache_memory) > 0,
-                  f"kv_cache_memory must be > 0, got {self.kv_cache_memory!r}")
-        _need(0 < self.gpu_memory_utilization <= 1,
-              f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        _need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
-        _need(not self.enable_prefix_caching,
-              "enable_prefix_caching=True is not supported yet (the prefix cache comes with the "
-              "KV-cache management work)")
+            nbytes = parse_bytes("kv_cache_memory", self.kv_cache_memory)
+            device = self.torch_device()
+            check_within(nbytes, total_memory(device), device, "all the memory there is")
+            self._set("kv_cache_memory", nbytes)
+        self._set("gpu_memory_utilization",
+                  check_float("gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True))
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            self._set(name, check_bool(name, getattr(self, name)))
+        self._set("seed", check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX))
+        if self.enable_prefix_caching:
+            raise ConfigError("enable_prefix_caching=True is not supported yet (the prefix cache comes with "
+                              "the KV-cache management work)", "enable_prefix_caching")
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # normalised at construction (frozen afterwards)
+
+    @classmethod
+    def from_options(cls, model: Any = "smollm2-135m", **options: Any) -> EngineConfig:
+        """``EngineConfig(model=model, **options)``, where an unknown option raises
+        ``ArgumentTypeError`` (a ``TypeError``) naming it, the closest known one and them all."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ArgumentTypeError(f"unknown engine option {key!r}{hint}; the options are: "
+                                         f"{', '.join(known)}", key)
+        return cls(model=model, **options)
 
     def torch_device(self) -> torch.device:
         """The device to run on (``auto``: CUDA when available, else CPU)."""
@@ -83,16 +113,7 @@ class EngineConfig:
         if self.enable_chunked_prefill:
             return self.max_num_batched_tokens or 2048
         budget = self.max_num_batched_tokens or max(max_model_len, 2048)
-        _need(budget >= max_model_len,
-              f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}): "
-              "prompts are prefilled in one step")
+        if budget < max_model_len:
+            raise ConfigError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}): "
+                              "prompts are prefilled in one step", "max_num_batched_tokens")
         return budget
-
-
-def _pos_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)

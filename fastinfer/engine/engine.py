@@ -7,7 +7,6 @@ import itertools
 import random
 import time
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
 
 import torch
 
@@ -15,19 +14,19 @@ from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.memory import kv_cache_budget
 from fastinfer.engine.outputs import RequestMetrics, RequestOutput
 from fastinfer.engine.request import Request, Sample
-from fastinfer.errors import InvalidRequestError, RequestTooLargeError
+from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.kv_cache.cache import KVCache, bytes_per_block
 from fastinfer.model.loader import LoadedModel, load_model
 from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
+from fastinfer.sampling.generator import seeded_generator
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import find_stop
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence
-
-Prompt = str | list[int]
+from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail
 
 
 class Engine:
@@ -38,20 +37,20 @@ class Engine:
     ``finished=True``, exactly once); ``abort`` ends a request with ``finish_reason="abort"``.
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig | str, loaded: LoadedModel | None = None) -> None:
+        if isinstance(config, str):
+            config = EngineConfig(model=config)
+        if not isinstance(config, EngineConfig):
+            raise ArgumentTypeError("Engine takes an EngineConfig or a model name (str), got "
+                                    f"{describe(config)}; LLM(model, **options) builds both", "config")
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.loaded = loaded or load_model(config.model, self.dtype, self.device)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
-        per_block = bytes_per_block(mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
-        num_blocks = kv_cache_budget(config, self.device, self.loaded.model) // per_block
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory holds no block: one block of {config.block_size} tokens "
-                             f"needs {per_block} bytes")
-        self.kv_cache = KVCache(mcfg.num_layers, num_blocks, config.block_size, mcfg.num_kv_heads,
-                                mcfg.head_dim, self.dtype, self.device)
+        self.kv_cache = self._allocate_kv_cache()
+        num_blocks = self.kv_cache.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len),
                                    chunked_prefill=config.enable_chunked_prefill)
@@ -70,8 +69,25 @@ class Engine:
     def _max_model_len(self, model_limit: int) -> int:
         wanted = self.config.max_model_len
         if wanted is not None and wanted > model_limit:
-            raise ValueError(f"max_model_len ({wanted}) exceeds the model's context length ({model_limit})")
+            raise ConfigError(f"max_model_len ({wanted}) exceeds the model's context length ({model_limit})",
+                              "max_model_len")
         return wanted or model_limit
+
+    def _allocate_kv_cache(self) -> KVCache:
+        """The cache tensors, as many blocks as the budget holds (at least one)."""
+        mcfg, bs = self.loaded.config, self.config.block_size
+        per_block = bytes_per_block(mcfg.num_layers, bs, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        num_blocks = kv_cache_budget(self.config, self.device) // per_block
+        if num_blocks < 1:
+            raise ConfigError(f"kv_cache_memory holds no block: one block of {bs} tokens needs {per_block} "
+                              "bytes", "kv_cache_memory")
+        try:
+            return KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, self.dtype,
+                           self.device)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            raise ConfigError(f"cannot allocate the KV cache ({num_blocks} blocks of {per_block} bytes) on "
+                              f"{self.device}: {exc}; lower kv_cache_memory or gpu_memory_utilization",
+                              "kv_cache_memory") from exc
 
     # ----------------------------------------------------------------- submission
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -80,13 +96,15 @@ class Engine:
         ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+            fail("params", "a SamplingParams", params, InvalidRequestError, wrong_type=True)
         # A validated private copy: the caller may change or reuse its object afterwards.
         params = dataclasses.replace(params)
-        request_id = self._next_id() if request_id is None else str(request_id)
+        if request_id is None:
+            request_id = self._next_id()
+        check_str("request_id", request_id, error=InvalidRequestError)
         if request_id in self._requests:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
-        text, ids = self._prompt_ids(prompt)
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        text, ids = self._prompt_ids(as_prompt(prompt))
         self._check_fits(ids, params)
         now = time.monotonic()
         samples = [self._new_sample(i, ids, params) for i in range(params.n)]
@@ -104,41 +122,42 @@ class Engine:
         return rid
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """A validated prompt's text (None for token ids) and token ids, checked against the
+        vocabulary."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
             ids = self.tokenizer.encode(prompt)
             if not ids:
-                raise InvalidRequestError("prompt is empty after tokenization")
+                raise InvalidRequestError("prompt is empty after tokenization", "prompt")
             return prompt, ids
-        if not isinstance(prompt, Seq) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidRequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
-            raise InvalidRequestError("prompt is empty (no token ids)")
         vocab = self.loaded.config.vocab_size
         bad = next(((i, t) for i, t in enumerate(prompt) if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary [0, {vocab})")
-        return None, list(prompt)
+            raise InvalidRequestError(f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
+                                      f"[0, {vocab})", "prompt")
+        return None, prompt
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """Refuses a request that can never run: no room for a new token, more blocks than the
+        whole cache (all ``n`` samples together: they run side by side), or more samples than
+        one batch holds."""
         if len(ids) >= self.max_model_len:
             raise RequestTooLargeError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which leaves no room for a new token")
+                "which leaves no room for a new token", "prompt")
+        if params.n > self.config.max_num_seqs:
+            raise RequestTooLargeError(f"n is {params.n} but one batch holds at most max_num_seqs="
+                                       f"{self.config.max_num_seqs} sequences", "n")
         total = min(len(ids) + params.max_tokens, self.max_model_len)
-        need = self.block_manager.blocks_for(total)
+        need = self.block_manager.blocks_for(total) * params.n
         if need > self.block_manager.num_total:
+            per = f" ({params.n} samples of {total} tokens)" if params.n > 1 else f" ({total} tokens)"
             raise RequestTooLargeError(
-                f"request needs {need} KV-cache blocks ({total} tokens) but the whole cache has "
-                f"{self.block_manager.num_total}; lower max_tokens or raise kv_cache_memory")
+                f"request needs {need} KV-cache blocks{per} but the whole cache has "
+                f"{self.block_manager.num_total}; lower max_tokens or n, or raise kv_cache_memory", "max_tokens")
 
     def _new_sample(self, index: int, ids: list[int], params: SamplingParams) -> Sample:
-        if params.seed is not None:
-            seed = params.seed if index == 0 else (params.seed * 1_000_003 + index) % (2**63)
-        else:
-            seed = self._rng.getrandbits(63)
-        gen = torch.Generator().manual_seed(seed)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
+        gen = seeded_generator(seed, index)
         sid = next(self._seq_ids)
         seq = Sequence(sid, list(ids), len(ids), arrival=sid)
         detok = IncrementalDetokenizer(self.tokenizer, ids)

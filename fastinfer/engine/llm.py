@@ -7,18 +7,19 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fastinfer.engine.config import EngineConfig
-from fastinfer.engine.engine import Engine, Prompt
+from fastinfer.engine.engine import Engine
 from fastinfer.engine.outputs import RequestOutput
+from fastinfer.errors import InvalidArgumentError, InvalidRequestError
 from fastinfer.sampling.params import SamplingParams
-
-Message = dict[str, str]
+from fastinfer.validation import Message, Prompt, as_conversations, as_prompts, check_bool, fail
 
 
 class LLM:
-    """``LLM(model, **engine_options)``; options are the fields of ``EngineConfig``."""
+    """``LLM(model, **engine_options)``; options are the fields of ``EngineConfig`` (an unknown
+    one raises ``TypeError`` naming it)."""
 
     def __init__(self, model: str = "smollm2-135m", **kwargs: Any) -> None:
-        self.config = EngineConfig(model=model, **kwargs)
+        self.config = EngineConfig.from_options(model, **kwargs)
         self.engine = Engine(self.config)
 
     def get_tokenizer(self):
@@ -32,55 +33,62 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt (strings or token-id lists) and returns the final
-        ``RequestOutput``s in input order. All or nothing: when one prompt is rejected, the
-        ones already queued are aborted and the error is raised."""
-        prompts = _as_prompt_list(prompts)
-        params = _params_per_prompt(sampling_params, len(prompts))
-        ids = self._submit_all(prompts, params)
-        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            finals = self.engine.drain(lambda _: bar.update(1))
-        return [finals[i] for i in ids]
+        """Generates for every prompt and returns the final ``RequestOutput``s in input order.
 
-    def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
-        submitted: list[str] = []
+        ``prompts``: a string, a sequence of int token ids, or a list of those; anything else
+        raises ``RequestTypeError`` naming the type. ``sampling_params``: one
+        ``SamplingParams`` or a list with one per prompt. All or nothing: when one prompt is
+        rejected, or ``generate`` ends by an exception (Ctrl-C included), every request it
+        submitted is aborted and its KV blocks freed before the exception propagates.
+        """
+        prompts = as_prompts(prompts)
+        params = _params_per_prompt(sampling_params, len(prompts))
+        show = check_bool("use_tqdm", use_tqdm)
+        ids: list[str] = []
         try:
             for p, sp in zip(prompts, params):
-                submitted.append(self.engine.add_request(p, sp))
-        except Exception:
-            for rid in submitted:  # all or nothing: leave no orphan requests behind
-                self.engine.abort(rid)
-            self.engine.drain()
+                ids.append(self.engine.add_request(p, sp))
+            with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
+                finals = self.engine.drain(lambda _: bar.update(1))
+        except BaseException:
+            self._abort_all(ids)
             raise
-        return submitted
+        return [finals[i] for i in ids]
+
+    def _abort_all(self, ids: list[str]) -> None:
+        """Aborts ``ids`` and steps until their final outputs are out (no model runs: aborted
+        requests only emit), so no request of this call is left holding KV blocks."""
+        for rid in ids:
+            self.engine.abort(rid)
+        self.engine.drain()
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              *, use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation (a list of
-        ``{"role", "content"}`` dicts) or to several, then generates."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ``{"role", "content"}`` dicts, roles system/user/assistant, content a string) or to a
+        list of conversations, then generates. Bad messages raise before anything runs."""
+        convs = as_conversations(messages)
+        add = check_bool("add_generation_prompt", add_generation_prompt)
         tok = self.get_tokenizer()
-        prompts: list[Prompt] = [
-            tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in convs
-        ]
+        prompts: list[Prompt] = [tok.apply_chat_template(c, add_generation_prompt=add, tokenize=True) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
-def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, Seq) and prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]
-    return list(prompts)
-
-
-def _params_per_prompt(sp: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+def _params_per_prompt(sp: Any, n: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` per prompt from None, one object, or a list of them."""
+    expected = "a SamplingParams or a list of them (one per prompt)"
     if sp is None:
         return [SamplingParams()] * n
     if isinstance(sp, SamplingParams):
         return [sp] * n
-    sp = list(sp)
+    if not isinstance(sp, (list, tuple)):
+        hint = "; build one with SamplingParams(**...)" if isinstance(sp, dict) else ""
+        fail("sampling_params", expected + hint, sp, InvalidRequestError, wrong_type=True)
+    for i, p in enumerate(sp):
+        if not isinstance(p, SamplingParams):
+            fail(f"sampling_params[{i}]", "a SamplingParams", p, InvalidRequestError, wrong_type=True)
     if len(sp) != n:
-        raise ValueError(f"got {len(sp)} sampling params for {n} prompts")
-    return sp
+        raise InvalidArgumentError(f"sampling_params has {len(sp)} entries for {n} prompts: expected one "
+                                   "SamplingParams, or one per prompt", "sampling_params")
+    return list(sp)

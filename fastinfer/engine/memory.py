@@ -1,25 +1,58 @@
-"""How many bytes the KV cache may take on a device."""
+"""How many bytes the KV cache may take on a device, and what the device has."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from fastinfer.engine.config import EngineConfig
-from fastinfer.kv_cache.cache import parse_bytes
+from fastinfer.errors import ConfigError
+from fastinfer.validation import format_bytes
+
+if TYPE_CHECKING:
+    from fastinfer.engine.config import EngineConfig
 
 _CPU_DEFAULT_CAP = 4 * 2**30
 
 
-def kv_cache_budget(config: EngineConfig, device: torch.device, model: nn.Module) -> int:
-    """``kv_cache_memory`` when set; else on a GPU ``gpu_memory_utilization`` of its memory
-    minus what is already allocated (the weights), on a CPU ``min(4 GiB, 25% of available RAM)``."""
+def total_memory(device: torch.device) -> int:
+    """Bytes of memory the device has in all (a CPU: physical RAM; a GPU: its memory)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated now (a CPU: ``MemAvailable``; a GPU: free memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_within(nbytes: int, limit: int, device: torch.device, what: str) -> None:
+    """Refuses a ``kv_cache_memory`` of ``nbytes`` larger than ``limit`` (``what`` says which
+    limit: the device's whole memory, or what is free now)."""
+    if nbytes > limit:
+        raise ConfigError(f"kv_cache_memory is {format_bytes(nbytes)}, more than {what} on {device} "
+                          f"({format_bytes(limit)}); lower kv_cache_memory", "kv_cache_memory")
+
+
+def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
+    """``kv_cache_memory`` when set (refused when more than is free now); else on a GPU
+    ``gpu_memory_utilization`` of its memory minus what is already allocated (the weights), on
+    a CPU ``min(4 GiB, 25% of available RAM)``."""
     if config.kv_cache_memory is not None:
-        return parse_bytes(config.kv_cache_memory)
+        check_within(config.kv_cache_memory, available_memory(device), device, "the memory free now")
+        return config.kv_cache_memory
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         return max(0, int(total * config.gpu_memory_utilization) - used)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return min(_CPU_DEFAULT_CAP, available // 4)
+    return min(_CPU_DEFAULT_CAP, available_memory(device) // 4)

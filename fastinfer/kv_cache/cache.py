@@ -1,21 +1,7 @@
 """Preallocated paged KV-cache tensors, sized from a memory budget."""
 from __future__ import annotations
 
-import re
-
 import torch
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(value: int | str) -> int:
-    """``2147483648``, ``"2GiB"``, ``"512MB"`` -> bytes; bad input raises ValueError."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_cache_memory must be bytes or a size like '2GiB', got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -33,15 +33,50 @@ _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 def open_gguf(path: str):
-    """Opens ``path`` with ``gguf.GGUFReader``; a missing or corrupt file raises ModelLoadError."""
-    import gguf
-
+    """Opens ``path`` with ``gguf.GGUFReader``; a missing, truncated or corrupt file raises
+    ModelLoadError (a truncated one names the first tensor cut short and its byte counts)."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return _checked_reader(path)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # the reader raises many types on damaged input
-        raise ModelLoadError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot read GGUF file {path} (truncated or corrupt header/metadata?): "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _checked_reader(path: str):
+    """A ``GGUFReader`` that, before viewing tensor data, checks each tensor lies inside the file."""
+    import gguf
+
+    class CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            _check_tensor_extents(path, len(self.data), start_offs, fields)
+            super()._build_tensors(start_offs, fields)
+
+    return CheckedReader(path)
+
+
+def _check_tensor_extents(path: str, file_size: int, start_offs: int, fields: list) -> None:
+    """Raises ModelLoadError for the first tensor whose bytes run past the end of the file."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    extents = []  # (name, type, first byte, byte count) per tensor
+    for field in fields:
+        _, name, _, dims, raw_type, offset = field.parts
+        kind = GGMLQuantizationType(int(raw_type[0]))
+        block, type_size = GGML_QUANT_SIZES[kind]
+        extents.append((bytes(name).decode("utf-8", "replace"), kind.name, start_offs + int(offset[0]),
+                        int(np.prod(dims)) * type_size // block))
+    needed = max((begin + n for _, _, begin, n in extents), default=0)
+    for name, kind, begin, n_bytes in extents:
+        if begin + n_bytes > file_size:
+            have = max(0, file_size - begin)
+            raise ModelLoadError(
+                f"GGUF file {path} is truncated or incomplete: it has {file_size} bytes, its tensors need "
+                f"{needed}; tensor {name!r} ({kind}) needs {n_bytes} bytes at offset {begin}, and only {have} "
+                "are there")
 
 
 def read_metadata(reader) -> dict[str, Any]:

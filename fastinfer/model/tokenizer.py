@@ -21,6 +21,9 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from fastinfer.errors import InvalidRequestError
+from fastinfer.validation import check_messages, check_str
+
 logger = logging.getLogger(__name__)
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -152,7 +155,11 @@ class Tokenizer:
 
         Special tokens written in the text (``<|im_start|>``) always encode as their single id.
         """
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        check_str("text", text, allow_empty=True)
+        try:
+            ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as exc:  # the Rust library's errors carry no common base class
+            raise InvalidRequestError(f"the tokenizer cannot encode the text: {exc}", "text") from exc
         if add_special_tokens:
             if self.add_bos and not self._backend_adds_bos:
                 ids.insert(0, self.bos_token_id)
@@ -199,17 +206,24 @@ class Tokenizer:
 
         Extra keyword arguments (``tools``, ``documents``...) are passed to the template. With
         ``tokenize`` the ids are returned, encoded without adding BOS again (the template writes
-        whatever special tokens the model wants). Raises ``ValueError`` without a chat template.
+        whatever special tokens the model wants). ``messages`` are validated first (see
+        ``validation.check_messages``); a model without a chat template, or a template that
+        refuses the conversation (``raise_exception``), raises ``InvalidRequestError``.
         """
+        messages = check_messages(messages)
         if not self.chat_template:
-            raise ValueError("this model has no chat template: pass a plain prompt instead of messages")
-        rendered = _compile_template(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(self.bos_token_id),
-            eos_token=self._token_text(self.eos_token_id),
-            **kwargs,
-        )
+            raise InvalidRequestError("this model has no chat template: pass a plain prompt instead of messages",
+                                      "messages")
+        try:
+            rendered = _compile_template(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._token_text(self.bos_token_id),
+                eos_token=self._token_text(self.eos_token_id),
+                **kwargs,
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidRequestError(f"the model's chat template refused the messages: {exc}", "messages") from exc
         if tokenize:
             return self.encode(rendered, add_special_tokens=False)
         return rendered

@@ -13,7 +13,8 @@ from fastinfer.cli.main import main
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    paths = {k: str(out / f"r.{k}") for k in ("json", "md", "png")}
+    # the folders do not exist yet: they are made when the arguments are parsed
+    paths = {k: str(out / "new" / k / f"r.{k}") for k in ("json", "md", "png")}
     code = main(["bench", "throughput", "--quick", "--num-prompts", "3", "--output-len", "4:8",
                  "--input-len", "16:32", "--baseline", "torch-naive", "--dtype", "float32",
                  "--kv-cache-memory", "64MiB", "--json", paths["json"], "--markdown", paths["md"],
@@ -53,9 +54,9 @@ def test_min_ratio_gate(quick_result, tmp_path, capsys):
 
     doc = load_result(quick_result["json"])
     ratio = doc["ratios"]["torch-naive"]
-    assert _check_ratios(doc, [f"torch-naive={ratio / 2}"]) == 0
-    assert _check_ratios(doc, [f"torch-naive={ratio * 2}"]) == 1
-    assert _check_ratios(doc, ["transformers=1"]) == 2
+    assert _check_ratios(doc, [("torch-naive", ratio / 2)]) == 0
+    assert _check_ratios(doc, [("torch-naive", ratio * 2)]) == 1
+    assert _check_ratios(doc, [("transformers", 1.0)]) == 2
 
 
 def test_latency_with_transformers_baselines(tmp_path):
@@ -79,3 +80,51 @@ def test_prefix_workload_runs_with_the_cache_off(tmp_path):
     assert code == 0
     doc = load_result(str(path))
     assert doc["command"] == "prefix" and all(44 <= n <= 48 for n in doc["workload"]["input_lens"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["throughput", "--num-prompts", "0"], "argument --num-prompts: value must be an int >= 1, got 0"),
+    (["throughput", "--num-prompts", "-1"], "argument --num-prompts: value must be an int >= 1, got -1"),
+    (["throughput", "--num-prompts", "x"], "argument --num-prompts: expected an int, got 'x'"),
+    (["throughput", "--batch-size", "0"], "argument --batch-size: value must be an int >= 1, got 0"),
+    (["latency", "--num-iters", "0"], "argument --num-iters: value must be an int >= 1, got 0"),
+    (["prefix", "--prefix-len", "0"], "argument --prefix-len: value must be an int >= 1, got 0"),
+    (["prefix", "--num-prompts", "0"], "argument --num-prompts: value must be an int >= 1, got 0"),
+    (["throughput", "--min-ratio", "transformers=abc"], "expected SYSTEM=X with X a number > 0"),
+    (["throughput", "--min-ratio", "transformers=-1"], "expected SYSTEM=X with X a number > 0"),
+    (["throughput", "--min-ratio", "vllm=2"], "expected SYSTEM=X with SYSTEM one of ['transformers'"),
+    (["throughput", "--input-len", "0"], "length range must satisfy 1 <= LO <= HI"),
+])
+def test_bad_bench_arguments_are_refused_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:  # argparse: before any model is loaded
+        main(["bench", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_when_parsed(tmp_path, capsys):
+    from fastinfer.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "throughput", "--json", str(tmp_path)])
+    assert "is a folder: expected a file path" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "throughput", "--plot", str(blocker / "sub" / "p.png")])
+    assert "cannot create the folder of" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "latency", "--markdown", str(tmp_path / "a" / "b" / "r.md")])
+    assert (tmp_path / "a" / "b").is_dir() and args.markdown.endswith("r.md")
+
+
+def test_compare_refuses_a_result_with_no_requests(quick_result, tmp_path, capsys):
+    doc = json.load(open(quick_result["json"]))
+    empty = dict(doc, workload=dict(doc["workload"], num_prompts=0, input_lens=[], output_lens=[]))
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps(empty))
+    assert main(["bench", "compare", quick_result["json"], str(path)]) == 2
+    assert "workload.num_prompts: expected at least 1 request, got 0" in capsys.readouterr().err
+    no_requests = json.loads(json.dumps(doc))
+    no_requests["results"]["fastinfer"]["num_requests"] = 0
+    path.write_text(json.dumps(no_requests))
+    assert main(["bench", "compare", str(path), quick_result["json"]]) == 2
+    assert "results.fastinfer.num_requests: expected at least 1 request, got 0" in capsys.readouterr().err

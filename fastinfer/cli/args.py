@@ -1,0 +1,52 @@
+"""argparse types built on ``fastinfer.validation``: command-line values are refused when the
+arguments are parsed, with the same rules and messages as the Python API."""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+from fastinfer.errors import InvalidArgumentError
+from fastinfer.validation import check_int, check_str
+
+
+def _adapt(convert: Callable[[str], Any], check: Callable[[Any], Any], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then ``check`` it; failures become argparse
+    errors (usage message, exit code 2)."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            return check(value)
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
+def int_arg(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An int option within ``[lo, hi]`` (``--num-prompts 0`` is refused at parse time)."""
+    return _adapt(int, lambda v: check_int("value", v, lo=lo, hi=hi), "an int")
+
+
+def message_arg(text: str) -> str:
+    """A chat message: non-empty once stripped."""
+    return _adapt(str.strip, lambda v: check_str("message", v), "a message")(text)
+
+
+def output_path_arg(text: str) -> str:
+    """A file to write results to: its folder is created now, so a long run never ends by
+    failing to write; a path that is a folder, or a folder we cannot write to, is refused."""
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: expected a file path")
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create the folder of {text!r}: {exc.strerror}") from exc
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to the folder of {text!r}")
+    return text
