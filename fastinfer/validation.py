@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from decimal import Decimal
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -22,7 +23,7 @@ from fastinfer.errors import (ArgumentTypeError, ConfigError, InvalidArgumentErr
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the sampler computes in float32
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")  # OpenAI's roles
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -103,7 +104,12 @@ def check_str(argument: str, value: Any, *, allow_empty: bool = False,
         bad = value[exc.start]
         raise error(f"{argument} is not valid Unicode: lone surrogate {bad!r} at index {exc.start}",
                     argument) from exc
-    return value
+    return str(value)  # a str subclass (numpy's str_) becomes a plain str
+
+
+def check_seed(argument: str, value: Any) -> int:
+    """A seed: any signed 64-bit int (every bit of it counts)."""
+    return check_int(argument, value, lo=INT64_MIN, hi=INT64_MAX)
 
 
 def check_choice(argument: str, value: Any, choices: Sequence[str | None]) -> str | None:
@@ -170,14 +176,14 @@ def _size_from_text(argument: str, text: str) -> int:
     scale = 1 if unit == "" else _DECIMAL.get(unit) or _BINARY.get(unit)
     if not m or scale is None:
         fail(argument, f"a number of bytes or a size with a unit: {SIZE_UNITS}", text)
-    return int(float(m.group(1)) * scale)
+    return int(Decimal(m.group(1)) * scale)  # exact for any length of digits (a float overflows)
 
 
 def format_bytes(n: int) -> str:
-    """``1073741824`` -> ``"1.00 GiB"``."""
+    """``1073741824`` -> ``"1.00 GiB"`` (exact for any size)."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{Decimal(n) / scale:.2f} {unit}"
     return f"{n} B"
 
 
@@ -251,7 +257,7 @@ def _is_token_sequence(value: Any) -> bool:
 def _looks_like_one_token_prompt(value: Any) -> bool:
     """A sequence whose first item is a scalar (not a prompt of its own) is one token-id prompt."""
     seq = _as_sequence(value)
-    return len(seq) > 0 and isinstance(seq[0], (numbers.Number, np.generic))
+    return len(seq) > 0 and isinstance(seq[0], (numbers.Number, np.number, np.bool_))
 
 
 def _as_sequence(value: Any) -> Sequence[Any]:
@@ -294,7 +300,8 @@ def _check_message(argument: str, message: Any) -> Message:
 
 
 def as_conversations(value: Any, argument: str = "messages") -> list[list[Message]]:
-    """``chat``'s first argument: one conversation or a list of conversations."""
-    if isinstance(value, (list, tuple)) and value and all(isinstance(c, (list, tuple)) for c in value):
+    """``chat``'s first argument: one conversation or a list of conversations (an empty list:
+    no conversations)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in value):
         return [check_messages(c, f"{argument}[{i}]") for i, c in enumerate(value)]
     return [check_messages(value, argument)]

@@ -3,6 +3,8 @@ error naming what is wrong, and afterwards the engine still serves, holding no K
 request of the failed call."""
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,14 @@ def test_generate_refuses_a_dict_as_sampling_params(llm):
     assert_serves_and_is_clean(llm)
 
 
+def test_an_engine_refusal_names_which_prompt(llm):
+    with pytest.raises(RequestTooLargeError, match=r"^prompts\[1\]: prompt has \d+ tokens; max_model_len is 512"):
+        llm.generate(["fine", "word " * 600], GREEDY, use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match=r"^prompts\[0\]: prompt token id 99999 at position 1 is outside"):
+        llm.generate([[1, 99999], "fine"], GREEDY, use_tqdm=False)
+    assert_serves_and_is_clean(llm)
+
+
 def test_token_id_prompts_accept_numpy(llm):
     ids = llm.get_tokenizer().encode("The capital of France is")
     plain = llm.generate(ids, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
@@ -88,12 +98,35 @@ def test_an_interrupted_generate_aborts_its_requests(llm, monkeypatch):
     assert llm.stats()["num_steps"] - steps_before == 4
 
 
+@pytest.mark.parametrize("where,at_call", [("_append", 1), ("_append", 4), ("_emit", 1), ("_emit", 3)])
+def test_an_interrupt_inside_a_step_neither_hangs_nor_leaks(llm, monkeypatch, where, at_call):
+    # one request finishes at its 2nd token, so an interrupt can land after it ended but
+    # before its final output was emitted
+    real, calls = getattr(llm.engine, where), []
+
+    def interrupt_once(*args):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        if len(calls) > 10_000:  # a hang would spin here: fail instead
+            raise AssertionError("the engine kept stepping after the interrupt")
+        return real(*args)
+
+    monkeypatch.setattr(llm.engine, where, interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["Short", "Longer one"], [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                               SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)],
+                     use_tqdm=False)
+    monkeypatch.undo()
+    assert_serves_and_is_clean(llm)
+
+
 @pytest.mark.parametrize("messages,error,message", [
     ([{"role": "user"}], InvalidRequestError, r"messages\[0\] has no 'content'"),
     ("hello", RequestTypeError, r"messages must be a list of \{'role': ..., 'content': ...\} dicts, got str"),
     ([{"role": "user", "content": None}], RequestTypeError, r"messages\[0\]\['content'\] must be a string"),
     ([[{"role": "user", "content": "hi"}], [{"role": "bot", "content": "x"}]], InvalidRequestError,
-     r"messages\[1\]\[0\]\['role'\] must be one of \['system', 'user', 'assistant'\], got 'bot'"),
+     r"messages\[1\]\[0\]\['role'\] must be one of \['system', 'user', 'assistant', 'tool', 'developer'\], got 'bot'"),
 ])
 def test_chat_validates_messages_before_the_template(llm, messages, error, message):
     with pytest.raises(error, match=message):
@@ -102,17 +135,16 @@ def test_chat_validates_messages_before_the_template(llm, messages, error, messa
 
 
 # ----------------------------------------------------------------------------- Engine
-def test_n_samples_that_can_never_fit_together_are_refused(smollm):
-    engine = make_engine(smollm, kv_cache_memory=15 * 737_280, max_model_len=256, max_num_seqs=8)  # 15 blocks
-    with pytest.raises(RequestTooLargeError, match=r"request needs 24 KV-cache blocks \(4 samples of 85 tokens\) "
-                                                   r"but the whole cache has 15; lower max_tokens or n"):
-        engine.add_request([100, 101, 102, 103, 104], SamplingParams(n=4, max_tokens=80))
-    with pytest.raises(RequestTooLargeError, match=r"n is 9 but one batch holds at most max_num_seqs=8"):
-        engine.add_request("Hi", SamplingParams(n=9, max_tokens=2))
-    rid = engine.add_request("Hello there", SamplingParams(n=2, max_tokens=80, ignore_eos=True))
+def test_n_samples_fit_when_one_does_and_are_refused_when_one_cannot(smollm):
+    # 15 blocks, at most 2 sequences at once: 4 samples of 85 tokens (6 blocks each) run in turns
+    engine = make_engine(smollm, kv_cache_memory=15 * 737_280, max_model_len=256, max_num_seqs=2)
+    rid = engine.add_request([100, 101, 102, 103, 104], SamplingParams(n=4, max_tokens=80, ignore_eos=True))
     out = run_to_completion(engine)[rid]
-    assert [len(c.token_ids) for c in out.outputs] == [80, 80]
+    assert [len(c.token_ids) for c in out.outputs] == [80] * 4
     assert engine.stats()["kv_blocks_free"] == 15
+    with pytest.raises(RequestTooLargeError, match=r"request needs 16 KV-cache blocks each of its samples "
+                                                   r"\(250 tokens\) but the whole cache has 15"):
+        engine.add_request([100] * 10, SamplingParams(n=2, max_tokens=240))
 
 
 def test_seeds_differ_in_their_high_bits(smollm):
@@ -146,8 +178,13 @@ def test_engine_takes_a_model_name_or_says_what_it_takes(tiny_folder):
     engine = Engine(tiny_folder)
     rid = engine.add_request([5, 6, 7], GREEDY)
     assert len(run_to_completion(engine)[rid].outputs[0].token_ids) == 4
-    with pytest.raises(ArgumentTypeError, match=r"Engine takes an EngineConfig or a model name \(str\), got int 5"):
+    with pytest.raises(ArgumentTypeError, match=r"Engine takes an EngineConfig or a model name or path, got int 5"):
         Engine(5)
+    with pytest.raises(ArgumentTypeError, match=r"loaded must be a LoadedModel"):
+        Engine(tiny_folder, loaded=5)
+    assert isinstance(Engine(pathlib.Path(tiny_folder)).config.model, str)
+    with pytest.raises(ArgumentTypeError, match=r"request_id must be a string, got int 5"):
+        engine.abort(5)
 
 
 def test_kv_cache_larger_than_free_memory_is_refused(tiny_folder, monkeypatch):

@@ -50,8 +50,16 @@ def test_chat_refuses_an_empty_message_when_parsed(capsys):
 def test_chat_error_exits_non_zero(smollm_path, capsys):
     code = main(["chat", "--model", smollm_path, "--temperature", "0", "--max-tokens", "4",
                  "--kv-cache-memory", "64MiB", "--max-model-len", "64", "--message", "word " * 200])
-    assert code == 1
+    assert code == 2
     assert "the message alone is longer than the model's context" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_empty_prompt_when_parsed(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "fine", ""])
+    assert info.value.code == 2 and "argument prompts: prompt is empty" in capsys.readouterr().err
 
 
 def test_generate_errors_name_the_argument(smollm_path, capsys):

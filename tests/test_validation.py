@@ -12,10 +12,11 @@ import torch
 from fastinfer import (ArgumentTypeError, ConfigError, EngineConfig, InvalidArgumentError,
                        InvalidRequestError, SamplingParams)
 from fastinfer.errors import RequestTypeError
-from fastinfer.sampling.generator import seeded_generator
+from fastinfer.engine.memory import total_memory
+from fastinfer.sampling.generator import _state_layout_known, seeded_generator
 from fastinfer.sampling.params import MAX_LOGPROBS, MAX_N
 from fastinfer.validation import (as_conversations, as_prompt, as_prompts, check_messages,
-                                  parse_bytes, parse_device)
+                                  format_bytes, parse_bytes, parse_device)
 
 
 # ----------------------------------------------------------------------------- SamplingParams
@@ -81,7 +82,8 @@ def test_every_bit_of_a_64_bit_seed_changes_the_samples():
     assert draws(7, stream=0) != draws(7, stream=1)  # the n samples of one request differ
 
 
-def test_seeded_generator_matches_a_fresh_torch_generator_on_layout():
+def test_seeded_generator_writes_the_whole_twister_state():
+    assert _state_layout_known()  # this torch takes the full 624-word state (no 32-bit fallback)
     # a generator built from our state keeps producing valid uniforms in [0, 1)
     values = torch.rand(10_000, generator=seeded_generator(123)).numpy()
     assert 0.0 <= values.min() and values.max() < 1.0 and abs(values.mean() - 0.5) < 0.02
@@ -126,10 +128,22 @@ def test_bad_sizes_list_the_accepted_units(value):
         parse_bytes("kv_cache_memory", value)
 
 
-@pytest.mark.parametrize("value", ["1000GB", "1TiB", 10**15])
+MACHINE = total_memory(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("1000GB", marks=pytest.mark.skipif(MACHINE >= 10**12, reason="a machine with 1000 GB")),
+    pytest.param("1TiB", marks=pytest.mark.skipif(MACHINE >= 2**40, reason="a machine with 1 TiB")),
+    f"{2 * MACHINE}B", 2 * MACHINE, 10**400, "9" * 400 + "GB",
+])
 def test_kv_cache_memory_beyond_the_machine_is_refused_before_loading(value):
     with pytest.raises(ConfigError, match=r"kv_cache_memory is .*, more than all the memory there is on cpu"):
         EngineConfig(model="/no/such/model.gguf", device="cpu", kv_cache_memory=value)
+
+
+def test_format_bytes_is_exact_for_any_size():
+    assert format_bytes(1536) == "1.50 KiB" and format_bytes(3 * 2**30) == "3.00 GiB"
+    assert format_bytes(10**400).endswith(" TiB")
 
 
 def test_kv_cache_memory_is_stored_as_bytes():
@@ -169,6 +183,7 @@ def test_prompt_shapes_that_are_accepted():
     assert as_prompts([np.int64(1), 2]) == [[1, 2]]
     assert as_prompts(["a", [3], (4, 5), np.array([6])]) == ["a", [3], [4, 5], [6]]
     assert as_prompts([]) == []
+    assert as_prompts([np.str_("hi")]) == ["hi"] and type(as_prompts(np.str_("x"))[0]) is str
     assert all(type(t) is int for t in as_prompts(np.array([1, 2]))[0])
 
 
@@ -204,13 +219,12 @@ def test_empty_and_invalid_text_prompts(value, message):
 # ----------------------------------------------------------------------------- chat messages
 @pytest.mark.parametrize("value,error,message", [
     ("hello", RequestTypeError, r"messages must be a list of \{'role': ..., 'content': ...\} dicts, got str"),
-    ([], InvalidRequestError, r"messages is empty"),
     ([{"role": "user"}], InvalidRequestError, r"messages\[0\] has no 'content'"),
     ([{"content": "x"}], InvalidRequestError, r"messages\[0\] has no 'role'"),
     ([{"role": "user", "content": None}], RequestTypeError,
      r"messages\[0\]\['content'\] must be a string, got NoneType None"),
     ([{"role": "robot", "content": "x"}], InvalidRequestError,
-     r"messages\[0\]\['role'\] must be one of \['system', 'user', 'assistant'\], got 'robot'"),
+     r"messages\[0\]\['role'\] must be one of \['system', 'user', 'assistant', 'tool', 'developer'\], got 'robot'"),
     ([{"role": 1, "content": "x"}], RequestTypeError, r"messages\[0\]\['role'\] must be one of"),
     (["hi"], RequestTypeError, r"messages\[0\] must be a dict with 'role' and 'content', got str"),
     ([{"role": "user", "content": "\udfff"}], InvalidRequestError, r"not valid Unicode"),
@@ -223,5 +237,9 @@ def test_bad_chat_messages_are_refused_before_the_template(value, error, message
 def test_conversations_one_or_many():
     one = [{"role": "user", "content": "hi"}]
     assert as_conversations(one) == [one]
+    assert as_conversations([]) == []  # no conversations, as generate([]) has no prompts
+    with pytest.raises(InvalidRequestError, match="messages is empty"):
+        check_messages([])
+    assert check_messages([{"role": "tool", "content": "42"}]) == [{"role": "tool", "content": "42"}]
     assert as_conversations([one, one]) == [one, one]
     assert check_messages([{"role": "assistant", "content": "", "name": "x"}])[0]["name"] == "x"

@@ -66,8 +66,9 @@ GOOD_CONFIG = {
     "block_size": st.integers(1, 64), "max_num_seqs": st.integers(1, 512),
     "max_num_batched_tokens": st.one_of(st.none(), st.integers(1, 8192)),
     "max_model_len": st.one_of(st.none(), st.integers(1, 8192)),
-    "kv_cache_memory": st.one_of(st.none(), st.integers(1, 2**34),
-                                 st.from_regex(r"[0-9]{1,4}(\.[0-9])? ?([KMGT]i?B?|[kmgt]i?b?)?", fullmatch=True)),
+    "kv_cache_memory": st.one_of(st.none(), st.integers(1, 2**34), st.integers(2**60, 10**400),
+                                 st.from_regex(r"[0-9]{1,4}(\.[0-9])? ?([KMGT]i?B?|[kmgt]i?b?)?", fullmatch=True),
+                                 st.from_regex(r"[0-9]{20,400}(GB|TiB)?", fullmatch=True)),
     "gpu_memory_utilization": st.floats(0, 1), "enable_chunked_prefill": st.booleans(),
     "seed": st.integers(-(2**63), 2**63 - 1),
 }
@@ -136,6 +137,18 @@ def tiny_llm(tmp_path_factory, hf_smollm_tokenizer):
 
 
 KNOWN = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+MESSAGE = st.fixed_dictionaries(
+    {"role": mostly(st.sampled_from(["system", "user", "assistant", "tool"])),
+     "content": mostly(st.one_of(st.text(max_size=30), BAD_TEXT))},
+    optional={"name": st.text(max_size=5)})
+MESSAGES = mostly(st.one_of(st.lists(mostly(MESSAGE), max_size=4),
+                            st.lists(st.lists(MESSAGE, min_size=1, max_size=3), min_size=1, max_size=2)))
+
+
+def assert_clean_and_serving(llm: LLM, expected: list[int]) -> None:
+    stats = llm.stats()
+    assert stats["num_requests"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert llm.generate([7, 8, 9], KNOWN, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -151,6 +164,20 @@ def test_generate_accepts_or_refuses_and_the_engine_keeps_serving(tiny_llm, prom
     else:
         event("accepted")
         assert all(o.finished and len(o.outputs) == (sp.n if isinstance(sp, SamplingParams) else 1) for o in outs)
-    stats = tiny_llm.stats()
-    assert stats["num_requests"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
-    assert tiny_llm.generate([7, 8, 9], KNOWN, use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert_clean_and_serving(tiny_llm, expected)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(messages=MESSAGES)
+def test_chat_accepts_or_refuses_and_the_engine_keeps_serving(tiny_llm, messages):
+    expected = tiny_llm.generate([7, 8, 9], KNOWN, use_tqdm=False)[0].outputs[0].token_ids
+    try:
+        outs = tiny_llm.chat(messages, KNOWN, use_tqdm=False)
+    except Exception as exc:  # noqa: BLE001
+        assert_raised_by_fastinfer(exc)
+    else:
+        event("accepted")
+        # 5 tokens, or fewer where the template's prompt nearly fills max_model_len (48)
+        assert all(o.finished and o.outputs[0].finish_reason == "length" and 1 <= len(o.outputs[0].token_ids) <= 5
+                   for o in outs)
+    assert_clean_and_serving(tiny_llm, expected)

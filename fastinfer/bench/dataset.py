@@ -18,6 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fastinfer.errors import InvalidArgumentError
+from fastinfer.validation import check_int, check_str
+
 HUMAN_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model"})
 CONVERSATION_KEYS = {"conversations": ("from", "value"), "messages": ("role", "content")}
@@ -41,14 +44,10 @@ class _LineError(Exception):
 
 
 def _parse_prompt_line(obj: dict) -> DatasetEntry:
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str) or not prompt:
-        raise _LineError(f"'prompt' must be a non-empty string, got {prompt!r:.60}")
     max_tokens = obj.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 1):
-        raise _LineError(f"'max_tokens' must be an integer >= 1 or null, got {max_tokens!r}")
-    return DatasetEntry(prompt, max_tokens)
+    if max_tokens is not None:
+        max_tokens = check_int("'max_tokens'", max_tokens, lo=1)
+    return DatasetEntry(check_str("'prompt'", obj["prompt"]), max_tokens)
 
 
 def _turns(obj: dict, key: str) -> list[tuple[str, str]]:
@@ -75,9 +74,7 @@ def _parse_conversation_line(obj: dict, key: str, tokenizer) -> DatasetEntry:
     first = next((i for i, (role, _) in enumerate(turns) if role in HUMAN_ROLES), None)
     if first is None:
         raise _LineError(f"'{key}' has no human/user turn to use as the prompt")
-    prompt = turns[first][1]
-    if not prompt:
-        raise _LineError(f"'{key}'[{first}] (the prompt) is empty")
+    prompt = check_str(f"'{key}'[{first}] (the prompt)", turns[first][1])
     max_tokens = None
     if tokenizer is not None and first + 1 < len(turns) and turns[first + 1][0] in ASSISTANT_ROLES:
         n = len(tokenizer.encode(turns[first + 1][1], add_special_tokens=False))
@@ -92,11 +89,14 @@ def _parse_line(text: str, tokenizer) -> DatasetEntry:
         raise _LineError(f"not valid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict):
         raise _LineError(f"expected a JSON object, got {type(obj).__name__}")
-    if "prompt" in obj:
-        return _parse_prompt_line(obj)
-    for key in CONVERSATION_KEYS:
-        if key in obj:
-            return _parse_conversation_line(obj, key, tokenizer)
+    try:
+        if "prompt" in obj:
+            return _parse_prompt_line(obj)
+        for key in CONVERSATION_KEYS:
+            if key in obj:
+                return _parse_conversation_line(obj, key, tokenizer)
+    except InvalidArgumentError as e:  # the validation layer's rule and message, placed in the file
+        raise _LineError(str(e)) from None
     raise _LineError(f"expected a 'prompt' string or a 'conversations'/'messages' list, "
                      f"found keys {sorted(obj)}")
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastinfer.errors import InvalidArgumentError
-from fastinfer.validation import check_int, check_str
+from fastinfer.validation import as_prompt, check_int, check_str
 
 
 def _adapt(convert: Callable[[str], Any], check: Callable[[Any], Any], expected: str) -> Callable[[str], Any]:
@@ -32,8 +32,13 @@ def int_arg(lo: int | None = None, hi: int | None = None) -> Callable[[str], int
 
 
 def message_arg(text: str) -> str:
-    """A chat message: non-empty once stripped."""
+    """A chat message: non-empty once stripped, valid Unicode."""
     return _adapt(str.strip, lambda v: check_str("message", v), "a message")(text)
+
+
+def prompt_arg(text: str) -> str:
+    """A prompt: non-empty, valid Unicode (the same rule as the Python API's prompts)."""
+    return _adapt(str, lambda v: as_prompt(v), "a prompt")(text)
 
 
 def output_path_arg(text: str) -> str:
@@ -49,4 +54,4 @@ def output_path_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot create the folder of {text!r}: {exc.strerror}") from exc
     if not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write to the folder of {text!r}")
-    return text
+    return path

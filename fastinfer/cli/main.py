@@ -5,7 +5,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fastinfer.cli.args import message_arg
+from fastinfer.cli.args import message_arg, prompt_arg
 from fastinfer.errors import FastInferError
 
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinfer", description="fastinfer LLM inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete one or more prompts")
-    gen.add_argument("prompts", nargs="+", help="prompt text(s)")
+    gen.add_argument("prompts", nargs="+", type=prompt_arg, help="prompt text(s)")
     gen.add_argument("-n", type=int, default=1, help="completions per prompt")
     gen.add_argument("--template", choices=["auto", "none"], default="auto",
                      help="auto: wrap the prompt in the model's chat template when it has one")
@@ -88,7 +88,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """``fastinfer chat``: a conversation with the model's chat template (stdin or --message).
 
     Interactive (a terminal), an error is printed and the conversation goes on; scripted
-    (``--message`` or piped stdin), the first error ends the command with exit code 1."""
+    (``--message`` or piped stdin), the first error ends the command like any other error
+    (exit code 2)."""
     params = _params(args)
     llm = _make_llm(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -102,31 +103,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
         line = next(lines, None)
         if line is None or line.strip() == "/exit":
             return 0
-        if not line.strip():
+        if not line.strip():  # a blank line at the prompt: ask again
             continue
         history.append({"role": "user", "content": line.strip()})
-        reply = _reply(llm, history, params)
-        if reply is None:
-            history.pop()
-            print("fastinfer: error: the message alone is longer than the model's context", file=sys.stderr)
+        try:
+            reply = _reply(llm, history, params)
+        except (FastInferError, ValueError) as exc:
+            history.pop()  # the message that failed (older turns may have been dropped)
             if not interactive:
-                return 1
+                raise
+            print(f"fastinfer: error: {exc}", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)
 
 
-def _reply(llm, history: list[dict], params) -> str | None:
-    """The assistant's answer; the oldest turns are dropped while the conversation is too long."""
+def _reply(llm, history: list[dict], params) -> str:
+    """The assistant's answer to the last message of ``history``; the oldest turns are
+    dropped (from ``history`` itself) while the conversation is too long."""
     from fastinfer.errors import RequestTooLargeError
 
     first = 1 if history[0]["role"] == "system" else 0
     while True:
         try:
             return llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
-        except RequestTooLargeError:
+        except RequestTooLargeError as exc:
             if len(history) - first <= 1:
-                return None
+                raise RequestTooLargeError(f"the message alone is longer than the model's context: {exc}",
+                                           "message") from exc
             del history[first:first + 2]  # the oldest user turn and its answer
 
 

@@ -11,8 +11,8 @@ import torch
 
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
-from fastinfer.validation import (INT64_MAX, INT64_MIN, check_bool, check_choice, check_float,
-                                  check_int, check_str, parse_bytes, parse_device)
+from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
+                                  check_str, parse_bytes, parse_device)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -74,7 +74,7 @@ class EngineConfig:
                   check_float("gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True))
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             self._set(name, check_bool(name, getattr(self, name)))
-        self._set("seed", check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX))
+        self._set("seed", check_seed("seed", self.seed))
         if self.enable_prefix_caching:
             raise ConfigError("enable_prefix_caching=True is not supported yet (the prefix cache comes with "
                               "the KV-cache management work)", "enable_prefix_caching")

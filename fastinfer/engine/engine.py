@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import random
 import time
 from collections.abc import Callable
@@ -38,11 +39,14 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig | str, loaded: LoadedModel | None = None) -> None:
-        if isinstance(config, str):
+        if isinstance(config, (str, os.PathLike)):
             config = EngineConfig(model=config)
         if not isinstance(config, EngineConfig):
-            raise ArgumentTypeError("Engine takes an EngineConfig or a model name (str), got "
+            raise ArgumentTypeError("Engine takes an EngineConfig or a model name or path, got "
                                     f"{describe(config)}; LLM(model, **options) builds both", "config")
+        if loaded is not None and not isinstance(loaded, LoadedModel):
+            fail("loaded", "a LoadedModel (from fastinfer.model.loader.load_model) or None", loaded,
+                 wrong_type=True)
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
@@ -137,23 +141,20 @@ class Engine:
         return None, prompt
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
-        """Refuses a request that can never run: no room for a new token, more blocks than the
-        whole cache (all ``n`` samples together: they run side by side), or more samples than
-        one batch holds."""
+        """Refuses a request that can never run: no room for a new token, or a sample needing
+        more blocks than the whole cache. Each of the ``n`` samples is scheduled (and preempted)
+        as its own sequence, so the samples of a request fit whenever one does."""
         if len(ids) >= self.max_model_len:
             raise RequestTooLargeError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
                 "which leaves no room for a new token", "prompt")
-        if params.n > self.config.max_num_seqs:
-            raise RequestTooLargeError(f"n is {params.n} but one batch holds at most max_num_seqs="
-                                       f"{self.config.max_num_seqs} sequences", "n")
         total = min(len(ids) + params.max_tokens, self.max_model_len)
-        need = self.block_manager.blocks_for(total) * params.n
+        need = self.block_manager.blocks_for(total)
         if need > self.block_manager.num_total:
-            per = f" ({params.n} samples of {total} tokens)" if params.n > 1 else f" ({total} tokens)"
+            each = "each of its samples " if params.n > 1 else ""
             raise RequestTooLargeError(
-                f"request needs {need} KV-cache blocks{per} but the whole cache has "
-                f"{self.block_manager.num_total}; lower max_tokens or n, or raise kv_cache_memory", "max_tokens")
+                f"request needs {need} KV-cache blocks {each}({total} tokens) but the whole cache has "
+                f"{self.block_manager.num_total}; lower max_tokens or raise kv_cache_memory", "max_tokens")
 
     def _new_sample(self, index: int, ids: list[int], params: SamplingParams) -> Sample:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
@@ -166,17 +167,21 @@ class Engine:
     # ----------------------------------------------------------------- control
     def abort(self, request_id: str) -> bool:
         """Ends a request now; its final output (``finish_reason="abort"``) comes from the next
-        ``step``. Returns False for an unknown or already finished request."""
-        req = self._requests.get(str(request_id))
-        if req is None or req.finished:
+        ``step``. Returns False for an unknown or already finished request (one that finished
+        but whose final output was lost to an exception in ``step`` is queued to report it)."""
+        req = self._requests.get(check_str("request_id", request_id, error=InvalidRequestError))
+        if req is None:
             return False
+        ended_now = not req.finished
         for s in req.samples:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
                 self.scheduler.finish(s.seq)
-        req.metrics.finished_time = time.monotonic()
-        self._aborted.append(req)
-        return True
+        if ended_now:
+            req.metrics.finished_time = time.monotonic()
+        if req not in self._aborted:
+            self._aborted.append(req)
+        return ended_now
 
     def has_unfinished(self) -> bool:
         """True while any request has not yet returned its final output."""
@@ -211,14 +216,21 @@ class Engine:
         return finals
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run the model, sample, update, emit outputs."""
+        """One iteration: schedule, run the model, sample, update, emit outputs.
+
+        If it ends by an exception (Ctrl-C included), the requests it touched are reported by
+        the next ``step``; abort the ones you stop waiting for (``LLM.generate`` does)."""
         touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
         self._aborted = []
-        sched = self.scheduler.schedule()
-        if sched.scheduled:
-            self.num_steps += 1
-            self._run(sched, touched)
-        return self._emit(touched.values())
+        try:
+            sched = self.scheduler.schedule()
+            if sched.scheduled:
+                self.num_steps += 1
+                self._run(sched, touched)
+            return self._emit(touched.values())
+        except BaseException:
+            self._aborted.extend(r for r in touched.values() if not r.reported_final)
+            raise
 
     def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
         pairs = [self._by_seq[s.seq.seq_id] for s in sched.scheduled]
@@ -287,10 +299,10 @@ class Engine:
             if req.reported_final:
                 continue
             if req.finished:
-                req.reported_final = True
                 req.metrics.finished_time = req.metrics.finished_time or now
-                del self._requests[req.request_id]
+                self._requests.pop(req.request_id, None)
                 for s in req.samples:
                     self._by_seq.pop(s.seq.seq_id, None)
+                req.reported_final = True  # last: an interrupt before it leaves the request to re-report
             outputs.append(req.output())
         return outputs

@@ -46,14 +46,23 @@ class LLM:
         show = check_bool("use_tqdm", use_tqdm)
         ids: list[str] = []
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(p, sp))
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                ids.append(self._submit(p, sp, i if len(prompts) > 1 else None))
             with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
                 finals = self.engine.drain(lambda _: bar.update(1))
         except BaseException:
             self._abort_all(ids)
             raise
         return [finals[i] for i in ids]
+
+    def _submit(self, prompt: Prompt, params: SamplingParams, index: int | None) -> str:
+        """``add_request``; a refusal of the ``index``-th of several prompts says which one."""
+        try:
+            return self.engine.add_request(prompt, params)
+        except InvalidRequestError as exc:
+            if index is None:
+                raise
+            raise type(exc)(f"prompts[{index}]: {exc}", exc.argument) from exc
 
     def _abort_all(self, ids: list[str]) -> None:
         """Aborts ``ids`` and steps until their final outputs are out (no model runs: aborted

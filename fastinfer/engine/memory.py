@@ -15,25 +15,41 @@ if TYPE_CHECKING:
 _CPU_DEFAULT_CAP = 4 * 2**30
 
 
+_CGROUP_LIMIT, _CGROUP_USAGE = "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"
+
+
 def total_memory(device: torch.device) -> int:
-    """Bytes of memory the device has in all (a CPU: physical RAM; a GPU: its memory)."""
+    """Bytes of memory the device has in all (a CPU: physical RAM, or the container's cgroup
+    limit when lower; a GPU: its memory)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(physical, _read_int(_CGROUP_LIMIT) or physical)
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes that can be allocated now (a CPU: ``MemAvailable``; a GPU: free memory)."""
+    """Bytes that can be allocated now (a CPU: ``MemAvailable``, or what the cgroup limit
+    leaves when less; a GPU: free memory)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit, used = _read_int(_CGROUP_LIMIT), _read_int(_CGROUP_USAGE)
+    return min(available, limit - used) if limit and used is not None else available
+
+
+def _read_int(path: str) -> int | None:
+    """The integer in a one-line file (None when absent or ``max``)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def check_within(nbytes: int, limit: int, device: torch.device, what: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fastinfer.errors import ModelLoadError
+from fastinfer.errors import InvalidArgumentError, ModelLoadError
+from fastinfer.validation import check_float, check_int
 
 # Hugging Face architectures served by the Llama family code (Qwen2 adds the QKV bias).
 SUPPORTED_ARCHITECTURES = {
@@ -36,6 +37,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        try:
+            for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                         "num_kv_heads", "head_dim", "max_position_embeddings"):
+                check_int(name, getattr(self, name), lo=1)
+            check_float("rms_norm_eps", self.rms_norm_eps, lo=0, lo_open=True)
+            check_float("rope_theta", self.rope_theta, lo=0, lo_open=True)
+        except InvalidArgumentError as exc:
+            raise ModelLoadError(f"invalid model config: {exc}") from exc
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")

@@ -42,8 +42,8 @@ def open_gguf(path: str):
     except ModelLoadError:
         raise
     except Exception as exc:  # the reader raises many types on damaged input
-        raise ModelLoadError(f"cannot read GGUF file {path} (truncated or corrupt header/metadata?): "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot read GGUF file {path} ({os.path.getsize(path)} bytes): its header or "
+                             f"metadata is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
 
 
 def _checked_reader(path: str):

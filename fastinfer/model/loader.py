@@ -40,7 +40,11 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedMo
         net.load_weights(weights)
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
-    return LoadedModel(cfg, net.to(device).eval(), tok, path)
+    try:
+        net = net.to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: cannot place the weights on {device}: {exc}") from exc
+    return LoadedModel(cfg, net.eval(), tok, path)
 
 
 def _read_gguf(path: str):
@@ -72,8 +76,8 @@ def _read_hf_folder(path: str):
     try:
         with open(cfg_path) as f:
             cfg = ModelConfig.from_hf(json.load(f))
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ModelLoadError(f"{cfg_path} is not a valid model config: {exc}") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise ModelLoadError(f"{cfg_path} is not a valid model config: {type(exc).__name__}: {exc}") from exc
     return cfg, _read_safetensors(path), _tokenizer(Tokenizer.from_folder, path, path)
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastinfer.validation import (INT64_MAX, INT64_MIN, check_bool, check_float, check_int,
-                                  check_int_list, check_str_list)
+from fastinfer.validation import (check_bool, check_float, check_int, check_int_list, check_seed,
+                                  check_str_list)
 
 # Below this temperature sampling is numerically greedy (logits / T overflow): treat as greedy.
 GREEDY_EPS = 1e-5
@@ -21,8 +21,8 @@ class SamplingParams:
     ``temperature=0`` means greedy. ``top_k=0`` (or -1) disables top-k. ``stop`` strings are
     matched across token boundaries and cut from the returned text. ``logprobs=k`` returns,
     per generated token, the log-probabilities of the sampled token and of the ``k`` most
-    likely tokens (from the model's raw distribution). ``seed`` (any 64-bit int, all of whose
-    bits count) makes sampling reproducible whatever else runs in the batch.
+    likely tokens (from the model's raw distribution). ``seed`` (any signed 64-bit int, all
+    of whose bits count) makes sampling reproducible whatever else runs in the batch.
 
     Every field checks its type and range: a bad value raises ``InvalidArgumentError`` (a
     ``ValueError``) naming the field, a wrong type ``ArgumentTypeError`` (also a
@@ -59,7 +59,7 @@ class SamplingParams:
         self.stop_token_ids = check_int_list("stop_token_ids", self.stop_token_ids, lo=0)
         self.ignore_eos = check_bool("ignore_eos", self.ignore_eos)
         if self.seed is not None:
-            self.seed = check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX)
+            self.seed = check_seed("seed", self.seed)
         if self.logprobs is not None:
             self.logprobs = check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.top_k == -1:
