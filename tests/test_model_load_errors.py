@@ -65,3 +65,19 @@ def test_folder_with_corrupt_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="not a valid model config"):
         load_model(str(tmp_path), torch.float32, CPU)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_hidden_layers": "2"}, "invalid model config: num_layers must be an int >= 1, got str '2'"),
+    ({"vocab_size": -1}, "vocab_size must be an int >= 1, got -1"),
+    ({"max_position_embeddings": None}, "max_position_embeddings must be an int >= 1, got NoneType None"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a number > 0, got 0"),
+    ({"num_attention_heads": 0}, "ZeroDivisionError"),
+])
+def test_bad_values_in_config_json_are_a_model_load_error(tmp_path, change, message):
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, **change}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_model(str(tmp_path), torch.float32, CPU)
+    assert info.value.__cause__ is not None
