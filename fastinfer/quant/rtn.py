@@ -1,0 +1,97 @@
+"""Round-to-nearest quantization of a weight matrix ``[N, K]`` (N output channels, K inputs):
+the reference math of the int8, int4 and fp8 schemes (issue 11).
+
+Codes are returned unpacked (one code per element, in an integer or fp8 tensor); how kernels
+pack them (two int4 codes a byte, GGUF-style blocks) is the layout's concern, not this one's.
+
+- int8: symmetric per output channel, ``w ≈ scale[n] * code``, code in [-127, 127].
+- int4: per group of ``group_size`` inputs, with a scale and an offset (as GGUF's Q4_1),
+  ``w ≈ scale[n, g] * code + offset[n, g]``, code in [0, 15].
+- fp8: e4m3 per output channel, ``w ≈ scale[n] * float(code)``, the channel's largest
+  magnitude mapped to 448 (e4m3's largest finite value).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastinfer.errors import InvalidArgumentError
+from fastinfer.validation import fail
+
+GROUP_SIZES = (32, 64, 128)
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedWeight:
+    """Codes and the float32 parameters that map them back: ``scales``/``offsets`` are
+    ``[N]`` (per channel) or ``[N, K // group_size]`` (per group); ``offsets`` is None for
+    symmetric schemes."""
+
+    scheme: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    group_size: int | None
+
+
+def resolve_group_size(group_size: int | str, in_features: int) -> int:
+    """32, 64 or 128 (which must divide ``in_features``), or ``"auto"``: the largest of those
+    that divides it."""
+    valid = group_size == "auto" or (type(group_size) is int and group_size in GROUP_SIZES)
+    if not valid:
+        fail("quant_group_size", f"one of {list(GROUP_SIZES)} or 'auto'", group_size)
+    if group_size == "auto":
+        size = next((g for g in reversed(GROUP_SIZES) if in_features % g == 0), None)
+        if size is None:
+            raise InvalidArgumentError(f"quant_group_size='auto' needs an input dimension divisible by one of "
+                                       f"{list(GROUP_SIZES)}, got {in_features}", "quant_group_size")
+        return size
+    if in_features % group_size:
+        raise InvalidArgumentError(f"quant_group_size {group_size} does not divide the input dimension "
+                                   f"{in_features}; use one that does, or 'auto'", "quant_group_size")
+    return group_size
+
+
+def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8 per output channel (a zero channel gets scale 1 and codes 0)."""
+    w = w.float()
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", codes, scales, None, None)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int | str = 32) -> QuantizedWeight:
+    """Group-wise int4 with a scale and an offset per group of ``group_size`` inputs."""
+    n, k = w.shape
+    g = resolve_group_size(group_size, k)
+    groups = w.float().reshape(n, k // g, g)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    scales = (hi - lo) / 15.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # a constant group: codes 0
+    codes = torch.round((groups - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
+    return QuantizedWeight("int4", codes.reshape(n, k), safe, lo, g)
+
+
+def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:
+    """e4m3 per output channel, each channel's largest magnitude mapped to 448."""
+    w = w.float()
+    scales = w.abs().amax(dim=1) / FP8_MAX
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = (w / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return QuantizedWeight("fp8", codes, scales, None, None)
+
+
+def dequantize(q: QuantizedWeight) -> torch.Tensor:
+    """The float32 matrix ``[N, K]`` that ``q`` stands for."""
+    codes = q.codes.float()
+    if q.group_size is None:
+        return codes * q.scales[:, None]
+    n, k = codes.shape
+    groups = codes.reshape(n, k // q.group_size, q.group_size)
+    return (groups * q.scales[..., None] + q.offsets[..., None]).reshape(n, k)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
