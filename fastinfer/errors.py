@@ -41,8 +41,8 @@ class RequestTypeError(InvalidRequestError, ArgumentTypeError):
 
 
 class RequestTooLargeError(InvalidRequestError):
-    """A request can never fit: longer than ``max_model_len``, more blocks than the whole KV
-    cache, or more parallel samples than one batch holds."""
+    """A request can never fit: longer than ``max_model_len``, or a sample needing more blocks
+    than the whole KV cache."""
 
 
 class ModelLoadError(FastInferError):

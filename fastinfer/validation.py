@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from decimal import Decimal
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import numpy as np
@@ -112,12 +112,13 @@ def check_seed(argument: str, value: Any) -> int:
     return check_int(argument, value, lo=INT64_MIN, hi=INT64_MAX)
 
 
-def check_choice(argument: str, value: Any, choices: Sequence[str | None]) -> str | None:
-    """One of ``choices`` (strings, and None where None is allowed)."""
-    if value is not None and not isinstance(value, str):
-        fail(argument, f"one of {list(choices)}", value, wrong_type=True)
+def check_choice(argument: str, value: Any, choices: Sequence[str | None],
+                 error: type[InvalidArgumentError] = InvalidArgumentError) -> str | None:
+    """One of ``choices`` (strings, and None where None is one of them)."""
+    if not isinstance(value, str) and not (value is None and None in choices):
+        fail(argument, f"one of {list(choices)}", value, error, wrong_type=True)
     if value not in choices:
-        fail(argument, f"one of {list(choices)}", value)
+        fail(argument, f"one of {list(choices)}", value, error)
     return value
 
 
@@ -214,12 +215,12 @@ def _check_cuda(argument: str, text: str, device) -> None:
 
     if not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
-        raise ConfigError(f"{argument} is {text!r} but CUDA is not available ({why}); "
-                                   "use 'cpu' or 'auto'", argument)
+        raise ConfigError(f"{argument} is {text!r} but CUDA is not available ({why}); use 'cpu' or 'auto'",
+                          argument)
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
         raise ConfigError(f"{argument} is {text!r} but there are {count} GPU(s): "
-                                   f"expected cuda:0 to cuda:{count - 1}", argument)
+                          f"expected cuda:0 to cuda:{count - 1}", argument)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -290,11 +291,7 @@ def _check_message(argument: str, message: Any) -> Message:
         if key not in message:
             raise InvalidRequestError(f"{argument} has no {key!r}: expected a dict with 'role' and 'content'",
                                       argument)
-    role = message["role"]
-    if not isinstance(role, str):
-        fail(f"{argument}['role']", f"one of {list(CHAT_ROLES)}", role, InvalidRequestError, wrong_type=True)
-    if role not in CHAT_ROLES:
-        fail(f"{argument}['role']", f"one of {list(CHAT_ROLES)}", role, InvalidRequestError)
+    check_choice(f"{argument}['role']", message["role"], CHAT_ROLES, InvalidRequestError)
     check_str(f"{argument}['content']", message["content"], allow_empty=True, error=InvalidRequestError)
     return dict(message)
 

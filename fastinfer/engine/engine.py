@@ -38,7 +38,7 @@ class Engine:
     ``finished=True``, exactly once); ``abort`` ends a request with ``finish_reason="abort"``.
     """
 
-    def __init__(self, config: EngineConfig | str, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig | str | os.PathLike, loaded: LoadedModel | None = None) -> None:
         if isinstance(config, (str, os.PathLike)):
             config = EngineConfig(model=config)
         if not isinstance(config, EngineConfig):

@@ -13,8 +13,6 @@ if TYPE_CHECKING:
     from fastinfer.engine.config import EngineConfig
 
 _CPU_DEFAULT_CAP = 4 * 2**30
-
-
 _CGROUP_LIMIT, _CGROUP_USAGE = "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"
 
 
