@@ -10,4 +10,4 @@ from fastinfer.model.registry import resolve_model_path
 
 @pytest.fixture(scope="session")
 def smollm():
-    return load_model(resolve_model_path("smollm2-135m"), torch.float32, torch.device("cpu"))
+    return load_model(resolve_model_path("smollm2-135m"), torch.float32, torch.device("cpu"), "none")

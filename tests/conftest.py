@@ -25,8 +25,8 @@ def smollm_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path):
-    """fastinfer's float32 load of the default model (shared, read-only)."""
-    return load_model(smollm_path, torch.float32, CPU)
+    """fastinfer's float32 load of the default model, dequantized (the exact path; shared, read-only)."""
+    return load_model(smollm_path, torch.float32, CPU, "none")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def hf_smollm_tokenizer(smollm_path):
 
 def make_engine(loaded, **kwargs) -> Engine:
     """An engine over an already loaded model (no reload), in the model's dtype, on the CPU."""
-    kwargs.setdefault("dtype", str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch."))
+    kwargs.setdefault("dtype", str(loaded.model.embed_tokens.dtype).removeprefix("torch."))
     kwargs.setdefault("device", "cpu")
     return Engine(EngineConfig(model=loaded.path, **kwargs), loaded)
 

@@ -209,7 +209,7 @@ def written(request, tmp_path_factory, hf_state, tok_meta):
 
 @pytest.fixture(scope="module")
 def ours(written):
-    return load_model(written[1], torch.float32, CPU)
+    return load_model(written[1], torch.float32, CPU, "none")
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,27 @@
 
 namespace fastinfer_cpu {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Vnni adds AVX512-BW and VNNI (int8 dot products) to kAvx512; code that has no VNNI
+// variant treats it as kAvx512 (compare with >=).
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
 
 inline Isa detect_isa() {
 #if FI_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("fma"))
-    return Isa::kAvx512;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("fma");
+  if (avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+    return Isa::kAvx512Vnni;
+  if (avx512) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
 }
 
-// Test hook: 0 = scalar, 1 = AVX2, 2 = AVX-512; capped by what the CPU supports. One variable
-// for the whole extension (C++17 inline variable), so the cap applies to every kernel.
-inline int g_isa_cap = 2;
+// Test hook: 0 = scalar, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI; capped by what the CPU
+// supports. One variable for the whole extension (C++17 inline variable), so the cap applies to
+// every kernel.
+inline int g_isa_cap = 3;
 
 inline Isa current_isa() {
   static const Isa best = detect_isa();

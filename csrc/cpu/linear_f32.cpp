@@ -1,349 +1,53 @@
 // Batch-invariant float32 linear for the CPU: y = x @ w.T + bias.
 //
-// Reduction order (the contract every code path below follows bit for bit):
-//   for each output y[m, n], 16 partial sums p[0..15] start at +0.0f;
-//   for k0 = 0, 16, 32, ... < K:  p[l] = fma(x[m, k0 + l], w[n, k0 + l], p[l])  for l in 0..15,
-//       where lanes with k0 + l >= K read x = w = 0 (the same zero-filled FMA on every path);
-//   then a fixed tree: s8[l] = p[l] + p[l + 8]   (l < 8)
-//                      s4[l] = s8[l] + s8[l + 4] (l < 4)
-//                      s2[l] = s4[l] + s4[l + 2] (l < 2)
-//                      r     = s2[0] + s2[1]
-//   y[m, n] = r (+ bias[n], one float add).
-// The order depends only on K: never on M, on the row's position, on the tile an output
-// lands in, on the thread count or on the instruction set picked at run time (AVX-512,
-// AVX2+FMA and scalar paths give bit-identical results). Tails (rows beyond M, columns
-// beyond N inside a micro-tile) are computed on a clamped (duplicated) row/column and not
-// stored, so every stored element goes through the same instruction sequence.
-//
-// Work is split over (row block, column block) tasks with at::parallel_for; every output
-// element is written by exactly one task.
-#include <ATen/Parallel.h>
+// The tiles, the reduction order (the batch-invariance contract) and the work split live in
+// gemm.h; this file gives them float32 weight rows and binds the op.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#include "isa.h"
-
+#include "gemm.h"
 
 namespace fastinfer_cpu {
 namespace {
 
-struct Problem {
-  const float* x;
-  int64_t ldx;
+// Weight loader for float32 rows W[N, K] (row stride ldw): one group spanning K, so the
+// tiles see exactly the float32 values and handle a K tail with masked loads.
+struct F32Rows {
   const float* w;
   int64_t ldw;
-  const float* bias;  // may be null
-  float* y;  // element (m, n) lives at y[(m - y_m0) * ldy + (n - y_n0)]
-  int64_t ldy;
-  int64_t y_m0, y_n0;
-  int64_t M, N, K;
-};
-
-// Writes a tile's results. out[r * C + c] holds the reduced dot product of row m0 + r and
-// column n0 + c; only rows < M and columns < N are stored.
-template <int R, int C>
-inline void store_tile(const Problem& p, int64_t m0, int64_t n0, const float* out) {
-  const int64_t nr = std::min<int64_t>(R, p.M - m0);
-  const int64_t nc = std::min<int64_t>(C, p.N - n0);
-  for (int64_t r = 0; r < nr; ++r) {
-    float* yr = p.y + (m0 + r - p.y_m0) * p.ldy + (n0 - p.y_n0);
-    const float* o = out + r * C;
-    if (p.bias != nullptr) {
-      const float* b = p.bias + n0;
-      for (int64_t c = 0; c < nc; ++c) yr[c] = o[c] + b[c];
-    } else {
-      for (int64_t c = 0; c < nc; ++c) yr[c] = o[c];
-    }
-  }
-}
-
-// ---------------------------------------------------------------- scalar reference path
-// Portable; emulates the 16 lanes with std::fma (exact single rounding everywhere).
-inline float dot_scalar(const float* x, const float* w, int64_t K) {
-  float acc[16];
-  for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
-  for (int64_t k0 = 0; k0 < K; k0 += 16) {
-    for (int l = 0; l < 16; ++l) {
-      const int64_t k = k0 + l;
-      const float xv = k < K ? x[k] : 0.0f;
-      const float wv = k < K ? w[k] : 0.0f;
-      acc[l] = std::fma(xv, wv, acc[l]);
-    }
-  }
-  float s8[8], s4[4], s2[2];
-  for (int l = 0; l < 8; ++l) s8[l] = acc[l] + acc[l + 8];
-  for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
-  for (int l = 0; l < 2; ++l) s2[l] = s4[l] + s4[l + 2];
-  return s2[0] + s2[1];
-}
-
-void block_scalar(const Problem& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
-                  int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const float* wn = p.w + n * p.ldw;
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      float out = dot_scalar(p.x + m * p.ldx, wn, p.K);
-      store_tile<1, 1>(p, m, n, &out);
-    }
-  }
-}
-
-#if FI_X86
-// ---------------------------------------------------------------- AVX2 + FMA path
-// One output = two 8-lane accumulators (lanes 0..7 and 8..15 of the contract).
-#define FI_TARGET_AVX2 __attribute__((target("avx2,fma")))
-
-FI_TARGET_AVX2 inline float reduce16_avx2(__m256 lo, __m256 hi) {
-  const __m256 s8 = _mm256_add_ps(lo, hi);                      // l, l + 8
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8),      // l, l + 4
-                               _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));      // l, l + 2
-  const __m128 r = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x55));  // 0, 1
-  return _mm_cvtss_f32(r);
-}
-
-FI_TARGET_AVX2 inline __m256i tail_mask_avx2(int64_t rem) {  // rem in 1..8 lanes valid
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), idx);
-}
-
-// R rows x C columns, R * C <= 4 outputs (8 ymm accumulators).
-template <int R, int C>
-FI_TARGET_AVX2 void tile_avx2(const Problem& p, int64_t m0, int64_t n0) {
-  const float* xr[R];
-  const float* wc[C];
-  for (int r = 0; r < R; ++r) xr[r] = p.x + std::min<int64_t>(m0 + r, p.M - 1) * p.ldx;
-  for (int c = 0; c < C; ++c) wc[c] = p.w + std::min<int64_t>(n0 + c, p.N - 1) * p.ldw;
-  __m256 lo[R * C], hi[R * C];
-  for (int i = 0; i < R * C; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
-  const int64_t K = p.K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m256 xl[R], xh[R];
-    for (int r = 0; r < R; ++r) {
-      xl[r] = _mm256_loadu_ps(xr[r] + k);
-      xh[r] = _mm256_loadu_ps(xr[r] + k + 8);
-    }
-    for (int c = 0; c < C; ++c) {
-      const __m256 wl = _mm256_loadu_ps(wc[c] + k);
-      const __m256 wh = _mm256_loadu_ps(wc[c] + k + 8);
-      for (int r = 0; r < R; ++r) {
-        lo[r * C + c] = _mm256_fmadd_ps(xl[r], wl, lo[r * C + c]);
-        hi[r * C + c] = _mm256_fmadd_ps(xh[r], wh, hi[r * C + c]);
-      }
-    }
-  }
-  if (k < K) {
-    const int64_t rem = K - k;  // 1..15
-    const __m256i ml = tail_mask_avx2(std::min<int64_t>(rem, 8));
-    const bool has_hi = rem > 8;
-    const __m256i mh = tail_mask_avx2(has_hi ? rem - 8 : 1);
-    __m256 xl[R], xh[R];
-    for (int r = 0; r < R; ++r) {
-      xl[r] = _mm256_maskload_ps(xr[r] + k, ml);
-      xh[r] = has_hi ? _mm256_maskload_ps(xr[r] + k + 8, mh) : _mm256_setzero_ps();
-    }
-    for (int c = 0; c < C; ++c) {
-      const __m256 wl = _mm256_maskload_ps(wc[c] + k, ml);
-      const __m256 wh = has_hi ? _mm256_maskload_ps(wc[c] + k + 8, mh) : _mm256_setzero_ps();
-      for (int r = 0; r < R; ++r) {
-        lo[r * C + c] = _mm256_fmadd_ps(xl[r], wl, lo[r * C + c]);
-        hi[r * C + c] = _mm256_fmadd_ps(xh[r], wh, hi[r * C + c]);
-      }
-    }
-  }
-  float out[R * C];
-  for (int i = 0; i < R * C; ++i) out[i] = reduce16_avx2(lo[i], hi[i]);
-  store_tile<R, C>(p, m0, n0, out);
-}
-
-template <int R, int C>
-FI_TARGET_AVX2 void block_avx2_t(const Problem& p, int64_t m_begin, int64_t m_end,
-                                 int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; n += C)
-    for (int64_t m = m_begin; m < m_end; m += R) tile_avx2<R, C>(p, m, n);
-}
-
-void block_avx2(const Problem& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
-                int64_t n_end) {
-  if (m_end - m_begin == 1) {
-    block_avx2_t<1, 4>(p, m_begin, m_end, n_begin, n_end);
-  } else {
-    block_avx2_t<2, 2>(p, m_begin, m_end, n_begin, n_end);
-  }
-}
-
-// ---------------------------------------------------------------- AVX-512 path
-#define FI_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
-
-// Reduces 16 accumulators a[0..15] with the contract's tree; lane 4q + j of the result
-// holds the reduction of a[q + 4j].
-FI_TARGET_AVX512 inline __m512 reduce16x16_avx512(const __m512* a) {
-  __m512 c[8];
-  for (int j = 0; j < 8; ++j) {  // l, l + 8
-    const __m512 u = a[2 * j], v = a[2 * j + 1];
-    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
-  }
-  __m512 d[4];
-  for (int j = 0; j < 4; ++j) {  // l, l + 4
-    const __m512 u = c[2 * j], v = c[2 * j + 1];
-    d[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
-  }
-  __m512 e[2];
-  for (int j = 0; j < 2; ++j) {  // l, l + 2
-    const __m512 u = d[2 * j], v = d[2 * j + 1];
-    e[j] = _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xEE));
-  }
-  // 0, 1
-  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
-}
-
-// Accumulator index holding output lane L = r * C + c (see reduce16x16_avx512).
-constexpr int acc_index(int L) { return L / 4 + 4 * (L % 4); }
-
-// R rows x C columns with R * C == 16: 16 zmm accumulators, R + C loads per 16 FMAs.
-// PF: also prefetch the next column strip's W rows (first row tile of a strip only).
-template <int R, int C, bool PF>
-FI_TARGET_AVX512 void tile_avx512(const Problem& p, int64_t m0, int64_t n0) {
-  static_assert(R * C == 16, "tile must hold 16 outputs");
-  const float* xr[R];
-  const float* wc[C];
-  const float* wn[C];
-  for (int r = 0; r < R; ++r) xr[r] = p.x + std::min<int64_t>(m0 + r, p.M - 1) * p.ldx;
-  for (int c = 0; c < C; ++c) wc[c] = p.w + std::min<int64_t>(n0 + c, p.N - 1) * p.ldw;
-  for (int c = 0; c < C; ++c) wn[c] = p.w + std::min<int64_t>(n0 + C + c, p.N - 1) * p.ldw;
-  __m512 acc[16];
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t K = p.K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    if (PF) {
-      for (int c = 0; c < C; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(wn[c] + k), _MM_HINT_T0);
-    }
-    __m512 xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(xr[r] + k);
-    for (int c = 0; c < C; ++c) {
-      const __m512 wv = _mm512_loadu_ps(wc[c] + k);
-      for (int r = 0; r < R; ++r) {
-        const int i = acc_index(r * C + c);
-        acc[i] = _mm512_fmadd_ps(xv[r], wv, acc[i]);
-      }
-    }
-  }
-  if (k < K) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, xr[r] + k);
-    for (int c = 0; c < C; ++c) {
-      const __m512 wv = _mm512_maskz_loadu_ps(m, wc[c] + k);
-      for (int r = 0; r < R; ++r) {
-        const int i = acc_index(r * C + c);
-        acc[i] = _mm512_fmadd_ps(xv[r], wv, acc[i]);
-      }
-    }
-  }
-  alignas(64) float out[16];
-  _mm512_store_ps(out, reduce16x16_avx512(acc));
-  store_tile<R, C>(p, m0, n0, out);
-}
-
-template <int R, int C>
-FI_TARGET_AVX512 void block_avx512_t(const Problem& p, int64_t m_begin, int64_t m_end,
-                                     int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; n += C) {
-    tile_avx512<R, C, true>(p, m_begin, n);
-    for (int64_t m = m_begin + R; m < m_end; m += R) tile_avx512<R, C, false>(p, m, n);
-  }
-}
-
-void block_avx512(const Problem& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
-                  int64_t n_end) {
-  const int64_t rows = m_end - m_begin;
-  if (rows == 1) {
-    block_avx512_t<1, 16>(p, m_begin, m_end, n_begin, n_end);
-  } else if (rows == 2) {
-    block_avx512_t<2, 8>(p, m_begin, m_end, n_begin, n_end);
-  } else {
-    block_avx512_t<4, 4>(p, m_begin, m_end, n_begin, n_end);
-  }
-}
-#endif  // FI_X86
-
-using BlockFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t);
-
-// Column multiple a block must respect so blocks never split a micro-tile needlessly.
-constexpr int64_t kColAlign = 16;
-constexpr int64_t kMaxColBlock = 64;
-constexpr int64_t kMaxRowBlock = 256;
-
-void run_linear(const Problem& p) {
-  if (p.M == 0 || p.N == 0) return;
-  BlockFn fn = block_scalar;
-  const Isa isa = current_isa();
-#if FI_X86
-  if (isa == Isa::kAvx512) fn = block_avx512;
-  else if (isa == Isa::kAvx2) fn = block_avx2;
-#endif
-  (void)isa;
-
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Row blocks: small batches keep every row in one block so W streams once per call.
-  // Large batches: a block of X (rows x K floats) that stays in L2 while W strips pass.
-  int64_t mb = p.M;
-  if (p.M > 64) {
-    // Equal row blocks of at most ~256 KiB of X each (multiples of 4 rows).
-    const int64_t budget = (256 * 1024) / (4 * std::max<int64_t>(p.K, 1));
-    const int64_t mb_max = std::clamp<int64_t>(budget / 4 * 4, 16, kMaxRowBlock);
-    const int64_t blocks = (p.M + mb_max - 1) / mb_max;
-    mb = std::min<int64_t>(((p.M + blocks - 1) / blocks + 3) / 4 * 4, kMaxRowBlock);
-  }
-  const int64_t m_blocks = (p.M + mb - 1) / mb;
-  // Column blocks of 64 columns, halved (down to 16) until every thread has a few tasks.
-  int64_t nb = kMaxColBlock;
-  while (nb > kColAlign && m_blocks * ((p.N + nb - 1) / nb) < threads * 8) nb /= 2;
-  const int64_t n_blocks = (p.N + nb - 1) / nb;
-  const int64_t tasks = m_blocks * n_blocks;
-
-  // With a long output row stride, the rows of a tile map to the same cache sets (e.g.
-  // 49152 floats = 48 * 4 KiB): stage a task's outputs in a small contiguous buffer.
-  const bool stage = mb > 4 && p.N * 4 >= 4096;
-  auto body = [&](int64_t begin, int64_t end) {
-    alignas(64) float buf[kMaxRowBlock * kMaxColBlock];
-    for (int64_t t = begin; t < end; ++t) {
-      // Consecutive tasks walk the rows of one column block: W block reused from cache.
-      const int64_t nbi = t / m_blocks, mbi = t % m_blocks;
-      const int64_t m0 = mbi * mb, m1 = std::min(p.M, m0 + mb);
-      const int64_t n0 = nbi * nb, n1 = std::min(p.N, n0 + nb);
-      if (!stage) {
-        fn(p, m0, m1, n0, n1);
-        continue;
-      }
-      Problem q = p;
-      q.y = buf;
-      q.ldy = n1 - n0;
-      q.y_m0 = m0;
-      q.y_n0 = n0;
-      fn(q, m0, m1, n0, n1);
-      for (int64_t m = m0; m < m1; ++m)
-        std::memcpy(p.y + m * p.ldy + n0, buf + (m - m0) * q.ldy, sizeof(float) * (n1 - n0));
-    }
+  struct Col {
+    const float* p;
   };
-  // Below ~256K multiply-adds a fork/join costs more than it saves.
-  const int64_t macs = p.M * p.N * std::max<int64_t>(p.K, 1);
-  if (tasks == 1 || threads == 1 || macs < 256 * 1024) {
-    body(0, tasks);
-  } else {
-    at::parallel_for(0, tasks, 1, body);
+  int64_t group_size() const { return 0; }  // one group: all of K
+  Col col(int64_t n) const { return {w + n * ldw}; }
+  void begin_group(Col&, int64_t) const {}
+  float scalar(const Col& c, int64_t k) const { return c.p[k]; }
+#if FI_X86
+  FI_TARGET_AVX2 void avx2(const Col& c, int64_t k, __m256& lo, __m256& hi) const {
+    lo = _mm256_loadu_ps(c.p + k);
+    hi = _mm256_loadu_ps(c.p + k + 8);
   }
-}
+  FI_TARGET_AVX2 void avx2_tail(const Col& c, int64_t k, __m256i ml, bool has_hi, __m256i mh,
+                                __m256& lo, __m256& hi) const {
+    lo = _mm256_maskload_ps(c.p + k, ml);
+    hi = has_hi ? _mm256_maskload_ps(c.p + k + 8, mh) : _mm256_setzero_ps();
+  }
+  FI_TARGET_AVX512 __m512 avx512(const Col& c, int64_t k) const {
+    return _mm512_loadu_ps(c.p + k);
+  }
+  FI_TARGET_AVX512 __m512 avx512_tail(const Col& c, int64_t k, __mmask16 m) const {
+    return _mm512_maskz_loadu_ps(m, c.p + k);
+  }
+  FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
+    _mm_prefetch(reinterpret_cast<const char*>(c.p + k), _MM_HINT_T0);
+  }
+#endif
+};
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias) {
@@ -382,11 +86,10 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
   }
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
-  Problem p;
+  gemm::Problem<F32Rows> p;
   p.x = x.data_ptr<float>();
   p.ldx = M > 1 ? x.stride(0) : K;
-  p.w = w.data_ptr<float>();
-  p.ldw = N > 1 ? w.stride(0) : K;
+  p.w = F32Rows{w.data_ptr<float>(), N > 1 ? w.stride(0) : K};
   p.bias = bias_ptr;
   p.y = y.data_ptr<float>();
   p.ldy = N;
@@ -395,22 +98,24 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
   p.M = M;
   p.N = N;
   p.K = K;
-  run_linear(p);
+  gemm::run(p);
   return y;
 }
 
-// Names the code path in use ("avx512", "avx2", "scalar").
+// Names the code path in use ("avx512_vnni", "avx512", "avx2", "scalar").
 std::string isa_name() {
   switch (current_isa()) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
 }
 
-// Caps the code path (2 = AVX-512, 1 = AVX2, 0 = scalar) for tests; returns the path in use.
+// Caps the code path (3 = AVX-512 VNNI, 2 = AVX-512, 1 = AVX2, 0 = scalar) for tests; returns
+// the path in use.
 std::string set_isa_cap(int64_t cap) {
-  TORCH_CHECK(cap >= 0 && cap <= 2, "set_isa_cap: cap must be 0, 1 or 2, got ", cap);
+  TORCH_CHECK(cap >= 0 && cap <= 3, "set_isa_cap: cap must be 0, 1, 2 or 3, got ", cap);
   g_isa_cap = static_cast<int>(cap);
   return isa_name();
 }

@@ -225,7 +225,7 @@ struct Kernels {
 
 Kernels pick_kernels() {
 #if FI_X86
-  if (current_isa() == Isa::kAvx512) return {tile_avx512, bf16_to_f32_avx512};
+  if (current_isa() >= Isa::kAvx512) return {tile_avx512, bf16_to_f32_avx512};
 #endif
   return {tile_scalar, bf16_to_f32_scalar};
 }

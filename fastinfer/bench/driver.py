@@ -12,7 +12,7 @@ from fastinfer.bench.schema import build_result, collect_env
 from fastinfer.bench.systems import (FastinferSystem, SystemRun, TorchNaiveSystem,
                                      TransformersBatchedSystem, TransformersSystem)
 from fastinfer.bench.workload import Workload, dataset_workload, mixed_workload, prefix_workload
-from fastinfer.engine.config import EngineConfig
+from fastinfer.engine.config import QUANT_FIELDS, EngineConfig
 from fastinfer.engine.engine import Engine
 
 
@@ -68,7 +68,8 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
     """Runs the benchmark of ``args``, prints the table, writes --json/--markdown/--plot."""
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                           kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                          seed=args.seed, enable_prefix_caching=getattr(args, "enable_prefix_caching", False))
+                          seed=args.seed, enable_prefix_caching=getattr(args, "enable_prefix_caching", False),
+                          **{f: getattr(args, f) for f in QUANT_FIELDS})
     engine = Engine(config)
     workload = build_workload(args, engine.tokenizer, engine.max_model_len)
     runs = run_systems(build_systems(args, engine), workload, getattr(args, "num_iters", 1))

@@ -55,3 +55,25 @@ def output_path_arg(text: str) -> str:
     if not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write to the folder of {text!r}")
     return path
+
+
+def _group_size(text: str) -> int | str:
+    from fastinfer.quant.rtn import check_group_size
+
+    return check_group_size(int(text) if text.isdigit() else text)
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """``--quantization``, ``--quant-group-size``, ``--quant-method`` and ``--kv-cache-dtype``:
+    the quantization fields of ``EngineConfig`` (``QUANT_FIELDS``), on every command that loads
+    a model."""
+    from fastinfer.engine.config import QUANT_METHODS, QUANTIZATIONS
+
+    p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q is not None],
+                   help="default: keep a GGUF file's quantized blocks, a float model in float; "
+                        "none = dequantize; int8 | int4 | fp8 = quantize at load")
+    p.add_argument("--quant-group-size", type=_adapt(str, _group_size, "32, 64, 128 or auto"), default=32,
+                   help="int4 group size: 32 | 64 | 128 | auto (default 32)")
+    p.add_argument("--quant-method", default="rtn", choices=list(QUANT_METHODS), help="default rtn")
+    p.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (default auto: the model dtype)")
+

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from fastinfer.cli.args import int_arg, output_path_arg
+from fastinfer.cli.args import add_quantization_args, int_arg, output_path_arg
 from fastinfer.validation import check_float
 
 QUICK = {
@@ -34,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--kv-cache-memory", default=None)
+    add_quantization_args(p)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", nargs="+", choices=BASELINES, default=["transformers"])

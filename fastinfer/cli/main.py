@@ -1,11 +1,12 @@
-"""``fastinfer`` command line: ``generate``, ``chat`` and ``bench`` (more subcommands come with their issues)."""
+"""``fastinfer`` command line: ``generate``, ``chat``, ``bench`` and ``eval`` (more subcommands come with
+their issues)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from fastinfer.cli.args import message_arg, prompt_arg
+from fastinfer.cli.args import add_quantization_args, message_arg, prompt_arg
 from fastinfer.errors import FastInferError
 
 
@@ -15,6 +16,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None, help="KV-cache size, e.g. 2GiB")
+    add_quantization_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,16 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     from fastinfer.cli.bench import add_bench_parser
+    from fastinfer.cli.eval import add_eval_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
 def _make_llm(args: argparse.Namespace):
     from fastinfer import LLM
+    from fastinfer.engine.config import QUANT_FIELDS
 
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory)
+               kv_cache_memory=args.kv_cache_memory, **{f: getattr(args, f) for f in QUANT_FIELDS})
 
 
 def _params(args: argparse.Namespace, n: int = 1):
@@ -138,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastinfer`` command."""
     args = build_parser().parse_args(argv)
     from fastinfer.cli.bench import run_bench
+    from fastinfer.cli.eval import run_eval
 
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "bench": run_bench}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "bench": run_bench, "eval": run_eval}
     try:
         return handlers[args.command](args)
     except (FastInferError, ValueError) as exc:

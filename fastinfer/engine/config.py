@@ -11,9 +11,13 @@ import torch
 
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
+from fastinfer.quant.rtn import check_group_size
 from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
                                   check_str, parse_bytes, parse_device)
 
+QUANTIZATIONS = (None, "none", "int8", "int4", "fp8", "gguf")
+QUANT_METHODS = ("rtn", "awq")
+QUANT_FIELDS = ("quantization", "quant_group_size", "quant_method", "kv_cache_dtype")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
@@ -31,6 +35,12 @@ class EngineConfig:
     GPU. ``kv_cache_memory`` (bytes, or a size such as ``"2GiB"``, ``"512MB"``, ``"2G"``; stored
     as bytes) sizes the cache and may not exceed the device's memory; when None, a GPU uses
     ``gpu_memory_utilization`` of its memory and a CPU ``min(4 GiB, 25% of available RAM)``.
+    ``quantization``: None keeps a quantized GGUF file's blocks (computing on them) and a float
+    model in float; ``"none"`` dequantizes a GGUF file (the exact path checked against
+    ``transformers``); ``"int8"`` (symmetric per output channel), ``"int4"`` (groups of
+    ``quant_group_size`` inputs with a scale and an offset: 32, 64, 128 or ``"auto"``, the
+    largest that divides each layer's input dimension) and ``"fp8"`` (e4m3, per channel)
+    quantize at load; ``"gguf"`` keeps a GGUF file's blocks and refuses a float model.
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
@@ -40,6 +50,8 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     quantization: str | None = None
+    quant_group_size: int | str = 32
+    quant_method: str = "rtn"
     kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 256
@@ -58,7 +70,14 @@ class EngineConfig:
         if self.device != "auto":
             parse_device("device", self.device)
             self._set("device", str(self.device))
-        check_choice("quantization", self.quantization, [None])
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
+        self._set("quant_group_size", check_group_size(self.quant_group_size))
+        check_choice("quant_method", self.quant_method, QUANT_METHODS)
+        if self.quant_method == "awq":
+            raise ConfigError("quant_method='awq' is not available yet (issue 11 in progress); use 'rtn'",
+                              "quant_method")
+        if self.quantization == "fp8":
+            _check_fp8(self.torch_device())
         check_choice("kv_cache_dtype", self.kv_cache_dtype, ["auto"])
         for name in ("block_size", "max_num_seqs"):
             self._set(name, check_int(name, getattr(self, name), lo=1))
@@ -117,3 +136,18 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}): "
                               "prompts are prefilled in one step", "max_num_batched_tokens")
         return budget
+
+
+def _check_fp8(device: torch.device) -> None:
+    """fp8 weights run on the CPU (decoded in registers) and on GPUs with fp8 support
+    (compute capability 8.9 and up); elsewhere a ConfigError says so."""
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 9):
+            return
+        raise ConfigError(f"quantization='fp8' needs a GPU with fp8 support (compute capability 8.9 or "
+                          f"newer); {torch.cuda.get_device_name(device)} has {major}.{minor}. Use 'int8' "
+                          "or 'int4'", "quantization")
+    raise ConfigError(f"quantization='fp8' is not supported on {device.type}", "quantization")

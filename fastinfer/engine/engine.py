@@ -18,7 +18,7 @@ from fastinfer.engine.request import Request, Sample
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.kv_cache.cache import KVCache, bytes_per_block
-from fastinfer.model.loader import LoadedModel, load_model
+from fastinfer.model.loader import LoadedModel, load_model, weight_bytes
 from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
 from fastinfer.sampling.generator import seeded_generator
@@ -50,7 +50,8 @@ class Engine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        self.loaded = loaded or load_model(config.model, self.dtype, self.device)
+        self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.quantization,
+                                           config.quant_group_size)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
         self.kv_cache = self._allocate_kv_cache()
@@ -69,6 +70,8 @@ class Engine:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self.num_steps = 0
+        self.weight_bytes = weight_bytes(self.loaded.model)
+        self.kv_bytes_per_token = bytes_per_block(mcfg.num_layers, 1, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
 
     def _max_model_len(self, model_limit: int) -> int:
         wanted = self.config.max_model_len
@@ -198,6 +201,8 @@ class Engine:
             "kv_blocks_free": self.block_manager.num_free,
             "block_size": self.config.block_size,
             "kv_cache_bytes": self.kv_cache.nbytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "weight_bytes": self.weight_bytes,
             "max_model_len": self.max_model_len,
             "num_steps": self.num_steps,
         }

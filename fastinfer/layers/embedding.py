@@ -8,11 +8,14 @@ from fastinfer import ops
 
 
 class Embedding(nn.Module):
-    """``weight [vocab, hidden]`` looked up by token id."""
+    """``weight [vocab, hidden]`` (a float parameter or a quantized ``PackedWeight``) looked up
+    by token id; rows come out in the model's dtype."""
 
     def __init__(self, vocab: int, hidden: int, dtype: torch.dtype) -> None:
         super().__init__()
+        self.dtype = dtype
         self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype), requires_grad=False)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return ops.embedding(token_ids, self.weight)
+        rows = ops.embedding(token_ids, self.weight)
+        return rows if rows.dtype == self.dtype else rows.to(self.dtype)

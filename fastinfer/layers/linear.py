@@ -1,5 +1,5 @@
-"""Linear layer: every matmul goes through ``ops.linear`` (dense today; quantized weights plug
-in at the same point)."""
+"""Linear layer: every matmul goes through ``ops.linear``, with a dense weight or a quantized
+``PackedWeight`` (the loader puts one in place of ``weight``)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,7 @@ from fastinfer import ops
 
 
 class Linear(nn.Module):
-    """``y = x @ weight.T + bias`` with ``weight [out_features, in_features]``."""
+    """``y = x @ weight.T + bias`` with ``weight [out_features, in_features]``, dense or packed."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:

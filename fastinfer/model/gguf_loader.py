@@ -1,5 +1,6 @@
-"""Reads a GGUF file (``llama`` architecture): metadata, and tensors dequantized at load and
-renamed to Hugging Face names.
+"""Reads a GGUF file (``llama`` architecture): metadata, and tensors renamed to Hugging Face
+names, either dequantized to float32 or with their quantized blocks kept (converted, without
+loss, into fastinfer's packed layout; see ``fastinfer/quant/gguf_blocks.py``).
 
 llama.cpp's converter permutes the rows of Q and K so that its rotary kernel can rotate
 adjacent pairs; we undo that permutation so the rotate-half layout of HF Llama applies.
@@ -14,8 +15,11 @@ import numpy as np
 import torch
 
 from fastinfer.errors import ModelLoadError
+from fastinfer.ops.packed import PackedWeight, permute_rows
+from fastinfer.quant.gguf_blocks import KEPT_TYPES, to_packed
 
-SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q5_0", "Q5_1"}
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K"}
 
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -111,15 +115,25 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf_tensors(reader, num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized to float32 and named the Hugging Face way."""
+def has_quantized_tensors(reader) -> bool:
+    """True when some tensor of the file is in a block type that can be kept quantized."""
+    return any(t.tensor_type.name in KEPT_TYPES for t in reader.tensors)
+
+
+def load_gguf_tensors(reader, num_heads: int, num_kv_heads: int,
+                      keep_quantized: bool = False) -> dict[str, torch.Tensor | PackedWeight]:
+    """Every tensor of the file named the Hugging Face way: float32, or, with
+    ``keep_quantized``, a :class:`PackedWeight` for each matrix in a keepable block type."""
     from gguf.quants import dequantize
 
-    out = {}
+    out: dict[str, torch.Tensor | PackedWeight] = {}
     for t in reader.tensors:
         kind = t.tensor_type.name
         if kind not in SUPPORTED_TYPES:
             raise ModelLoadError(f"tensor {t.name!r} has unsupported GGUF type {kind}")
+        if keep_quantized and kind in KEPT_TYPES and len(t.shape) == 2:
+            out[hf_name(t.name)] = _kept(t, kind, num_heads, num_kv_heads)
+            continue
         try:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as exc:
@@ -133,3 +147,18 @@ def load_gguf_tensors(reader, num_heads: int, num_kv_heads: int) -> dict[str, to
             arr = unpermute_rope_rows(arr, num_kv_heads)
         out[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # owned, writable
     return out
+
+
+def _kept(t, kind: str, num_heads: int, num_kv_heads: int) -> PackedWeight:
+    """A quantized GGUF matrix as a packed weight, Q/K rows un-permuted like the float path."""
+    rows, cols = (int(d) for d in reversed(t.shape))
+    name = hf_name(t.name)
+    try:
+        packed = to_packed(kind, t.data, rows, cols)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot read the {kind} blocks of tensor {t.name!r}: {exc}") from exc
+    heads = num_heads if ".self_attn.q_proj." in name else num_kv_heads if ".self_attn.k_proj." in name else 0
+    if heads:
+        perm = unpermute_rope_rows(np.arange(rows), heads)
+        packed = permute_rows(packed, torch.from_numpy(np.ascontiguousarray(perm)))
+    return packed

@@ -1,10 +1,15 @@
-"""Copies Hugging Face-named weights into the Llama-family modules, fusing QKV and gate/up."""
+"""Copies Hugging Face-named weights into the Llama-family modules, fusing QKV and gate/up.
+
+A weight may be a float tensor or a quantized :class:`PackedWeight`; a packed one takes the
+place of the float parameter (the layers hand either to ``ops``)."""
 from __future__ import annotations
 
 import re
 
 import torch
 from torch import nn
+
+from fastinfer.ops.packed import PackedWeight, concat_rows
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _FUSED = {
@@ -16,8 +21,9 @@ _DIRECT = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weigh
            "lm_head.weight": "lm_head_weight"}
 
 
-def load_llama_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Fills ``model`` (a ``LlamaForCausalLM``) from HF-named tensors; checks every shape."""
+def load_llama_weights(model: nn.Module, weights: dict[str, torch.Tensor | PackedWeight]) -> None:
+    """Fills ``model`` (a ``LlamaForCausalLM``) from HF-named tensors or packed weights; checks
+    every shape. A tied LM head shares the embedding's (maybe packed) weight."""
     params = dict(model.named_parameters(remove_duplicate=False))
     fused: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
@@ -30,13 +36,15 @@ def load_llama_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> No
         if target not in params:
             raise ValueError(f"unexpected weight {name!r} (no parameter {target!r} in the model)")
         if part is None:
-            _copy(params[target], tensor, name)
+            _assign(model, target, params[target], tensor, name)
             loaded.add(target)
         else:
             fused.setdefault(target, {})[part] = tensor
     for target, parts in fused.items():
-        _copy(params[target], torch.cat([parts[i] for i in sorted(parts)], dim=0), target)
+        _assign(model, target, params[target], _fuse([parts[i] for i in sorted(parts)]), target)
         loaded.add(target)
+    if model.config.tie_word_embeddings and isinstance(model.embed_tokens.weight, PackedWeight):
+        _replace(model, "lm_head_weight", model.embed_tokens.weight)
     missing = {n for n in params if n not in loaded}
     if model.config.tie_word_embeddings:
         missing.discard("lm_head_weight")
@@ -58,8 +66,27 @@ def _target(name: str) -> tuple[str, int | None]:
     return f"layers.{idx}.{rest}", None
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if tuple(param.shape) != tuple(tensor.shape):
-        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+def _fuse(parts: list[torch.Tensor | PackedWeight]) -> torch.Tensor | PackedWeight:
+    """Stacks the parts of a fused projection along the output dim (packed when all are)."""
+    if all(isinstance(p, PackedWeight) for p in parts):
+        return concat_rows(parts)
+    return torch.cat([p.dequantize() if isinstance(p, PackedWeight) else p.float() for p in parts], dim=0)
+
+
+def _assign(model: nn.Module, target: str, param: torch.Tensor, value: torch.Tensor | PackedWeight,
+            name: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    if isinstance(value, PackedWeight):
+        _replace(model, target, value)
+        return
     with torch.no_grad():
-        param.copy_(tensor.to(param.dtype))
+        param.copy_(value.to(param.dtype))
+
+
+def _replace(model: nn.Module, target: str, packed: PackedWeight) -> None:
+    """Puts ``packed`` where the float parameter ``target`` was (its storage is released)."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    delattr(owner, attr)
+    setattr(owner, attr, packed)

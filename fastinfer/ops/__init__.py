@@ -10,10 +10,11 @@ import torch
 from fastinfer.ops import cpu_native, cuda_native, reference
 from fastinfer.ops.dispatch import implementations, register, select
 from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops.packed import PackedWeight
 
 _REFERENCE_OPS = (
     "linear", "embedding", "rms_norm", "silu_and_mul", "rotary_embedding",
-    "reshape_and_cache", "paged_attention",
+    "reshape_and_cache", "paged_attention", "quantized_linear", "quantized_embedding",
 )
 for _name in _REFERENCE_OPS:
     register(_name, "reference", getattr(reference, _name))
@@ -29,6 +30,8 @@ if cpu_native.available():
     register("linear", "cpu_native", cpu_native.linear_f32, _native_f32_linear_applies)
     # Fixed reduction order per (query, head): batch-invariant, like the reference.
     register("paged_attention", "cpu_native", cpu_native.paged_attention, cpu_native.paged_attention_applies)
+    # Dequantizes in registers, then the float32 linear's fixed reduction order: batch-invariant.
+    register("quantized_linear", "cpu_native", cpu_native.linear_q, cpu_native.linear_q_applies)
 
 
 def _cuda_cache_write_applies(key, value, k_cache, v_cache, slot_mapping) -> bool:
@@ -40,13 +43,18 @@ if cuda_native.available():
     register("reshape_and_cache", "cuda", cuda_native.reshape_and_cache, _cuda_cache_write_applies)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., K] @ weight[N, K].T (+ bias)`` -> ``[..., N]``."""
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T (+ bias)`` -> ``[..., N]`` in x's dtype; ``weight`` is a dense
+    tensor or a quantized :class:`PackedWeight`."""
+    if isinstance(weight, PackedWeight):
+        return select("quantized_linear", x, weight, bias)(x, weight, bias)
     return select("linear", x, weight, bias)(x, weight, bias)
 
 
-def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Embedding lookup ``[T]`` -> ``[T, H]``."""
+def embedding(token_ids: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+    """Embedding lookup ``[T]`` -> ``[T, H]`` (float32 rows for a quantized table)."""
+    if isinstance(weight, PackedWeight):
+        return select("quantized_embedding", token_ids, weight)(token_ids, weight)
     return select("embedding", token_ids, weight)(token_ids, weight)
 
 
@@ -77,6 +85,6 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
 
 
 __all__ = [
-    "AttentionMetadata", "embedding", "implementations", "linear", "paged_attention",
+    "AttentionMetadata", "PackedWeight", "embedding", "implementations", "linear", "paged_attention",
     "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
 ]

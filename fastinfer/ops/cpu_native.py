@@ -14,7 +14,10 @@ import torch
 
 from fastinfer.ops.metadata import AttentionMetadata
 
-__all__ = ["available", "isa", "linear_f32", "paged_attention", "paged_attention_applies"]
+from fastinfer.ops.packed import PackedWeight
+
+__all__ = ["available", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
+           "paged_attention_applies"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,7 +43,7 @@ def _require() -> None:
 
 
 def isa() -> str:
-    """Code path the kernels use on this CPU: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    """Code path the kernels use on this CPU: ``"avx512_vnni"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
     _require()
     return torch.ops.fastinfer_cpu.isa_name()
 
@@ -90,6 +93,55 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         x2 = x2.contiguous()
     y = op(x2, weight, bias)
     return y.view(*lead, y.shape[1])
+
+
+_KIND_INDEX = {"u4": 0, "s8": 1, "e4m3": 2}
+_LINEAR_Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1)
+def _linear_q_op():
+    """``torch.ops.fastinfer_cpu.linear_q.default``, resolved once (None in an old build)."""
+    if not _load() or not hasattr(torch.ops.fastinfer_cpu, "linear_q"):
+        return None
+    return torch.ops.fastinfer_cpu.linear_q.default
+
+
+def linear_q_applies(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> bool:
+    """True when :func:`linear_q` takes these inputs: the extension has the op, x and the
+    weight are on the CPU, x is float32, bfloat16 or float16, and the weight's groups are whole
+    multiples of the kernel's chunk (32 inputs for u4, 16 otherwise)."""
+    return (_linear_q_op() is not None and x.device.type == "cpu" and x.dtype in _LINEAR_Q_DTYPES
+            and weight.codes.device.type == "cpu" and weight.native_applies())
+
+
+def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch-invariant ``x @ dequantize(weight).T + bias`` on the CPU, dequantizing in registers.
+
+    Args:
+        x: ``[..., K]`` float32, bfloat16 or float16 CPU tensor (computed in float32; the result
+            is cast back to x's dtype).
+        weight: a :class:`PackedWeight` whose groups are multiples of 32 (u4) or 16 inputs.
+        bias: optional ``[N]`` tensor.
+
+    Each weight is formed as ``fma(code, scale, offset)`` in float32, then every output is
+    reduced in the float32 linear's fixed order (see :func:`linear_f32`): a row's result is
+    bit-identical whatever the rest of the batch, the thread count and the SIMD path.
+    """
+    op = _linear_q_op()
+    if op is None:
+        _require()
+        raise RuntimeError("fastinfer._C_cpu has no linear_q: rebuild it (scripts/setup.sh)")
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    if k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y = op(x2, weight.codes, weight.scales, weight.offsets, _KIND_INDEX[weight.kind], weight.group_size, b)
+    y = y.view(*lead, y.shape[1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,11 +9,25 @@ import torch
 import torch.nn.functional as F
 
 from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops.packed import PackedWeight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K].T + bias[N]`` -> ``[..., N]`` in x's dtype."""
     return F.linear(x, weight, bias)
+
+
+def quantized_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ dequantize(weight).T + bias[N]`` -> ``[..., N]`` in x's dtype, computed in
+    float32 on the dequantized matrix."""
+    b = bias.float() if bias is not None else None
+    return F.linear(x.float(), weight.dequantize(), b).to(x.dtype)
+
+
+def quantized_embedding(token_ids: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """Rows of a quantized table ``[V, H]`` for ``token_ids [T]``, dequantized -> float32 ``[T, H]``
+    (only the rows asked for are ever dequantized)."""
+    return weight.dequantize(rows=token_ids)
 
 
 def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,19 @@ class QuantizedWeight:
     group_size: int | None
 
 
+def check_group_size(group_size: object) -> int | str:
+    """``quant_group_size``: 32, 64, 128 or ``"auto"``."""
+    valid = group_size == "auto" or (type(group_size) is int and group_size in GROUP_SIZES)
+    if not valid:
+        fail("quant_group_size", f"one of {list(GROUP_SIZES)} or 'auto'", group_size,
+             wrong_type=not isinstance(group_size, (int, str)) or isinstance(group_size, bool))
+    return group_size
+
+
 def resolve_group_size(group_size: int | str, in_features: int) -> int:
     """32, 64 or 128 (which must divide ``in_features``), or ``"auto"``: the largest of those
     that divides it."""
-    valid = group_size == "auto" or (type(group_size) is int and group_size in GROUP_SIZES)
-    if not valid:
-        fail("quant_group_size", f"one of {list(GROUP_SIZES)} or 'auto'", group_size)
+    group_size = check_group_size(group_size)
     if group_size == "auto":
         size = next((g for g in reversed(GROUP_SIZES) if in_features % g == 0), None)
         if size is None:
@@ -54,13 +61,18 @@ def resolve_group_size(group_size: int | str, in_features: int) -> int:
     return group_size
 
 
-def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
-    """Symmetric int8 per output channel (a zero channel gets scale 1 and codes 0)."""
-    w = w.float()
-    scales = w.abs().amax(dim=1) / 127.0
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """Symmetric int8 per output channel, or per group of ``group_size`` inputs when given
+    (a zero channel or group gets scale 1 and codes 0)."""
+    n, k = w.shape
+    g = group_size or k
+    groups = w.float().reshape(n, k // g, g)
+    scales = groups.abs().amax(dim=2) / 127.0
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return QuantizedWeight("int8", codes, scales, None, None)
+    codes = torch.round(groups / scales[..., None]).clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    if group_size is None:
+        return QuantizedWeight("int8", codes, scales[:, 0], None, None)
+    return QuantizedWeight("int8", codes, scales, None, g)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int | str = 32) -> QuantizedWeight:
@@ -90,8 +102,10 @@ def dequantize(q: QuantizedWeight) -> torch.Tensor:
     if q.group_size is None:
         return codes * q.scales[:, None]
     n, k = codes.shape
-    groups = codes.reshape(n, k // q.group_size, q.group_size)
-    return (groups * q.scales[..., None] + q.offsets[..., None]).reshape(n, k)
+    groups = codes.reshape(n, k // q.group_size, q.group_size) * q.scales[..., None]
+    if q.offsets is not None:
+        groups = groups + q.offsets[..., None]
+    return groups.reshape(n, k)
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}

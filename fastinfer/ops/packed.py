@@ -1,0 +1,146 @@
+"""The one quantized-weight layout that every quantized kernel reads (issue 11).
+
+A :class:`PackedWeight` stands for a float matrix ``W [N, K]`` (N output channels, K inputs).
+Its codes come in groups of ``group_size`` consecutive inputs of one row; each group has a
+float32 scale and, optionally, a float32 offset, and the weight a code stands for is
+
+    ``w[n, k] = code[n, k] * scale[n, k // G] + offset[n, k // G]``
+
+(computed with one rounding, as a fused multiply-add, by the kernels; the reference below
+rounds twice, which is within one float32 ulp). Three code kinds cover every scheme:
+
+- ``"u4"``: unsigned 4-bit codes 0..15, two a byte (``codes`` uint8 ``[N, K // 2]``). In each
+  run of 32 inputs, byte ``j`` holds input ``j`` in its low nibble and input ``j + 16`` in its
+  high nibble: GGUF's Q4_0/Q4_1 order. ``group_size`` is a multiple of 32. int4 RTN and AWQ,
+  and GGUF Q4_0, Q4_1 and Q4_K, convert into it without loss.
+- ``"s8"``: signed 8-bit codes (``codes`` int8 ``[N, K]``); ``group_size`` a multiple of 16, or
+  K for per-channel scales. int8 RTN and GGUF Q8_0, Q6_K, Q5_K, Q5_0, Q5_1, Q3_K and Q2_K
+  convert into it without loss.
+- ``"e4m3"``: fp8 e4m3fn codes (``codes`` float8_e4m3fn ``[N, K]``) with per-channel scales.
+
+Why one layout: one family of kernels (reference, native CPU, Triton) then serves GGUF, RTN
+and AWQ alike; the float32 scales and offsets make every GGUF block type's
+``d * sub_scale`` products exact, so GGUF blocks are computed on as the file has them.
+
+``PackedWeight`` is an ``nn.Module`` whose codes, scales and offsets are buffers, so it moves
+with its model (``.to(device)``), is counted by ``weight_bytes`` and saves to safetensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("u4", "s8", "e4m3")
+_CODE_DTYPES = {"u4": torch.uint8, "s8": torch.int8, "e4m3": torch.float8_e4m3fn}
+_GROUP_MULTIPLE = {"u4": 32, "s8": 16, "e4m3": 16}
+
+
+class PackedWeight(nn.Module):
+    """A quantized ``[out_features, in_features]`` matrix in fastinfer's group-wise layout."""
+
+    def __init__(self, kind: str, out_features: int, in_features: int, group_size: int,
+                 codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"PackedWeight kind must be one of {list(KINDS)}, got {kind!r}")
+        n, k, g = out_features, in_features, group_size
+        if k <= 0 or g <= 0 or k % g:
+            raise ValueError(f"PackedWeight group_size {g} must divide in_features {k}")
+        code_cols = k // 2 if kind == "u4" else k
+        if kind == "u4" and g % 32:
+            raise ValueError(f"u4 PackedWeight needs a group_size that is a multiple of 32, got {g}")
+        if codes.dtype != _CODE_DTYPES[kind] or tuple(codes.shape) != (n, code_cols):
+            raise ValueError(f"{kind} codes must be {_CODE_DTYPES[kind]} [{n}, {code_cols}], got "
+                             f"{codes.dtype} {list(codes.shape)}")
+        for name, t in (("scales", scales), ("offsets", offsets)):
+            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n, k // g)):
+                raise ValueError(f"{name} must be float32 [{n}, {k // g}], got {t.dtype} {list(t.shape)}")
+        self.kind, self.out_features, self.in_features, self.group_size = kind, n, k, g
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("offsets", offsets.contiguous() if offsets is not None else None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales and offsets."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def native_applies(self) -> bool:
+        """True when the native CPU kernel's group rule holds (it does not handle K tails)."""
+        return self.group_size % _GROUP_MULTIPLE[self.kind] == 0
+
+    def unpacked_codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes as one float32 value per weight, ``[N or len(rows), K]``."""
+        codes = self.codes if rows is None else self.codes.index_select(0, rows)
+        if self.kind == "u4":
+            runs = codes.reshape(codes.shape[0], -1, 16)
+            codes = torch.cat((runs & 15, runs >> 4), dim=-1).reshape(codes.shape[0], -1)
+        return codes.float()
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 matrix (or the rows ``rows`` of it) that the codes stand for."""
+        codes = self.unpacked_codes(rows)
+        scales = self.scales if rows is None else self.scales.index_select(0, rows)
+        n, g = codes.shape[0], self.group_size
+        w = codes.reshape(n, -1, g) * scales[..., None]
+        if self.offsets is not None:
+            offsets = self.offsets if rows is None else self.offsets.index_select(0, rows)
+            w = w + offsets[..., None]
+        return w.reshape(n, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, shape=({self.out_features}, {self.in_features}), "
+                f"group_size={self.group_size}, offsets={self.offsets is not None}")
+
+
+def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """Stacks weights with the same K along N (fused QKV, gate/up). Parts of different kinds
+    or group sizes are first brought to a common form without loss (u4 codes widen to s8,
+    groups split to the smallest group size)."""
+    first = parts[0]
+    if any(p.in_features != first.in_features for p in parts):
+        raise ValueError("concat_rows: every part needs the same in_features")
+    same = all(p.kind == first.kind and p.group_size == first.group_size for p in parts)
+    with_offsets = any(p.offsets is not None for p in parts)
+    if not same:
+        if any(p.kind == "e4m3" for p in parts):
+            raise ValueError("concat_rows: cannot mix fp8 and integer parts")
+        g = min(p.group_size for p in parts)
+        parts = [regroup(p, "s8", g) for p in parts]
+    if with_offsets:
+        parts = [p if p.offsets is not None else _with_zero_offsets(p) for p in parts]
+    k = first.in_features
+    return PackedWeight(
+        parts[0].kind, sum(p.out_features for p in parts), k, parts[0].group_size,
+        torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+        torch.cat([p.offsets for p in parts]) if with_offsets else None)
+
+
+def _with_zero_offsets(p: PackedWeight) -> PackedWeight:
+    return PackedWeight(p.kind, p.out_features, p.in_features, p.group_size, p.codes, p.scales,
+                        torch.zeros_like(p.scales))
+
+
+def regroup(p: PackedWeight, kind: str, group_size: int) -> PackedWeight:
+    """The same weights with ``kind`` codes and a smaller ``group_size`` (which must divide
+    the current one); exact, since codes, scales and offsets are copied, not recomputed."""
+    if p.group_size % group_size:
+        raise ValueError(f"regroup: {group_size} does not divide the group size {p.group_size}")
+    if kind != p.kind and (p.kind, kind) != ("u4", "s8"):
+        raise ValueError(f"regroup: cannot turn {p.kind} codes into {kind}")
+    codes = p.unpacked_codes().to(torch.int8) if kind != p.kind else p.codes
+    rep = p.group_size // group_size
+    scales = p.scales.repeat_interleave(rep, dim=1)
+    offsets = p.offsets.repeat_interleave(rep, dim=1) if p.offsets is not None else None
+    return PackedWeight(kind, p.out_features, p.in_features, group_size, codes, scales, offsets)
+
+
+def permute_rows(p: PackedWeight, perm: torch.Tensor) -> PackedWeight:
+    """``p`` with its output rows reordered: row ``i`` of the result is row ``perm[i]``."""
+    pick = (lambda t: t.index_select(0, perm) if t is not None else None)
+    return PackedWeight(p.kind, p.out_features, p.in_features, p.group_size, pick(p.codes),
+                        pick(p.scales), pick(p.offsets))

@@ -1,0 +1,194 @@
+"""The quantized linear op: every backend against the pure-torch reference on odd shapes, the
+native kernel's SIMD paths bit for bit, batch invariance, fp8 decoding and error messages."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfer import ops
+from fastinfer.ops import cpu_native, reference
+from fastinfer.ops.packed import PackedWeight, concat_rows, regroup
+from fastinfer.quant.pack import pack, pack_codes
+from fastinfer.quant.rtn import quantize_fp8, quantize_int4, quantize_int8
+
+from .native_helpers import isa_cap, threads
+
+EPS32 = 2.0**-24
+native = pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
+# (kind, group size; None = per channel)
+LAYOUTS = [("u4", 32), ("u4", 64), ("s8", 16), ("s8", None), ("e4m3", None)]
+
+
+def random_packed(kind: str, n: int, k: int, group: int | None, seed: int, offsets: bool = True) -> PackedWeight:
+    """Random codes over their whole range, random scales (and offsets for integer kinds)."""
+    g = torch.Generator().manual_seed(seed)
+    group = group or k
+    if kind == "u4":
+        codes = torch.randint(0, 16, (n, k), generator=g)
+    elif kind == "s8":
+        codes = torch.randint(-128, 128, (n, k), generator=g)
+    else:
+        codes = (torch.randn(n, k, generator=g) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
+        offsets = False
+    scales = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    offs = torch.randn(n, k // group, generator=g) * 0.05 if offsets else None
+    return pack_codes(kind, codes, scales, offs, group)
+
+
+def error_bound(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """Each weight is one fma (within an ulp of |code*scale| + |offset|), then the float32
+    linear's order: K/16 FMAs per lane, 4 tree adds and the bias add."""
+    codes = w.unpacked_codes().double()
+    n, k, gs = codes.shape[0], w.in_features, w.group_size
+    mag = (codes.reshape(n, -1, gs).abs() * w.scales.double()[..., None])
+    if w.offsets is not None:
+        mag = mag + w.offsets.double().abs()[..., None]
+    absdot = x.abs().double() @ mag.reshape(n, k).T
+    return ((k + 15) // 16 + 8) * EPS32 * absdot * 1.01 + 1e-30
+
+
+def float64_reference(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    codes = w.unpacked_codes().double()
+    n, gs = codes.shape[0], w.group_size
+    wd = codes.reshape(n, -1, gs) * w.scales.double()[..., None]
+    if w.offsets is not None:
+        wd = wd + w.offsets.double()[..., None]
+    return x.double() @ wd.reshape(n, -1).T
+
+
+def test_reference_is_registered_and_native_when_built():
+    backends = [i.backend for i in ops.implementations("quantized_linear")]
+    assert backends[-1] == "reference"
+    assert ("cpu_native" in backends) == cpu_native.available()
+
+
+@pytest.mark.parametrize("kind,group", LAYOUTS)
+@pytest.mark.parametrize("k", [96, 160, 576])
+@pytest.mark.parametrize("n", [1, 3, 49])
+@pytest.mark.parametrize("m", [1, 7, 33, 300])
+def test_every_backend_matches_the_reference(kind, group, k, n, m):
+    if group is not None and k % group:
+        pytest.skip("group does not divide K")
+    w = random_packed(kind, n, k, group, seed=k * 31 + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    want = float64_reference(x, w)
+    bound = error_bound(x, w)
+    ref = reference.quantized_linear(x, w)
+    assert ref.shape == (m, n) and ref.dtype == torch.float32
+    for impl in ops.implementations("quantized_linear"):
+        if not impl.applies(x, w, None):
+            continue
+        y = impl.fn(x, w, None)
+        assert y.shape == (m, n) and y.dtype == torch.float32, impl.backend
+        err = (y.double() - want).abs()
+        assert bool((err <= bound).all()), f"{impl.backend}: max err {err.max().item():.3g}"
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(bound.max()) / EPS32 / k)
+
+
+@native
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("kind,group", [("u4", 32), ("s8", 32), ("e4m3", None)])
+def test_native_wide_output_lm_head_shape(kind, group, m):
+    """N = 49152 (the default model's vocabulary) and K = 576."""
+    w = random_packed(kind, 49152, 576, group, seed=5)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(3))
+    y = cpu_native.linear_q(x, w)
+    err = (y.double() - float64_reference(x, w)).abs()
+    assert bool((err <= error_bound(x, w)).all())
+
+
+@native
+@pytest.mark.parametrize("kind,group", LAYOUTS)
+def test_native_simd_paths_bit_identical(kind, group):
+    w = random_packed(kind, 37, 192, group, seed=11)
+    x = torch.randn(9, 192, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for cap in (2, 1, 0):
+        with isa_cap(cap):
+            outs.append(cpu_native.linear_q(x, w))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@native
+@pytest.mark.parametrize("kind,group", LAYOUTS)
+def test_native_rows_do_not_depend_on_the_batch(kind, group):
+    """A row's output is bit-identical alone, at any position of any batch, with 1 or 2 threads."""
+    w = random_packed(kind, 200, 576, group, seed=13)
+    batch = torch.randn(300, 576, generator=torch.Generator().manual_seed(4))
+    with threads(1):
+        alone = [cpu_native.linear_q(batch[i:i + 1], w) for i in (0, 5, 299)]
+    for nthreads in (1, 2):
+        with threads(nthreads):
+            for size in (7, 33, 300):
+                full = cpu_native.linear_q(batch[:size], w)
+                assert torch.equal(full[0:1], alone[0]) and torch.equal(full[5:6], alone[1])
+            assert torch.equal(cpu_native.linear_q(batch, w)[299:300], alone[2])
+
+
+@native
+def test_native_bias_strides_and_16_bit_activations():
+    w = random_packed("u4", 48, 128, 32, seed=1)
+    bias = torch.randn(48)
+    x = torch.randn(4, 6, 256)[..., ::2]  # strided last dim, 3-D
+    y = cpu_native.linear_q(x, w, bias)
+    assert y.shape == (4, 6, 48)
+    torch.testing.assert_close(y, reference.quantized_linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    xb = x.to(torch.bfloat16)
+    yb = ops.linear(xb, w, bias)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, reference.quantized_linear(xb, w, bias), rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_codes_decode_exactly():
+    """Every finite e4m3 code (subnormals included) times a one-hot input gives its float value."""
+    bits = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    codes = bits.view(torch.float8_e4m3fn).reshape(-1, 1).repeat(1, 16)
+    w = PackedWeight("e4m3", codes.shape[0], 16, 16, codes, torch.ones(codes.shape[0], 1))
+    x = torch.zeros(1, 16)
+    x[0, 3] = 1.0
+    want = bits.view(torch.float8_e4m3fn).float()
+    for impl in ops.implementations("quantized_linear"):
+        if impl.applies(x, w, None):
+            assert torch.equal(impl.fn(x, w, None)[0], want), impl.backend
+
+
+def test_rtn_schemes_pack_into_the_layout():
+    w = torch.randn(40, 128)
+    for q, kind in ((quantize_int8(w), "s8"), (quantize_int4(w, 64), "u4"), (quantize_fp8(w), "e4m3"),
+                    (quantize_int8(w, 32), "s8")):
+        p = pack(q)
+        assert p.kind == kind and p.shape == (40, 128)
+        from fastinfer.quant.rtn import dequantize
+        torch.testing.assert_close(p.dequantize(), dequantize(q), rtol=0, atol=0)
+
+
+def test_concat_and_regroup_are_exact():
+    a = random_packed("u4", 8, 64, 32, seed=1)
+    b = random_packed("s8", 4, 64, 16, seed=2, offsets=False)
+    fused = concat_rows([a, b])
+    assert fused.kind == "s8" and fused.group_size == 16 and fused.shape == (12, 64)
+    torch.testing.assert_close(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]), rtol=0, atol=0)
+    same = concat_rows([a, a])
+    assert same.kind == "u4" and same.group_size == 32
+    torch.testing.assert_close(regroup(a, "s8", 16).dequantize(), a.dequantize(), rtol=0, atol=0)
+
+
+def test_packed_weight_checks_its_parts():
+    with pytest.raises(ValueError, match="u4 codes must be torch.uint8 \\[2, 32\\]"):
+        PackedWeight("u4", 2, 64, 32, torch.zeros(2, 64, dtype=torch.uint8), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="group_size 48 must divide in_features 64"):
+        PackedWeight("s8", 2, 64, 48, torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 1))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        PackedWeight("u3", 2, 64, 32, torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 2))
+
+
+@native
+def test_native_op_errors_name_the_problem():
+    op = torch.ops.fastinfer_cpu.linear_q
+    x = torch.randn(2, 64)
+    with pytest.raises(TypeError, match="codes of kind 1 must be Char"):
+        op(x, torch.zeros(3, 64, dtype=torch.uint8), torch.ones(3, 4), None, 1, 16)
+    with pytest.raises(ValueError, match="group_size must divide K = 64 and be a multiple of 32"):
+        op(x, torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3, 4), None, 0, 16)
+    with pytest.raises(TypeError, match="x must be float32"):
+        op(x.double(), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 4), None, 1, 16)
