@@ -19,9 +19,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "gemm.h"
 
@@ -252,6 +254,337 @@ void qblock_avx512(const gemm::Problem<QuantRows<KIND>>& p, int64_t m_begin, int
 }
 #endif
 
+// ================================================================ activation-quantized path
+// For integer codes (u4, s8) on a K that is a multiple of 32, the inputs are quantized too, as
+// llama.cpp does, so that the products are exact int8 dot products (VNNI on AVX-512):
+//
+//   1. Per row, per block of 32 inputs: amax = max |x|, dx = amax / 127, and
+//      xq = nearbyint(x * (127 / amax)) in [-127, 127] (all zero for a zero block).
+//   2. K is cut into chunks of 16 "lanes": 128 inputs for u4, 64 for s8 (the last chunk may
+//      be shorter; its missing lanes hold zeros). For u4, lane l of a chunk covers block
+//      b = l / 4 of the chunk and, in it, inputs 4j..4j+3 and 16+4j..16+4j+3 (j = l % 4): the
+//      bytes a 64-byte code load puts in lane l. For s8, lane l covers inputs 4l..4l+3.
+//   3. For output (m, n), 16 float partial sums p[l] start at +0.0f; for each chunk, lane l:
+//        I = sum of code * xq over the lane's inputs          (int32, exact)
+//        T = float(I) * DX[l]                                  (DX: dx of the lane's block)
+//        p[l] = fma(T, S[l], p[l])                             (S: the scale of the lane's group)
+//        p[l] = fma(U[l], O[l], p[l])  (with offsets only;    U = float(sum of the lane's xq) * DX,
+//                                                              O: the offset of the lane's group)
+//      where a missing lane has I = DX = U = 0 and reads the chunk's first group's S and O;
+//   4. y[m, n] = the gemm.h tree over p (+ bias[n]).
+// Every step is either exact or one IEEE operation in a fixed order, so the scalar and the
+// VNNI paths give the same bits, and a row's result never depends on the other rows.
+struct AqTables {
+  int kind;                   // kU4 or kS8
+  int64_t K, G, groups, chunk, nchunks;
+  std::vector<int64_t> g0;    // first group of each chunk
+  std::vector<int32_t> gidx;  // [nchunks, 16]: group of each lane minus g0 (0 for missing lanes)
+  std::vector<int32_t> gcnt;  // groups a chunk's lanes span
+  std::vector<int32_t> nbytes;  // code bytes of each chunk
+  std::vector<int32_t> lanes;   // valid lanes of each chunk
+
+  AqTables(int k, int64_t K_, int64_t G_) : kind(k), K(K_), G(G_), groups(K_ / G_) {
+    chunk = kind == kU4 ? 128 : 64;
+    nchunks = (K + chunk - 1) / chunk;
+    for (int64_t q = 0; q < nchunks; ++q) {
+      const int64_t start = q * chunk, n_in = std::min(chunk, K - start);
+      const int valid = static_cast<int>(kind == kU4 ? 4 * (n_in / 32) : n_in / 4);
+      const int64_t first = start / G;
+      int64_t last = first;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t in = start + (kind == kU4 ? 32 * (l / 4) : 4 * l);
+        const int64_t g = l < valid ? in / G : first;
+        gidx.push_back(static_cast<int32_t>(g - first));
+        last = std::max(last, g);
+      }
+      g0.push_back(first);
+      gcnt.push_back(static_cast<int32_t>(last - first + 1));
+      nbytes.push_back(static_cast<int32_t>(kind == kU4 ? n_in / 2 : n_in));
+      lanes.push_back(valid);
+    }
+  }
+  // Inputs (relative to the chunk) that lane l reads, for the scalar path and the preparation.
+  int lane_inputs(int l, int valid, int64_t* in) const {
+    if (l >= valid) return 0;
+    if (kind == kU4) {
+      const int b = l / 4, j = l % 4;
+      for (int i = 0; i < 4; ++i) {
+        in[i] = 32 * b + 4 * j + i;
+        in[4 + i] = 32 * b + 16 + 4 * j + i;
+      }
+      return 8;
+    }
+    for (int i = 0; i < 4; ++i) in[i] = 4 * l + i;
+    return 4;
+  }
+};
+
+// Quantized rows: xq arranged per chunk as the code bytes are (u4: a chunk's low-nibble inputs
+// of every block, then its high-nibble inputs), and per (row, chunk, lane) DX, U and, for s8,
+// 128 * (sum of the lane's xq) (the VNNI path feeds s8 codes as code + 128).
+struct AqRows {
+  std::vector<int8_t> xq;     // [M, K]
+  std::vector<float> dx, u;   // [M, nchunks, 16]
+  std::vector<int32_t> corr;  // [M, nchunks, 16]
+};
+
+void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRows& rows) {
+  const int64_t K = t.K, nc = t.nchunks;
+  rows.xq.assign(M * K, 0);
+  rows.dx.assign(M * nc * 16, 0.0f);
+  rows.u.assign(M * nc * 16, 0.0f);
+  rows.corr.assign(M * nc * 16, 0);
+  std::vector<int8_t> q(K);
+  std::vector<float> d(K / 32);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t b = 0; b < K / 32; ++b) {
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xr[32 * b + i]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      d[b] = amax / 127.0f;
+      for (int i = 0; i < 32; ++i) {
+        const float v = std::nearbyint(xr[32 * b + i] * inv);
+        q[32 * b + i] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
+      }
+    }
+    int8_t* xq = rows.xq.data() + m * K;
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t start = c * t.chunk, n_in = std::min(t.chunk, K - start);
+      if (t.kind == kU4) {
+        const int64_t nb = n_in / 32;
+        for (int64_t b = 0; b < nb; ++b)
+          for (int i = 0; i < 16; ++i) {
+            xq[start + 16 * b + i] = q[start + 32 * b + i];
+            xq[start + 16 * nb + 16 * b + i] = q[start + 32 * b + 16 + i];
+          }
+      } else {
+        for (int64_t i = 0; i < n_in; ++i) xq[start + i] = q[start + i];
+      }
+      const int valid = t.lanes[c];
+      for (int l = 0; l < valid; ++l) {
+        int64_t in[8];
+        const int cnt = t.lane_inputs(l, valid, in);
+        int32_t sum = 0;
+        for (int i = 0; i < cnt; ++i) sum += q[start + in[i]];
+        const float dxl = d[(start + in[0]) / 32];
+        const int64_t at = (m * nc + c) * 16 + l;
+        rows.dx[at] = dxl;
+        rows.u[at] = static_cast<float>(sum) * dxl;
+        rows.corr[at] = 128 * sum;
+      }
+    }
+  }
+}
+
+struct AqProblem {
+  const AqTables* t;
+  const AqRows* rows;
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const float* scales;
+  const float* offsets;  // may be null
+  // gemm::Problem needs a loader type; the activation-quantized blocks read only these fields.
+  int64_t group_size() const { return t->G; }
+};
+
+using AqGemm = gemm::Problem<AqProblem>;
+
+// Scalar path of the contract above, lane by lane.
+template <int KIND>
+void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
+                     int64_t n_end) {
+  const AqProblem& w = p.w;
+  const AqTables& t = *w.t;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* code = w.codes + n * w.row_bytes;
+    const float* srow = w.scales + n * t.groups;
+    const float* orow = w.offsets != nullptr ? w.offsets + n * t.groups : nullptr;
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const int8_t* xq = w.rows->xq.data() + m * t.K;
+      float acc[16];
+      for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
+      for (int64_t c = 0; c < t.nchunks; ++c) {
+        const int64_t start = c * t.chunk;
+        const int valid = t.lanes[c];
+        const int64_t nb = std::min(t.chunk, t.K - start) / 32;
+        const int64_t at = (m * t.nchunks + c) * 16;
+        for (int l = 0; l < 16; ++l) {
+          int64_t in[8];
+          const int cnt = t.lane_inputs(l, valid, in);
+          int32_t dot = 0;
+          for (int i = 0; i < cnt; ++i) {
+            const int64_t k = start + in[i];
+            int32_t cv;
+            int8_t xv;
+            if (KIND == kU4) {
+              const uint8_t byte = code[(k >> 5) << 4 | (k & 15)];
+              cv = (k & 16) ? (byte >> 4) : (byte & 15);
+              // xq sits where the code byte's nibble does: low nibbles first, then high
+              const int64_t r = k - start, b = r / 32, o = r % 32;
+              xv = xq[start + (o < 16 ? 16 * b + o : 16 * nb + 16 * b + o - 16)];
+            } else {
+              cv = static_cast<int8_t>(code[k]);
+              xv = xq[k];
+            }
+            dot += cv * xv;
+          }
+          const int64_t g = t.g0[c] + t.gidx[c * 16 + l];
+          const float T = static_cast<float>(dot) * w.rows->dx[at + l];
+          acc[l] = std::fma(T, srow[g], acc[l]);
+          if (orow != nullptr) acc[l] = std::fma(w.rows->u[at + l], orow[g], acc[l]);
+        }
+      }
+      float out = gemm::tree16(acc);
+      gemm::store_tile<1, 1>(p, m, n, &out);
+    }
+  }
+}
+
+#if FI_X86
+#define FI_TARGET_VNNI __attribute__((target("avx512f,avx512dq,avx512bw,avx512vnni,avx2,fma")))
+
+FI_TARGET_VNNI inline float reduce16_vnni(__m512 a) {
+  return gemm::reduce16_avx2(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+// R rows x C columns; each column's codes are unpacked once per chunk for all R rows.
+template <int R, int C, int KIND>
+FI_TARGET_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
+  static_assert(gemm::kColAlign % C == 0, "tile width must divide the column block alignment");
+  const AqProblem& w = p.w;
+  const AqTables& t = *w.t;
+  const AqRows& rows = *w.rows;
+  const int8_t* xq[R];
+  const float* dx[R];
+  const float* ur[R];
+  const int32_t* cr[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t m = std::min<int64_t>(m0 + r, p.M - 1);
+    xq[r] = rows.xq.data() + m * t.K;
+    dx[r] = rows.dx.data() + m * t.nchunks * 16;
+    ur[r] = rows.u.data() + m * t.nchunks * 16;
+    cr[r] = rows.corr.data() + m * t.nchunks * 16;
+  }
+  const uint8_t* code[C];
+  const float* srow[C];
+  const float* orow[C];
+  for (int c = 0; c < C; ++c) {
+    const int64_t n = std::min<int64_t>(n0 + c, p.N - 1);
+    code[c] = w.codes + n * w.row_bytes;
+    srow[c] = w.scales + n * t.groups;
+    orow[c] = w.offsets != nullptr ? w.offsets + n * t.groups : nullptr;
+  }
+  const bool has_off = w.offsets != nullptr;
+  __m512 acc[R * C];
+  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t ch = 0; ch < t.nchunks; ++ch) {
+    const int64_t start = ch * t.chunk;
+    const int nbytes = t.nbytes[ch];
+    const __mmask64 cmask = nbytes >= 64 ? ~0ULL : ((1ULL << nbytes) - 1ULL);
+    const __mmask16 gmask = static_cast<__mmask16>((1u << t.gcnt[ch]) - 1u);
+    const __m512i gidx = _mm512_loadu_si512(t.gidx.data() + ch * 16);
+    const int64_t g0 = t.g0[ch];
+    __m512i lo[C], hi[C];
+    __m512 s[C], o[C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i v = _mm512_maskz_loadu_epi8(cmask, code[c] + start / (KIND == kU4 ? 2 : 1));
+      if (KIND == kU4) {
+        lo[c] = _mm512_and_si512(v, nib);
+        hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      } else {
+        lo[c] = _mm512_xor_si512(v, bias);  // s8 code + 128, an unsigned byte
+      }
+      s[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, srow[c] + g0));
+      o[c] = has_off ? _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, orow[c] + g0))
+                     : _mm512_setzero_ps();
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 DX = _mm512_loadu_ps(dx[r] + ch * 16);
+      const __m512 U = _mm512_loadu_ps(ur[r] + ch * 16);
+      if (KIND == kU4) {
+        const int half = nbytes;  // a chunk's low-nibble inputs, then its high-nibble ones
+        const __m512i xl = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
+        const __m512i xh = _mm512_maskz_loadu_epi8(cmask, xq[r] + start + half);
+        for (int c = 0; c < C; ++c) {
+          const __m512i I = _mm512_dpbusd_epi32(
+              _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xl), hi[c], xh);
+          const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
+          __m512& a = acc[r * C + c];
+          a = _mm512_fmadd_ps(T, s[c], a);
+          if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
+        }
+      } else {
+        const __m512i xv = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
+        const __m512i corr = _mm512_loadu_si512(cr[r] + ch * 16);
+        for (int c = 0; c < C; ++c) {
+          const __m512i I =
+              _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xv), corr);
+          const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
+          __m512& a = acc[r * C + c];
+          a = _mm512_fmadd_ps(T, s[c], a);
+          if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
+        }
+      }
+    }
+  }
+  float out[R * C];
+  for (int i = 0; i < R * C; ++i) out[i] = reduce16_vnni(acc[i]);
+  gemm::store_tile<R, C>(p, m0, n0, out);
+}
+
+template <int R, int C, int KIND>
+FI_TARGET_VNNI void aq_block_vnni_t(const AqGemm& p, int64_t m_begin, int64_t m_end,
+                                    int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; n += C)
+    for (int64_t m = m_begin; m < m_end; m += R) aq_tile_vnni<R, C, KIND>(p, m, n);
+}
+
+template <int KIND>
+void aq_block_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
+                   int64_t n_end) {
+  const int64_t rows = m_end - m_begin;
+  if (rows == 1) {
+    aq_block_vnni_t<1, 4, KIND>(p, m_begin, m_end, n_begin, n_end);
+  } else if (rows == 2) {
+    aq_block_vnni_t<2, 4, KIND>(p, m_begin, m_end, n_begin, n_end);
+  } else {
+    aq_block_vnni_t<4, 2, KIND>(p, m_begin, m_end, n_begin, n_end);
+  }
+}
+#endif
+
+// True when the activation-quantized contract applies: integer codes and whole 32-blocks.
+inline bool aq_applies(int64_t kind, int64_t K) { return kind != kE4M3 && K % 32 == 0; }
+
+template <int KIND>
+void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
+            const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
+            int64_t M, int64_t N, int64_t K) {
+  const AqTables tables(KIND, K, G);
+  AqRows rows;
+  aq_prepare(tables, x, ldx, M, rows);
+  AqGemm p;
+  p.x = x;
+  p.ldx = ldx;
+  p.w = AqProblem{&tables, &rows, codes, row_bytes, scales, offsets};
+  p.bias = bias;
+  p.y = y;
+  p.ldy = N;
+  p.y_m0 = 0;
+  p.y_n0 = 0;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  gemm::BlockFn<AqProblem> fn = aq_block_scalar<KIND>;
+#if FI_X86
+  if (current_isa() >= Isa::kAvx512Vnni) fn = aq_block_vnni<KIND>;
+#endif
+  gemm::run_with(p, fn);
+}
+
 template <int KIND>
 void run_kind(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
               const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
@@ -277,7 +610,7 @@ void run_kind(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_byt
 
 at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size,
-                    const std::optional<at::Tensor>& bias) {
+                    const std::optional<at::Tensor>& bias, bool quantize_inputs) {
   // Type errors raise TypeError, shape/layout errors ValueError, device errors RuntimeError.
   for (const at::Tensor* t : {&x, &codes, &scales})
     TORCH_CHECK(t->device().is_cpu(), "linear_q: every tensor must be on the CPU, got ",
@@ -339,7 +672,12 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   const int64_t ldx = M > 1 ? x.stride(0) : K;
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  if (kind == kU4)
+  const bool aq = quantize_inputs && aq_applies(kind, K);
+  if (aq && kind == kU4)
+    run_aq<kU4>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+  else if (aq)
+    run_aq<kS8>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+  else if (kind == kU4)
     run_kind<kU4>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
   else if (kind == kS8)
     run_kind<kS8>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
@@ -353,6 +691,6 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {
   m.def("linear_q(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int kind, "
-        "int group_size, Tensor? bias=None) -> Tensor",
+        "int group_size, Tensor? bias=None, bool quantize_inputs=False) -> Tensor",
         &fastinfer_cpu::linear_q);
 }

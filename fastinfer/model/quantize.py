@@ -54,3 +54,12 @@ def quantize_matrix(w: torch.Tensor, scheme: str, group_size: int | str, name: s
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"{exc} (weight {name!r} has {k} inputs)", "quant_group_size") from exc
     return pack(quantize_int8(w, g) if table else quantize_int4(w, g))
+
+
+def set_input_quantization(model: torch.nn.Module, enabled: bool) -> None:
+    """Lets the kernels quantize the inputs of every packed weight of ``model`` to int8 per
+    block of 32 (``enabled``, the default: exact int8 dot products, llama.cpp's way) or keeps
+    them in float (closer to the dequantized model, slower)."""
+    for module in model.modules():
+        if isinstance(module, PackedWeight):
+            module.quantize_inputs = enabled

@@ -115,18 +115,25 @@ def linear_q_applies(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
             and weight.codes.device.type == "cpu" and weight.native_applies())
 
 
-def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Batch-invariant ``x @ dequantize(weight).T + bias`` on the CPU, dequantizing in registers.
+def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+             quantize_inputs: bool | None = None) -> torch.Tensor:
+    """Batch-invariant ``x @ dequantize(weight).T + bias`` on the CPU.
 
     Args:
         x: ``[..., K]`` float32, bfloat16 or float16 CPU tensor (computed in float32; the result
             is cast back to x's dtype).
         weight: a :class:`PackedWeight` whose groups are multiples of 32 (u4) or 16 inputs.
         bias: optional ``[N]`` tensor.
+        quantize_inputs: (default: ``weight.quantize_inputs``, True unless changed) for integer
+            codes (u4, s8) and K a multiple of 32, quantize each row's
+            inputs to int8 per block of 32 (scale ``max|x| / 127``), as llama.cpp does, and
+            compute exact int8 dot products (AVX-512 VNNI where the CPU has it, else a scalar
+            path with the same bits). Otherwise (and for fp8) each weight is formed as
+            ``fma(code, scale, offset)`` in float32 and reduced in the float32 linear's order.
 
-    Each weight is formed as ``fma(code, scale, offset)`` in float32, then every output is
-    reduced in the float32 linear's fixed order (see :func:`linear_f32`): a row's result is
-    bit-identical whatever the rest of the batch, the thread count and the SIMD path.
+    Either way every output is reduced in an order fixed by K: a row's result is bit-identical
+    whatever the rest of the batch, the thread count and the SIMD path (the two modes differ
+    from each other by the inputs' quantization error, at most ``dx / 2`` per input).
     """
     op = _linear_q_op()
     if op is None:
@@ -139,7 +146,10 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     b = bias.float().contiguous() if bias is not None else None
-    y = op(x2, weight.codes, weight.scales, weight.offsets, _KIND_INDEX[weight.kind], weight.group_size, b)
+    if quantize_inputs is None:
+        quantize_inputs = weight.quantize_inputs
+    y = op(x2, weight.codes, weight.scales, weight.offsets, _KIND_INDEX[weight.kind], weight.group_size, b,
+           quantize_inputs)
     y = y.view(*lead, y.shape[1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

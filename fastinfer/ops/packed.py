@@ -56,6 +56,9 @@ class PackedWeight(nn.Module):
             if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n, k // g)):
                 raise ValueError(f"{name} must be float32 [{n}, {k // g}], got {t.dtype} {list(t.shape)}")
         self.kind, self.out_features, self.in_features, self.group_size = kind, n, k, g
+        # Kernels may quantize the inputs to int8 per block of 32 for exact int8 dot products
+        # (llama.cpp's way; see cpu_native.linear_q). False keeps the inputs in float.
+        self.quantize_inputs = True
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("offsets", offsets.contiguous() if offsets is not None else None)
