@@ -89,7 +89,7 @@ def test_n_samples_differ_and_seed_reproduces(engine):
 def test_llm_generate_keeps_input_order_and_chat(smollm_path):
     from fastinfer import LLM
 
-    llm = LLM(smollm_path, dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
+    llm = LLM(smollm_path, dtype="float32", kv_cache_memory="64MiB", max_model_len=512, quantization="none")
     prompts = ["Count: one, two,", "The color of the sky is", [1, 504, 3575]]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (9, 3, 6)]
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -1,8 +1,9 @@
-"""``fastinfer`` command line: ``generate``, ``chat``, ``bench`` and ``eval`` (more subcommands come with
-their issues)."""
+"""``fastinfer`` command line: ``generate``, ``chat``, ``bench``, ``eval`` and ``quantize`` (more
+subcommands come with their issues)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fastinfer.cli.bench import add_bench_parser
     from fastinfer.cli.eval import add_eval_parser
 
+    quant = sub.add_parser("quantize", help="quantize a model once and write a folder that loads directly")
+    quant.add_argument("model", help="alias, .gguf file or Hugging Face folder")
+    add_quantization_args(quant)
+    quant.add_argument("--out", required=True, type=os.path.expanduser, help="output folder (created)")
     add_bench_parser(sub)
     add_eval_parser(sub)
     return parser
@@ -139,13 +144,31 @@ def _reply(llm, history: list[dict], params) -> str:
             del history[first:first + 2]  # the oldest user turn and its answer
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``fastinfer quantize``: quantizes once and writes a folder that ``LLM(folder)`` loads."""
+    from fastinfer.engine.config import QUANT_FIELDS, EngineConfig
+    from fastinfer.errors import InvalidArgumentError
+    from fastinfer.model.export import quantize_to_folder
+
+    if args.quantization not in ("int8", "int4", "fp8"):
+        raise InvalidArgumentError(f"--quantization must be int8, int4 or fp8 to write a quantized folder, got "
+                                   f"{args.quantization!r}", "quantization")
+    config = EngineConfig(model=args.model, **{f: getattr(args, f) for f in QUANT_FIELDS})  # checks the settings
+    source = quantize_to_folder(config.model, args.out, config.quantization, config.quant_group_size,
+                                config.quant_method)
+    print(f"wrote {args.out} ({config.quantization}, group {config.quant_group_size}, {config.quant_method}) "
+          f"from {source}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastinfer`` command."""
     args = build_parser().parse_args(argv)
     from fastinfer.cli.bench import run_bench
     from fastinfer.cli.eval import run_eval
 
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "bench": run_bench, "eval": run_eval}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "bench": run_bench, "eval": run_eval,
+                "quantize": cmd_quantize}
     try:
         return handlers[args.command](args)
     except (FastInferError, ValueError) as exc:

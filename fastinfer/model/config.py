@@ -81,6 +81,19 @@ class ModelConfig:
             eos_token_ids=tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else [])),
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict that :meth:`from_hf` reads back to this config."""
+        arch = next(a for a, fam in SUPPORTED_ARCHITECTURES.items() if fam == self.family)
+        return {
+            "architectures": [arch], "model_type": self.family, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "rope_scaling": self.rope_scaling, "eos_token_id": list(self.eos_token_ids),
+        }
+
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], has_output_weight: bool,
                   rope_freq_factors: list[float] | None = None) -> ModelConfig:

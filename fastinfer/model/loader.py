@@ -11,6 +11,7 @@ import torch
 from fastinfer.errors import ConfigError, InvalidArgumentError, ModelLoadError
 from fastinfer.model import gguf_loader
 from fastinfer.model.config import ModelConfig
+from fastinfer.model.export import packed_weights, quantization_config
 from fastinfer.model.llama import LlamaForCausalLM
 from fastinfer.model.quantize import SCHEMES, quantize_weights
 from fastinfer.model.registry import resolve_model_path
@@ -35,25 +36,10 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, quantizatio
     ``quantization``: None keeps a GGUF file's quantized blocks and a float model in float;
     ``"none"`` dequantizes everything; ``"gguf"`` keeps the blocks and refuses a float model;
     ``"int8"``, ``"int4"`` and ``"fp8"`` quantize the float (or dequantized) weights at load
-    (``quant_group_size`` applies to int4).
+    (``quant_group_size`` applies to int4). A folder written by ``fastinfer quantize`` loads as
+    saved (None, or its own scheme), or dequantized (``"none"``).
     """
-    path = resolve_model_path(model)
-    keep = quantization in (None, "gguf")
-    if os.path.isdir(path):
-        cfg, weights, tok = _read_hf_folder(path, keep)
-    elif path.endswith(".gguf"):
-        cfg, weights, tok = _read_gguf(path, keep)
-    else:
-        raise ModelLoadError(f"{path} is not a .gguf file or a model folder")
-    if quantization == "gguf" and not any(isinstance(w, PackedWeight) for w in weights.values()):
-        raise ConfigError(f"quantization='gguf' keeps a GGUF file's quantized blocks, but {path} has no "
-                          "quantized tensors; use quantization='int8', 'int4' or 'fp8' to quantize it",
-                          "quantization")
-    if quantization in SCHEMES:
-        try:
-            weights = quantize_weights(weights, quantization, quant_group_size)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"{path}: {exc}", exc.argument) from exc
+    path, cfg, weights, tok = read_weights(model, quantization, quant_group_size)
     net = LlamaForCausalLM(cfg, dtype)
     try:
         net.load_weights(weights)
@@ -64,6 +50,35 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, quantizatio
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot place the weights on {device}: {exc}") from exc
     return LoadedModel(cfg, net.eval(), tok, path)
+
+
+def read_weights(model: str, quantization: str | None = None, quant_group_size: int | str = 32):
+    """``(path, config, weights, tokenizer)`` of ``model``, its weights as ``quantization``
+    asks (see :func:`load_model`): HF-named float tensors and packed weights."""
+    path = resolve_model_path(model)
+    keep = quantization in (None, "gguf")
+    if os.path.isdir(path):
+        cfg, weights, tok, saved = _read_hf_folder(path, keep)
+    elif path.endswith(".gguf"):
+        (cfg, weights, tok), saved = _read_gguf(path, keep), None
+    else:
+        raise ModelLoadError(f"{path} is not a .gguf file or a model folder")
+    has_packed = any(isinstance(w, PackedWeight) for w in weights.values())
+    if quantization == "gguf" and (saved is not None or not has_packed):
+        raise ConfigError(f"quantization='gguf' keeps a GGUF file's quantized blocks, but {path} has no "
+                          "quantized GGUF tensors; use quantization='int8', 'int4' or 'fp8' to quantize it",
+                          "quantization")
+    if saved is not None and quantization in SCHEMES and quantization != saved.get("quantization"):
+        raise ConfigError(f"{path} holds weights already quantized with {saved.get('quantization')!r}; load it "
+                          f"with quantization=None (or 'none' to dequantize), not {quantization!r}", "quantization")
+    if quantization == "none" and has_packed:
+        weights = {n: w.dequantize() if isinstance(w, PackedWeight) else w for n, w in weights.items()}
+    elif quantization in SCHEMES and saved is None:
+        try:
+            weights = quantize_weights(weights, quantization, quant_group_size)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{path}: {exc}", exc.argument) from exc
+    return path, cfg, weights, tok
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -100,18 +115,24 @@ def _tokenizer(build, source, path: str) -> Tokenizer:
 
 
 def _read_hf_folder(path: str, keep_quantized: bool = False):
+    """``(config, weights, tokenizer, quantization_config)``; the last is None for a float folder."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
         if ggufs:
-            return _read_gguf(ggufs[0], keep_quantized)
+            return (*_read_gguf(ggufs[0], keep_quantized), None)
         raise ModelLoadError(f"{path} has no config.json (not a Hugging Face model folder)")
     try:
         with open(cfg_path) as f:
-            cfg = ModelConfig.from_hf(json.load(f))
+            raw = json.load(f)
+        cfg = ModelConfig.from_hf(raw)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
         raise ModelLoadError(f"{cfg_path} is not a valid model config: {type(exc).__name__}: {exc}") from exc
-    return cfg, _read_safetensors(path), _tokenizer(Tokenizer.from_folder, path, path)
+    saved = quantization_config(raw)
+    weights = _read_safetensors(path)
+    if saved is not None:
+        weights = packed_weights(weights, saved)
+    return cfg, weights, _tokenizer(Tokenizer.from_folder, path, path), saved
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:

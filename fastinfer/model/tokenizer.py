@@ -148,6 +148,17 @@ class Tokenizer:
             chat_template=_folder_chat_template(path, config),
         )
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (BOS/EOS tokens, whether a BOS
+        is added, the chat template) to the folder ``path``: :meth:`from_folder` reads them back."""
+        path = os.fspath(path)
+        self._backend.save(os.path.join(path, "tokenizer.json"))
+        config = {"bos_token": self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else None,
+                  "eos_token": self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else None,
+                  "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
     # ----------------------------------------------------------------------------- encode / decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -116,7 +116,7 @@ def test_bad_quantization_settings_get_clear_errors(tmp_path, smollm_path, hf_sm
     # quantization="gguf" on a float model
     folder = save_tiny_model(tmp_path / "tiny", "llama", hf_smollm_tokenizer)
     with pytest.raises(ConfigError, match="quantization='gguf' keeps a GGUF file's quantized blocks, but .* has no "
-                                          "quantized tensors"):
+                                          "quantized GGUF tensors"):
         load_model(folder, torch.float32, CPU, "gguf")
     # fp8 on a GPU without fp8 support
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
