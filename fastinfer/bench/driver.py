@@ -78,6 +78,9 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
          "input_lens": workload.input_lens, "output_lens": workload.output_lens}
     doc = build_result(args.bench_command, args.model, str(engine.dtype).removeprefix("torch."), str(engine.device),
                        w, results, collect_env(torch.get_num_threads()))
+    # fastinfer's quantization settings and the memory they give (extra keys: schema_version 1 allows them)
+    doc["quantization"] = {f: getattr(config, f) for f in QUANT_FIELDS}
+    doc["weight_bytes"], doc["kv_bytes_per_token"] = engine.weight_bytes, engine.kv_bytes_per_token
     print(report.to_text(doc))
     if command_line:
         print(f"\nreproduce: {command_line}")

@@ -26,6 +26,8 @@ def quick_result(tmp_path_factory):
 def test_quick_throughput_writes_a_valid_document(quick_result):
     doc = load_result(quick_result["json"])  # validates the schema
     assert doc["command"] == "throughput" and doc["model"] == "smollm2-135m"
+    assert doc["quantization"]["quantization"] is None and doc["quantization"]["kv_cache_dtype"] == "auto"
+    assert 0 < doc["weight_bytes"] < 200e6  # the GGUF file's blocks, kept
     assert set(doc["results"]) == {"fastinfer", "torch-naive"}
     w = doc["workload"]
     assert w["num_prompts"] == 3 and all(4 <= n <= 8 for n in w["output_lens"])
