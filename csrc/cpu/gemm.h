@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "isa.h"
 
@@ -314,6 +315,46 @@ void block_avx512(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n
 constexpr int64_t kColAlign = 16;
 constexpr int64_t kMaxColBlock = 64;
 constexpr int64_t kMaxRowBlock = 256;
+
+// A Problem for y = x @ W.T (+ bias) with y a contiguous [M, N] output.
+template <class L>
+Problem<L> make_problem(const float* x, int64_t ldx, L w, const float* bias, float* y, int64_t M,
+                        int64_t N, int64_t K) {
+  Problem<L> p;
+  p.x = x;
+  p.ldx = ldx;
+  p.w = w;
+  p.bias = bias;
+  p.y = y;
+  p.ldy = N;
+  p.y_m0 = 0;
+  p.y_n0 = 0;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  return p;
+}
+
+// Walks a block in narrow R x C tiles (C divides kColAlign, so a tile never straddles two
+// column blocks): 1 x 4 for one row, 2 x 4 for two, 4 x 2 otherwise. ``Tiles::template
+// tile<R, C>(p, m, n)`` computes one tile.
+template <class Tiles, class L>
+void narrow_blocks(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
+                   int64_t n_end) {
+  auto walk = [&](auto r, auto c) {
+    constexpr int R = decltype(r)::value, C = decltype(c)::value;
+    for (int64_t n = n_begin; n < n_end; n += C)
+      for (int64_t m = m_begin; m < m_end; m += R) Tiles::template tile<R, C>(p, m, n);
+  };
+  const int64_t rows = m_end - m_begin;
+  if (rows == 1) {
+    walk(std::integral_constant<int, 1>(), std::integral_constant<int, 4>());
+  } else if (rows == 2) {
+    walk(std::integral_constant<int, 2>(), std::integral_constant<int, 4>());
+  } else {
+    walk(std::integral_constant<int, 4>(), std::integral_constant<int, 2>());
+  }
+}
 
 template <class L>
 using BlockFn = void (*)(const Problem<L>&, int64_t, int64_t, int64_t, int64_t);

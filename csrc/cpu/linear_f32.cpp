@@ -86,18 +86,9 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
   }
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
-  gemm::Problem<F32Rows> p;
-  p.x = x.data_ptr<float>();
-  p.ldx = M > 1 ? x.stride(0) : K;
-  p.w = F32Rows{w.data_ptr<float>(), N > 1 ? w.stride(0) : K};
-  p.bias = bias_ptr;
-  p.y = y.data_ptr<float>();
-  p.ldy = N;
-  p.y_m0 = 0;
-  p.y_n0 = 0;
-  p.M = M;
-  p.N = N;
-  p.K = K;
+  const auto p = gemm::make_problem(x.data_ptr<float>(), M > 1 ? x.stride(0) : K,
+                                    F32Rows{w.data_ptr<float>(), N > 1 ? w.stride(0) : K}, bias_ptr,
+                                    y.data_ptr<float>(), M, N, K);
   gemm::run(p);
   return y;
 }

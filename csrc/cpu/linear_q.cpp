@@ -233,25 +233,13 @@ FI_TARGET_AVX512 void qtile_avx512(const gemm::Problem<QuantRows<KIND>>& p, int6
   gemm::store_tile<R, C>(p, m0, n0, out);
 }
 
-template <int R, int C, int KIND>
-FI_TARGET_AVX512 void qblock_avx512_t(const gemm::Problem<QuantRows<KIND>>& p, int64_t m_begin,
-                                      int64_t m_end, int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; n += C)
-    for (int64_t m = m_begin; m < m_end; m += R) qtile_avx512<R, C, KIND>(p, m, n);
-}
-
 template <int KIND>
-void qblock_avx512(const gemm::Problem<QuantRows<KIND>>& p, int64_t m_begin, int64_t m_end,
-                   int64_t n_begin, int64_t n_end) {
-  const int64_t rows = m_end - m_begin;
-  if (rows == 1) {
-    qblock_avx512_t<1, 4, KIND>(p, m_begin, m_end, n_begin, n_end);
-  } else if (rows == 2) {
-    qblock_avx512_t<2, 4, KIND>(p, m_begin, m_end, n_begin, n_end);
-  } else {
-    qblock_avx512_t<4, 2, KIND>(p, m_begin, m_end, n_begin, n_end);
+struct QTiles {
+  template <int R, int C>
+  static void tile(const gemm::Problem<QuantRows<KIND>>& p, int64_t m, int64_t n) {
+    qtile_avx512<R, C, KIND>(p, m, n);
   }
-}
+};
 #endif
 
 // ================================================================ activation-quantized path
@@ -535,25 +523,13 @@ FI_TARGET_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
   gemm::store_tile<R, C>(p, m0, n0, out);
 }
 
-template <int R, int C, int KIND>
-FI_TARGET_VNNI void aq_block_vnni_t(const AqGemm& p, int64_t m_begin, int64_t m_end,
-                                    int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; n += C)
-    for (int64_t m = m_begin; m < m_end; m += R) aq_tile_vnni<R, C, KIND>(p, m, n);
-}
-
 template <int KIND>
-void aq_block_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
-                   int64_t n_end) {
-  const int64_t rows = m_end - m_begin;
-  if (rows == 1) {
-    aq_block_vnni_t<1, 4, KIND>(p, m_begin, m_end, n_begin, n_end);
-  } else if (rows == 2) {
-    aq_block_vnni_t<2, 4, KIND>(p, m_begin, m_end, n_begin, n_end);
-  } else {
-    aq_block_vnni_t<4, 2, KIND>(p, m_begin, m_end, n_begin, n_end);
+struct AqTiles {
+  template <int R, int C>
+  static void tile(const AqGemm& p, int64_t m, int64_t n) {
+    aq_tile_vnni<R, C, KIND>(p, m, n);
   }
-}
+};
 #endif
 
 // True when the activation-quantized contract applies: integer codes and whole 32-blocks.
@@ -566,21 +542,11 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
   const AqTables tables(KIND, K, G);
   AqRows rows;
   aq_prepare(tables, x, ldx, M, rows);
-  AqGemm p;
-  p.x = x;
-  p.ldx = ldx;
-  p.w = AqProblem{&tables, &rows, codes, row_bytes, scales, offsets};
-  p.bias = bias;
-  p.y = y;
-  p.ldy = N;
-  p.y_m0 = 0;
-  p.y_n0 = 0;
-  p.M = M;
-  p.N = N;
-  p.K = K;
+  const AqGemm p = gemm::make_problem(x, ldx, AqProblem{&tables, &rows, codes, row_bytes, scales, offsets},
+                                      bias, y, M, N, K);
   gemm::BlockFn<AqProblem> fn = aq_block_scalar<KIND>;
 #if FI_X86
-  if (current_isa() >= Isa::kAvx512Vnni) fn = aq_block_vnni<KIND>;
+  if (current_isa() >= Isa::kAvx512Vnni) fn = gemm::narrow_blocks<AqTiles<KIND>, AqProblem>;
 #endif
   gemm::run_with(p, fn);
 }
@@ -589,20 +555,10 @@ template <int KIND>
 void run_kind(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
               const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
               int64_t M, int64_t N, int64_t K) {
-  gemm::Problem<QuantRows<KIND>> p;
-  p.x = x;
-  p.ldx = ldx;
-  p.w = QuantRows<KIND>{codes, row_bytes, scales, offsets, K / G, G};
-  p.bias = bias;
-  p.y = y;
-  p.ldy = N;
-  p.y_m0 = 0;
-  p.y_n0 = 0;
-  p.M = M;
-  p.N = N;
-  p.K = K;
+  const auto p = gemm::make_problem(x, ldx, QuantRows<KIND>{codes, row_bytes, scales, offsets, K / G, G},
+                                    bias, y, M, N, K);
 #if FI_X86
-  gemm::run(p, qblock_avx512<KIND>);
+  gemm::run(p, gemm::narrow_blocks<QTiles<KIND>, QuantRows<KIND>>);
 #else
   gemm::run(p);
 #endif
