@@ -38,7 +38,8 @@ def native_cpu() -> CppExtension:
     # at::parallel_for use torch's OpenMP pool (torch ships and loads libgomp.so.1).
     return CppExtension(
         "fastinfer._C_cpu",
-        ["csrc/cpu/linear_f32.cpp", "csrc/cpu/linear_q.cpp", "csrc/cpu/paged_attention.cpp"],
+        ["csrc/cpu/linear_f32.cpp", "csrc/cpu/linear_q.cpp", "csrc/cpu/paged_attention.cpp",
+         "csrc/cpu/kv_cache.cpp"],
         extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
     )

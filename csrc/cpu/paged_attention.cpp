@@ -1,4 +1,6 @@
-// Causal paged attention for the CPU: float32 or bfloat16 inputs, float32 math.
+// Causal paged attention for the CPU: float32 or bfloat16 queries; float32, bfloat16 or
+// quantized (int8 / fp8 e4m3 codes with a float32 scale per token and kv head, kv_format.h)
+// caches, read as float(code) * scale; float32 math.
 //
 // Inputs: packed queries q [T, H, D]; paged caches k_cache, v_cache [num_blocks, block_size,
 // Hkv, D]; per sequence i its queries q[qsl[i]:qsl[i+1]] are the last L_i of its n_i cached
@@ -43,6 +45,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "kv_format.h"
 
 
 namespace fastinfer_cpu {
@@ -236,8 +239,11 @@ struct Problem {
   int64_t q_s0, q_s1;
   const char* k;           // caches, contiguous [num_blocks, bs, Hkv, D]
   const char* v;
+  KvKind kv;               // the caches' element format
+  const float* ks;         // quantized caches: scales [num_blocks, bs, Hkv] (else null)
+  const float* vs;
   char* out;               // [T, H, D] contiguous, q's dtype
-  bool bf16;
+  bool bf16;               // q and out are bfloat16 (else float32)
   int64_t esize;
   int64_t bs, H, Hkv, G, D;
   const void* bt;          // block table [B, W], int32 or int64, strides bt_s0, bt_s1
@@ -314,16 +320,20 @@ void tile_tokens(const Problem& p, int64_t seq, int64_t t0, int64_t nk, int64_t*
 }
 
 // Points k[c], v[c] at the tile's tokens for kv head kvh (converted to float32 in `buf` for
-// bf16 caches).
+// bf16 and quantized caches: float(code) * scale).
 void gather_head(const Problem& p, const Kernels& kern, const int64_t* tok, int64_t nk,
                  int64_t kvh, float* buf, const float** k, const float** v) {
   const int64_t off = kvh * p.D;
   for (int64_t c = 0; c < kTile; ++c) {
-    if (p.bf16) {
-      if (c < nk) {
+    if (p.kv != KvKind::kF32) {
+      if (c < nk && p.kv == KvKind::kBF16) {
         kern.bf16_to_f32(reinterpret_cast<const uint16_t*>(p.k) + tok[c] + off, buf + c * p.D, p.D);
         kern.bf16_to_f32(reinterpret_cast<const uint16_t*>(p.v) + tok[c] + off,
                          buf + (kTile + c) * p.D, p.D);
+      } else if (c < nk) {  // one-byte codes; the row's scale sits at its element offset / D
+        const int64_t row = (tok[c] + off) / p.D;
+        kv_dequantize_row(p.kv, p.k + tok[c] + off, p.ks[row], buf + c * p.D, p.D);
+        kv_dequantize_row(p.kv, p.v + tok[c] + off, p.vs[row], buf + (kTile + c) * p.D, p.D);
       }
       const int64_t cc = std::min<int64_t>(c, nk - 1);
       k[c] = buf + cc * p.D;
@@ -449,11 +459,14 @@ std::vector<int64_t> int_vector(const at::Tensor& t, const char* name, int64_t s
   return out;
 }
 
+bool quantized_dtype(at::ScalarType t) { return t == at::kChar || t == at::kFloat8_e4m3fn; }
+
 void check_cache(const at::Tensor& c, const char* name, const at::Tensor& q) {
   TORCH_CHECK(c.device().is_cpu(), "paged_attention: ", name, " must be a CPU tensor, got ",
               c.device());
-  TORCH_CHECK_TYPE(c.scalar_type() == q.scalar_type(), "paged_attention: ", name,
-                   " must have q's dtype ", q.scalar_type(), ", got ", c.scalar_type());
+  TORCH_CHECK_TYPE(c.scalar_type() == q.scalar_type() || quantized_dtype(c.scalar_type()),
+                   "paged_attention: ", name, " must have q's dtype ", q.scalar_type(),
+                   " or be quantized (int8, float8_e4m3fn), got ", c.scalar_type());
   TORCH_CHECK_VALUE(c.dim() == 4, "paged_attention: ", name,
                     " must be 4-D [num_blocks, block_size, Hkv, D], got shape ", c.sizes());
   TORCH_CHECK_VALUE(c.size(3) == q.size(2), "paged_attention: ", name, " must have D = ",
@@ -482,10 +495,26 @@ void check_sequences(const Problem& p, int64_t B, int64_t T, int64_t W, int64_t 
   }
 }
 
+// Scales of a quantized cache: float32, contiguous [num_blocks, block_size, Hkv].
+const float* cache_scales(const c10::optional<at::Tensor>& s, const char* name,
+                          const at::Tensor& cache) {
+  TORCH_CHECK_VALUE(s.has_value(), "paged_attention: a ", cache.scalar_type(), " cache needs ",
+                    name, " (float32 [num_blocks, block_size, Hkv])");
+  TORCH_CHECK(s->device().is_cpu(), "paged_attention: ", name, " must be a CPU tensor");
+  TORCH_CHECK_TYPE(s->scalar_type() == at::kFloat, "paged_attention: ", name,
+                   " must be float32, got ", s->scalar_type());
+  TORCH_CHECK_VALUE(s->dim() == 3 && s->size(0) == cache.size(0) && s->size(1) == cache.size(1) &&
+                    s->size(2) == cache.size(2) && s->is_contiguous(),
+                    "paged_attention: ", name, " must be contiguous [num_blocks, block_size, Hkv] = ",
+                    cache.sizes().slice(0, 3), ", got shape ", s->sizes());
+  return s->data_ptr<float>();
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& query_start_loc, const at::Tensor& context_lens,
-                           double scale) {
+                           double scale, const c10::optional<at::Tensor>& k_scale,
+                           const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.device().is_cpu(), "paged_attention: q must be a CPU tensor, got ", q.device());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
                    "paged_attention: q must be float32 or bfloat16, got ", q.scalar_type());
@@ -500,6 +529,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   check_cache(v_cache, "v_cache", q);
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "paged_attention: v_cache must have "
                     "k_cache's shape ", k_cache.sizes(), ", got ", v_cache.sizes());
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), "paged_attention: v_cache "
+                   "must have k_cache's dtype ", k_cache.scalar_type(), ", got ",
+                   v_cache.scalar_type());
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK_VALUE(bs > 0, "paged_attention: k_cache's block_size must be positive, got shape ",
                     k_cache.sizes());
@@ -526,6 +558,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.k = static_cast<const char*>(k_cache.data_ptr());
   p.v = static_cast<const char*>(v_cache.data_ptr());
   p.out = static_cast<char*>(out.data_ptr());
+  const at::ScalarType ct = k_cache.scalar_type();
+  p.kv = ct == at::kFloat ? KvKind::kF32 : ct == at::kBFloat16 ? KvKind::kBF16
+       : ct == at::kChar  ? KvKind::kI8  : KvKind::kE4M3;
+  p.ks = kv_quantized(p.kv) ? cache_scales(k_scale, "k_scale", k_cache) : nullptr;
+  p.vs = kv_quantized(p.kv) ? cache_scales(v_scale, "v_scale", v_cache) : nullptr;
   p.bf16 = q.scalar_type() == at::kBFloat16;
   p.esize = q.element_size();
   p.bs = bs;
@@ -550,6 +587,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor",
+        "Tensor query_start_loc, Tensor context_lens, float scale, Tensor? k_scale=None, "
+        "Tensor? v_scale=None) -> Tensor",
         &fastinfer_cpu::paged_attention);
 }

@@ -68,6 +68,7 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     the quantization fields of ``EngineConfig`` (``QUANT_FIELDS``), on every command that loads
     a model."""
     from fastinfer.engine.config import QUANT_METHODS, QUANTIZATIONS
+    from fastinfer.ops.kv import KV_ALIASES, KV_CACHE_DTYPES
 
     p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q is not None],
                    help="default: keep a GGUF file's quantized blocks, a float model in float; "
@@ -75,5 +76,7 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-group-size", type=_adapt(str, _group_size, "32, 64, 128 or auto"), default=32,
                    help="int4 group size: 32 | 64 | 128 | auto (default 32)")
     p.add_argument("--quant-method", default="rtn", choices=list(QUANT_METHODS), help="default rtn")
-    p.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (default auto: the model dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=[*KV_CACHE_DTYPES, *KV_ALIASES],
+                   help="KV-cache element type: auto (the model dtype), or int8 / fp8 codes with a scale per "
+                        "token and head")
 

@@ -11,6 +11,7 @@ import torch
 
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
+from fastinfer.ops.kv import KV_ALIASES, KV_CACHE_DTYPES
 from fastinfer.quant.rtn import check_group_size
 from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
                                   check_str, parse_bytes, parse_device)
@@ -41,6 +42,9 @@ class EngineConfig:
     ``quant_group_size`` inputs with a scale and an offset: 32, 64, 128 or ``"auto"``, the
     largest that divides each layer's input dimension) and ``"fp8"`` (e4m3, per channel)
     quantize at load; ``"gguf"`` keeps a GGUF file's blocks and refuses a float model.
+    ``kv_cache_dtype``: ``"auto"`` stores keys and values in the model's dtype; ``"int8"`` and
+    ``"fp8"`` (alias ``"fp8_e4m3"``) store codes with a float32 scale per token and kv head
+    (``fastinfer.ops.kv``), about half a bfloat16 cache.
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
@@ -78,7 +82,9 @@ class EngineConfig:
                               "quant_method")
         if self.quantization == "fp8":
             _check_fp8(self.torch_device())
-        check_choice("kv_cache_dtype", self.kv_cache_dtype, ["auto"])
+        kv_dtype = KV_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype) if isinstance(self.kv_cache_dtype, str) \
+            else self.kv_cache_dtype
+        self._set("kv_cache_dtype", check_choice("kv_cache_dtype", kv_dtype, list(KV_CACHE_DTYPES)))
         for name in ("block_size", "max_num_seqs"):
             self._set(name, check_int(name, getattr(self, name), lo=1))
         for name in ("max_num_batched_tokens", "max_model_len"):

@@ -18,6 +18,7 @@ from fastinfer.engine.request import Request, Sample
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.kv_cache.cache import KVCache, bytes_per_block
+from fastinfer.ops import kv
 from fastinfer.model.loader import LoadedModel, load_model, weight_bytes
 from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
@@ -50,6 +51,7 @@ class Engine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
+        self.kv_dtype = kv.code_dtype(config.kv_cache_dtype, self.dtype)
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.quantization,
                                            config.quant_group_size)
         mcfg = self.loaded.config
@@ -71,7 +73,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.weight_bytes = weight_bytes(self.loaded.model)
-        self.kv_bytes_per_token = bytes_per_block(mcfg.num_layers, 1, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        self.kv_bytes_per_token = bytes_per_block(mcfg.num_layers, 1, mcfg.num_kv_heads, mcfg.head_dim,
+                                                  self.kv_dtype)
 
     def _max_model_len(self, model_limit: int) -> int:
         wanted = self.config.max_model_len
@@ -83,13 +86,13 @@ class Engine:
     def _allocate_kv_cache(self) -> KVCache:
         """The cache tensors, as many blocks as the budget holds (at least one)."""
         mcfg, bs = self.loaded.config, self.config.block_size
-        per_block = bytes_per_block(mcfg.num_layers, bs, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        per_block = bytes_per_block(mcfg.num_layers, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype)
         num_blocks = kv_cache_budget(self.config, self.device) // per_block
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_memory holds no block: one block of {bs} tokens needs {per_block} "
                               "bytes", "kv_cache_memory")
         try:
-            return KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, self.dtype,
+            return KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype,
                            self.device)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             raise ConfigError(f"cannot allocate the KV cache ({num_blocks} blocks of {per_block} bytes) on "

@@ -7,6 +7,7 @@ from torch import nn
 from fastinfer import ops
 from fastinfer.layers.linear import Linear
 from fastinfer.layers.rotary import RotaryEmbedding
+from fastinfer.ops.kv import CacheLayer
 from fastinfer.ops.metadata import AttentionMetadata
 
 
@@ -23,7 +24,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, hidden, bias=False, dtype=dtype)
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: CacheLayer,
                 meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -31,7 +32,7 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        k_cache, v_cache = kv_cache
-        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        k_cache, v_cache, k_scale, v_scale = kv_cache
+        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, k_scale, v_scale)
         return self.o_proj(o.reshape(T, self.q_size))

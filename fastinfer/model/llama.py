@@ -15,6 +15,7 @@ from fastinfer.layers.mlp import GatedMLP
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
 from fastinfer.model.config import ModelConfig
+from fastinfer.ops.kv import CacheLayer
 from fastinfer.ops.metadata import AttentionMetadata
 
 
@@ -50,7 +51,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[CacheLayer], meta: AttentionMetadata) -> torch.Tensor:
         """``token_ids, positions [T]`` -> final hidden states ``[T, hidden]``."""
         x = self.embed_tokens(token_ids)
         for layer, kv in zip(self.layers, kv_caches):

@@ -12,6 +12,7 @@ import torch
 
 from fastinfer._native import native
 from fastinfer.model.llama import LlamaForCausalLM
+from fastinfer.ops.kv import CacheLayer
 from fastinfer.ops.metadata import AttentionMetadata
 
 
@@ -39,10 +40,10 @@ class PreparedBatch:
 
 
 class ModelRunner:
-    """Runs ``model`` over a paged KV cache: ``kv_layers`` holds each layer's ``(k_cache,
-    v_cache)``, ``[num_blocks, block_size, num_kv_heads, head_dim]`` each."""
+    """Runs ``model`` over a paged KV cache: ``kv_layers`` holds each layer's
+    :class:`~fastinfer.ops.kv.CacheLayer` (keys, values and, quantized, their scales)."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, model: LlamaForCausalLM, kv_layers: list[CacheLayer],
                  block_size: int, device: torch.device) -> None:
         self.model, self.kv_layers, self.block_size, self.device = model, kv_layers, block_size, device
 

@@ -32,10 +32,12 @@ if cpu_native.available():
     register("paged_attention", "cpu_native", cpu_native.paged_attention, cpu_native.paged_attention_applies)
     # Dequantizes in registers, then the float32 linear's fixed reduction order: batch-invariant.
     register("quantized_linear", "cpu_native", cpu_native.linear_q, cpu_native.linear_q_applies)
+    # Same casts and per-row quantization as the reference, bit for bit.
+    register("reshape_and_cache", "cpu_native", cpu_native.reshape_and_cache, cpu_native.reshape_and_cache_applies)
 
 
-def _cuda_cache_write_applies(key, value, k_cache, v_cache, slot_mapping) -> bool:
-    return (key.is_cuda and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
+def _cuda_cache_write_applies(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> bool:
+    return (key.is_cuda and k_scale is None and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
             and key.stride(-1) == 1 and value.stride(-1) == 1)
 
 
@@ -73,15 +75,19 @@ def rotary_embedding(positions, q, k, cos_sin):
     return select("rotary_embedding", positions, q, k, cos_sin)(positions, q, k, cos_sin)
 
 
-def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Stores this step's keys and values in the paged cache."""
-    select("reshape_and_cache", key, value, k_cache, v_cache, slot_mapping)(
-        key, value, k_cache, v_cache, slot_mapping)
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Stores this step's keys and values in the paged cache (quantizing them per token and
+    head when the cache is int8 or fp8 and ``k_scale, v_scale`` are given)."""
+    args = (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    select("reshape_and_cache", *args)(*args)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of packed queries over the paged cache."""
-    return select("paged_attention", q, k_cache, v_cache, meta, scale)(q, k_cache, v_cache, meta, scale)
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                    k_scale=None, v_scale=None) -> torch.Tensor:
+    """Causal attention of packed queries over the paged cache (float, or int8 / fp8 codes
+    with per token and head ``k_scale, v_scale``)."""
+    args = (q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    return select("paged_attention", *args)(*args)
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.packed import PackedWeight
 
 __all__ = ["available", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
-           "paged_attention_applies"]
+           "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,6 +162,7 @@ def _paged_attention_op():
 
 
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+_QUANTIZED_CACHE = (torch.int8, torch.float8_e4m3fn)
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,16 +171,31 @@ def _has_paged_attention() -> bool:
     return _load() and hasattr(torch.ops.fastinfer_cpu, "paged_attention")
 
 
+def _cache_dtype_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         k_scale: torch.Tensor | None) -> bool:
+    """The caches hold q's dtype, or int8 / fp8 codes with their scales."""
+    if k_cache.dtype in _QUANTIZED_CACHE:
+        return v_cache.dtype == k_cache.dtype and k_scale is not None and _has_quantized_cache()
+    return k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+
+
+@functools.lru_cache(maxsize=1)
+def _has_quantized_cache() -> bool:
+    """False for an extension built before quantized caches (rebuild to get them)."""
+    return _load() and hasattr(torch.ops.fastinfer_cpu, "reshape_and_cache")
+
+
 def paged_attention_applies(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float,
+    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> bool:
     """True when :func:`paged_attention` takes these inputs: the extension is built, all
-    tensors are on the CPU in float32 or bfloat16 (one dtype), q is ``[T, H, D]`` with D a
-    multiple of 16 up to 256, and the caches are contiguous ``[num_blocks, block_size, Hkv, D]``."""
+    tensors are on the CPU, q is float32 or bfloat16 ``[T, H, D]`` with D a multiple of 16 up
+    to 256, and the caches are contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype or
+    quantized (int8 / float8_e4m3fn with float32 scales)."""
     return (
         _has_paged_attention() and q.device.type == "cpu" and q.dtype in _ATTENTION_DTYPES
-        and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+        and _cache_dtype_applies(q, k_cache, v_cache, k_scale)
         and k_cache.device.type == "cpu" and v_cache.device.type == "cpu"
         and q.dim() == 3 and k_cache.dim() == 4 and q.shape[2] % 16 == 0 and 16 <= q.shape[2] <= 256
         and k_cache.shape[3] == q.shape[2] and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -188,7 +204,7 @@ def paged_attention_applies(
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float,
+    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over the paged KV cache (same contract as
     :func:`fastinfer.ops.reference.paged_attention`), batch-invariant.
@@ -196,8 +212,10 @@ def paged_attention(
     Args:
         q: ``[T, H, D]`` float32 or bfloat16 CPU tensor, any strides (copied only when its last
             dim is strided). D: a multiple of 16.
-        k_cache, v_cache: contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype;
+        k_cache, v_cache: contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype, or int8 /
+            float8_e4m3fn codes read as ``float(code) * scale`` (``fastinfer.ops.kv``);
             ``H % Hkv == 0`` (query head h reads kv head ``h // (H // Hkv)``).
+        k_scale, v_scale: float32 ``[num_blocks, block_size, Hkv]``, for quantized caches.
         meta: ``query_start_loc`` (B+1 ints), ``context_lens`` (B ints) and ``block_tables``
             (``[B, W]`` int32/int64) of the batch; sequence i's queries are the last
             ``query_start_loc[i+1] - query_start_loc[i]`` of its ``context_lens[i]`` tokens.
@@ -218,7 +236,34 @@ def paged_attention(
     if q.dim() == 3 and q.stride(2) != 1:
         q = q.contiguous()
     qsl, ctx = _int64_tensor(meta.query_start_loc), _int64_tensor(meta.context_lens)
-    return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale))
+    if k_scale is None:
+        return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale))
+    return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale), k_scale, v_scale)
+
+
+_CACHE_WRITE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def reshape_and_cache_applies(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> bool:
+    """True when :func:`reshape_and_cache` takes these inputs: CPU tensors, key/value float32,
+    bfloat16 or float16 with a contiguous last dim, caches float32, bfloat16 or quantized."""
+    return (
+        _has_quantized_cache() and key.device.type == "cpu" and k_cache.device.type == "cpu"
+        and key.dtype in _CACHE_WRITE_DTYPES and value.dtype in _CACHE_WRITE_DTYPES
+        and (k_cache.dtype in _QUANTIZED_CACHE) == (k_scale is not None)
+        and k_cache.dtype in (*_ATTENTION_DTYPES, *_QUANTIZED_CACHE) and v_cache.dtype == k_cache.dtype
+        and key.dim() == 3 and value.dim() == 3 and key.stride(-1) == 1 and value.stride(-1) == 1
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+    )
+
+
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Writes ``key/value [T, Hkv, D]`` into the caches at ``slot_mapping [T]`` (int64), as
+    :func:`fastinfer.ops.reference.reshape_and_cache` does, bit for bit: a cast for float
+    caches, per (token, head) quantization for int8 / fp8 ones (scales into ``k_scale``,
+    ``v_scale``)."""
+    _require()
+    torch.ops.fastinfer_cpu.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def _int64_tensor(values: list[int]) -> torch.Tensor:

@@ -28,8 +28,10 @@ def available() -> bool:
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: None = None,
+                      v_scale: None = None) -> None:
     """Stores ``key/value [T, Hkv, D]`` (rows contiguous, any token stride) into contiguous
     caches ``[num_blocks, block_size, Hkv, D]`` of the same dtype at flat slots
-    ``slot_mapping [T]`` (int64; a negative slot skips the token). CUDA tensors only."""
+    ``slot_mapping [T]`` (int64; a negative slot skips the token). CUDA tensors only; float
+    caches only (``k_scale, v_scale`` are None: quantized caches take the reference)."""
     torch.ops.fastinfer_cuda.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastinfer.ops import kv
 from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.packed import PackedWeight
 
@@ -70,25 +71,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def reshape_and_cache(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Writes ``key/value [T, Hkv, D]`` into the paged caches ``[num_blocks, block_size, Hkv, D]``
-    at flat slots ``slot_mapping [T]`` (int64, ``block * block_size + offset``)."""
+    at flat slots ``slot_mapping [T]`` (int64, ``block * block_size + offset``). A quantized
+    cache (int8 or float8_e4m3fn, with ``k_scale/v_scale [num_blocks, block_size, Hkv]``
+    float32) gets each (token, head) row quantized as :func:`fastinfer.ops.kv.quantize` says."""
     nb, bs, hkv, d = k_cache.shape
-    k_cache.view(nb * bs, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(nb * bs, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    for x, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        if kv.is_quantized(cache.dtype):
+            codes, s = kv.quantize(x, cache.dtype)
+            # (as bytes: index_copy_ has no float8 kernel)
+            cache.view(torch.uint8).view(nb * bs, hkv, d).index_copy_(0, slot_mapping, codes.view(torch.uint8))
+            scales.view(nb * bs, hkv).index_copy_(0, slot_mapping, s)
+        else:
+            cache.view(nb * bs, hkv, d).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float,
+    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries ``q [T, H, D]`` over the paged cache.
 
     Sequence ``i`` owns queries ``q[query_start_loc[i]:query_start_loc[i+1]]``, which are the
     last tokens of its ``context_lens[i]`` cached tokens, stored in the blocks
     ``block_tables[i]``. Each sequence is computed on its own, so a sequence's result never
-    depends on the rest of the batch. Returns ``[T, H, D]`` in q's dtype.
+    depends on the rest of the batch. A quantized cache is read as ``float(code) * scale``
+    (``k_scale/v_scale [num_blocks, block_size, Hkv]``). Returns ``[T, H, D]`` in q's dtype.
     """
     out = torch.empty_like(q)
     bs = k_cache.shape[1]
@@ -96,10 +106,18 @@ def paged_attention(
     for i, n in enumerate(meta.context_lens):
         s, e = starts[i], starts[i + 1]
         blocks = meta.block_tables[i][: (n + bs - 1) // bs]
-        k = k_cache.index_select(0, blocks).flatten(0, 1)[:n]
-        v = v_cache.index_select(0, blocks).flatten(0, 1)[:n]
+        k, v = (_gather(cache, sc, blocks, n) for cache, sc in ((k_cache, k_scale), (v_cache, v_scale)))
         out[s:e] = _attend(q[s:e], k, v, scale)
     return out
+
+
+def _gather(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` cached rows ``[n, Hkv, D]`` of a sequence's blocks (dequantized to
+    float32 for a quantized cache)."""
+    rows = cache.index_select(0, blocks).flatten(0, 1)[:n]
+    if kv.is_quantized(cache.dtype):
+        return kv.dequantize(rows, scales.index_select(0, blocks).flatten(0, 1)[:n])
+    return rows
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
