@@ -64,14 +64,15 @@ def run_to_completion(engine: Engine) -> dict[str, object]:
     return finals
 
 
-def save_tiny_model(path, family: str, tokenizer) -> str:
-    """A small random-weight model of ``family`` ("llama" with GQA or "qwen2" with QKV bias),
-    saved with ``save_pretrained`` together with ``tokenizer``. Weights use a large init range
-    so that logits are peaked (greedy tokens then have no near-ties)."""
+def save_tiny_model(path, family: str, tokenizer, kv_heads: int = 2) -> str:
+    """A small random-weight model of ``family`` ("llama" or "qwen2" with QKV bias; 4 heads,
+    ``kv_heads`` kv heads: GQA by default), saved with ``save_pretrained`` together with
+    ``tokenizer``. Weights use a large init range so that logits are peaked (greedy tokens then
+    have no near-ties)."""
     import transformers
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
                   initializer_range=0.3, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0 if family == "llama" else 1)
     if family == "llama":

@@ -75,7 +75,8 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
                         "none = dequantize; int8 | int4 | fp8 = quantize at load")
     p.add_argument("--quant-group-size", type=_adapt(str, _group_size, "32, 64, 128 or auto"), default=32,
                    help="int4 group size: 32 | 64 | 128 | auto (default 32)")
-    p.add_argument("--quant-method", default="rtn", choices=list(QUANT_METHODS), help="default rtn")
+    p.add_argument("--quant-method", default="rtn", choices=list(QUANT_METHODS),
+                   help="rtn (default): round to nearest; awq: calibrate activation-aware scales first (int4, int8)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=[*KV_CACHE_DTYPES, *KV_ALIASES],
                    help="KV-cache element type: auto (the model dtype), or int8 / fp8 codes with a scale per "
                         "token and head")

@@ -18,6 +18,7 @@ from fastinfer.validation import (check_bool, check_choice, check_float, check_i
 
 QUANTIZATIONS = (None, "none", "int8", "int4", "fp8", "gguf")
 QUANT_METHODS = ("rtn", "awq")
+AWQ_SCHEMES = ("int4", "int8")
 QUANT_FIELDS = ("quantization", "quant_group_size", "quant_method", "kv_cache_dtype")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -42,6 +43,10 @@ class EngineConfig:
     ``quant_group_size`` inputs with a scale and an offset: 32, 64, 128 or ``"auto"``, the
     largest that divides each layer's input dimension) and ``"fp8"`` (e4m3, per channel)
     quantize at load; ``"gguf"`` keeps a GGUF file's blocks and refuses a float model.
+    ``quant_method``: ``"rtn"`` rounds to nearest; ``"awq"`` (int4 and int8) first searches
+    activation-aware per-channel scales and int4 clipping ranges on a calibration text
+    (CPython's ``pydoc_data``; about a minute on two CPU cores, so save the result with
+    ``fastinfer quantize``).
     ``kv_cache_dtype``: ``"auto"`` stores keys and values in the model's dtype; ``"int8"`` and
     ``"fp8"`` (alias ``"fp8_e4m3"``) store codes with a float32 scale per token and kv head
     (``fastinfer.ops.kv``), about half a bfloat16 cache.
@@ -77,9 +82,9 @@ class EngineConfig:
         check_choice("quantization", self.quantization, QUANTIZATIONS)
         self._set("quant_group_size", check_group_size(self.quant_group_size))
         check_choice("quant_method", self.quant_method, QUANT_METHODS)
-        if self.quant_method == "awq":
-            raise ConfigError("quant_method='awq' is not available yet (issue 11 in progress); use 'rtn'",
-                              "quant_method")
+        if self.quant_method == "awq" and self.quantization not in AWQ_SCHEMES:
+            raise ConfigError(f"quant_method='awq' calibrates weights quantized at load: it needs quantization in "
+                              f"{list(AWQ_SCHEMES)}, got {self.quantization!r}", "quant_method")
         if self.quantization == "fp8":
             _check_fp8(self.torch_device())
         kv_dtype = KV_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype) if isinstance(self.kv_cache_dtype, str) \

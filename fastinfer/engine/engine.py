@@ -53,7 +53,7 @@ class Engine:
         self.dtype = config.torch_dtype()
         self.kv_dtype = kv.code_dtype(config.kv_cache_dtype, self.dtype)
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.quantization,
-                                           config.quant_group_size)
+                                           config.quant_group_size, config.quant_method)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
         self.kv_cache = self._allocate_kv_cache()

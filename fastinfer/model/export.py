@@ -53,7 +53,7 @@ def quantize_to_folder(model: str, out_dir: str, quantization: str, quant_group_
     folder; returns the source path."""
     from fastinfer.model.loader import read_weights
 
-    path, cfg, weights, tok = read_weights(model, quantization, quant_group_size)
+    path, cfg, weights, tok = read_weights(model, quantization, quant_group_size, quant_method)
     settings = {"quantization": quantization, "quant_group_size": quant_group_size, "method": quant_method,
                 "source": os.path.basename(path)}
     save_quantized(out_dir, cfg, weights, tok, settings)

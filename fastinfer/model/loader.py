@@ -10,6 +10,7 @@ import torch
 
 from fastinfer.errors import ConfigError, InvalidArgumentError, ModelLoadError
 from fastinfer.model import gguf_loader
+from fastinfer.model.awq import apply_awq
 from fastinfer.model.config import ModelConfig
 from fastinfer.model.export import packed_weights, quantization_config
 from fastinfer.model.llama import LlamaForCausalLM
@@ -30,16 +31,17 @@ class LoadedModel:
 
 
 def load_model(model: str, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
-               quant_group_size: int | str = 32) -> LoadedModel:
+               quant_group_size: int | str = 32, quant_method: str = "rtn") -> LoadedModel:
     """Reads weights and tokenizer; unknown paths and corrupt files raise ModelLoadError.
 
     ``quantization``: None keeps a GGUF file's quantized blocks and a float model in float;
     ``"none"`` dequantizes everything; ``"gguf"`` keeps the blocks and refuses a float model;
     ``"int8"``, ``"int4"`` and ``"fp8"`` quantize the float (or dequantized) weights at load
-    (``quant_group_size`` applies to int4). A folder written by ``fastinfer quantize`` loads as
+    (``quant_group_size`` applies to int4; ``quant_method="awq"`` first calibrates int4 or int8
+    scales on a text, :mod:`fastinfer.model.awq`). A folder written by ``fastinfer quantize`` loads as
     saved (None, or its own scheme), or dequantized (``"none"``).
     """
-    path, cfg, weights, tok = read_weights(model, quantization, quant_group_size)
+    path, cfg, weights, tok = read_weights(model, quantization, quant_group_size, quant_method)
     net = LlamaForCausalLM(cfg, dtype)
     try:
         net.load_weights(weights)
@@ -52,7 +54,8 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, quantizatio
     return LoadedModel(cfg, net.eval(), tok, path)
 
 
-def read_weights(model: str, quantization: str | None = None, quant_group_size: int | str = 32):
+def read_weights(model: str, quantization: str | None = None, quant_group_size: int | str = 32,
+                 quant_method: str = "rtn"):
     """``(path, config, weights, tokenizer)`` of ``model``, its weights as ``quantization``
     asks (see :func:`load_model`): HF-named float tensors and packed weights."""
     path = resolve_model_path(model)
@@ -75,6 +78,8 @@ def read_weights(model: str, quantization: str | None = None, quant_group_size: 
         weights = {n: w.dequantize() if isinstance(w, PackedWeight) else w for n, w in weights.items()}
     elif quantization in SCHEMES and saved is None:
         try:
+            if quant_method == "awq":
+                weights = apply_awq(cfg, weights, tok, quantization, quant_group_size)
             weights = quantize_weights(weights, quantization, quant_group_size)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{path}: {exc}", exc.argument) from exc

@@ -79,12 +79,24 @@ def quantize_int4(w: torch.Tensor, group_size: int | str = 32) -> QuantizedWeigh
     """Group-wise int4 with a scale and an offset per group of ``group_size`` inputs."""
     n, k = w.shape
     g = resolve_group_size(group_size, k)
-    groups = w.float().reshape(n, k // g, g)
-    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    codes, safe, lo = int4_groups(w.float().reshape(n, k // g, g))
+    return QuantizedWeight("int4", codes.reshape(n, k).to(torch.uint8), safe, lo, g)
+
+
+def int4_groups(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 with a scale and an offset per group, for float32 ``groups [..., G]``: returns
+    ``(codes [..., G] as float 0..15, scales [...], offsets [...])``."""
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = (hi - lo) / 15.0
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # a constant group: codes 0
-    codes = torch.round((groups - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
-    return QuantizedWeight("int4", codes.reshape(n, k), safe, lo, g)
+    codes = torch.round((groups - lo[..., None]) / safe[..., None]).clamp_(0, 15)
+    return codes, safe, lo
+
+
+def fake_int4_groups(groups: torch.Tensor) -> torch.Tensor:
+    """``groups [..., G]`` rounded to int4 (:func:`int4_groups`) and back to float32."""
+    codes, scales, offsets = int4_groups(groups)
+    return codes * scales[..., None] + offsets[..., None]
 
 
 def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:

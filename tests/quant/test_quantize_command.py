@@ -53,8 +53,9 @@ def test_quantize_then_reload_equals_quantizing_at_load(tmp_path, smollm_path, m
 def test_quantize_refuses_bad_settings_and_foreign_folders(tmp_path, capsys):
     assert main(["quantize", "smollm2-135m", "--quantization", "gguf", "--out", str(tmp_path / "x")]) == 2
     assert "--quantization must be int8, int4 or fp8" in capsys.readouterr().err
-    assert main(["quantize", "smollm2-135m", "--quantization", "int4", "--quant-method", "awq",
+    assert main(["quantize", "smollm2-135m", "--quantization", "fp8", "--quant-method", "awq",
                  "--out", str(tmp_path / "y")]) == 2
+    assert "quant_method='awq' calibrates weights quantized at load" in capsys.readouterr().err
     folder = tmp_path / "foreign"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4,
