@@ -121,7 +121,6 @@ void block_scalar(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n
 #if FI_X86
 // ---------------------------------------------------------------- AVX2 + FMA path
 // One output = two 8-lane accumulators (lanes 0..7 and 8..15 of the contract).
-#define FI_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 FI_TARGET_AVX2 inline float reduce16_avx2(__m256 lo, __m256 hi) {
   const __m256 s8 = _mm256_add_ps(lo, hi);                      // l, l + 8
@@ -209,7 +208,6 @@ void block_avx2(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n_b
 }
 
 // ---------------------------------------------------------------- AVX-512 path
-#define FI_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
 
 // Reduces 16 accumulators a[0..15] with the contract's tree; lane 4q + j of the result
 // holds the reduction of a[q + 4j].

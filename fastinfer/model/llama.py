@@ -20,7 +20,8 @@ from fastinfer.ops.metadata import AttentionMetadata
 
 
 class DecoderLayer(nn.Module):
-    """``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """``x + attn(norm(x))``, then ``x + mlp(norm(x))``; each residual add is fused with the
+    norm after it, so a layer takes and returns ``(h, residual)`` with ``x = h + residual``."""
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
@@ -30,9 +31,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, h, residual, kv_cache, meta: AttentionMetadata):
+        if residual is None:  # the first layer: h is the embedding
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -53,10 +59,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[CacheLayer], meta: AttentionMetadata) -> torch.Tensor:
         """``token_ids, positions [T]`` -> final hidden states ``[T, hidden]``."""
-        x = self.embed_tokens(token_ids)
+        h, residual = self.embed_tokens(token_ids), None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv, meta)
-        return self.norm(x)
+            h, residual = layer(positions, h, residual, kv, meta)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.packed import PackedWeight
 
 _REFERENCE_OPS = (
-    "linear", "embedding", "rms_norm", "silu_and_mul", "rotary_embedding",
+    "linear", "embedding", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding",
     "reshape_and_cache", "paged_attention", "quantized_linear", "quantized_embedding",
 )
 for _name in _REFERENCE_OPS:
@@ -32,6 +32,9 @@ if cpu_native.available():
     register("paged_attention", "cpu_native", cpu_native.paged_attention, cpu_native.paged_attention_applies)
     # Dequantizes in registers, then the float32 linear's fixed reduction order: batch-invariant.
     register("quantized_linear", "cpu_native", cpu_native.linear_q, cpu_native.linear_q_applies)
+    # Row-wise, a fixed order per row: batch-invariant.
+    for _name in ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding"):
+        register(_name, "cpu_native", getattr(cpu_native, _name), getattr(cpu_native, _name + "_applies"))
     # Same casts and per-row quantization as the reference, bit for bit.
     register("reshape_and_cache", "cpu_native", cpu_native.reshape_and_cache, cpu_native.reshape_and_cache_applies)
 
@@ -65,13 +68,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return select("rms_norm", x, weight, eps)(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = x + residual``; returns ``(rms_norm(r), r)``."""
+    return select("add_rms_norm", x, residual, weight, eps)(x, residual, weight, eps)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation of a fused gate/up projection ``[..., 2d]`` -> ``[..., d]``."""
     return select("silu_and_mul", x)(x)
 
 
 def rotary_embedding(positions, q, k, cos_sin):
-    """Rotary position embedding of q and k; returns (q, k)."""
+    """Rotary position embedding of q and k; returns (q, k) (may rotate them in place)."""
     return select("rotary_embedding", positions, q, k, cos_sin)(positions, q, k, cos_sin)
 
 
@@ -91,6 +100,6 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
 
 
 __all__ = [
-    "AttentionMetadata", "PackedWeight", "embedding", "implementations", "linear", "paged_attention",
+    "AttentionMetadata", "PackedWeight", "add_rms_norm", "embedding", "implementations", "linear", "paged_attention",
     "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
 ]

@@ -17,7 +17,8 @@ from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.packed import PackedWeight
 
 __all__ = ["available", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
-           "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies"]
+           "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies", "rms_norm",
+           "add_rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -271,3 +272,66 @@ def _int64_tensor(values: list[int]) -> torch.Tensor:
     if not values:
         return torch.empty(0, dtype=torch.int64)
     return torch.frombuffer(array.array("q", values), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- per-token ops of a layer
+_ROW_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_row_ops() -> bool:
+    """False for an extension built before the per-token ops (rebuild to get them)."""
+    return _load() and hasattr(torch.ops.fastinfer_cpu, "add_rms_norm")
+
+
+def _rows_apply(x: torch.Tensor) -> bool:
+    return _has_row_ops() and x.device.type == "cpu" and x.dtype in _ROW_DTYPES and x.dim() >= 1
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.shape[-1] <= 1 or x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm_applies(x, weight, eps) -> bool:
+    """float32 / bfloat16 CPU rows, the weight in x's dtype."""
+    return _rows_apply(x) and weight.dtype == x.dtype and weight.device.type == "cpu"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row (the reference's math; the sum of squares in 16 lanes and a fixed
+    tree, so a row's result never depends on the batch)."""
+    return torch.ops.fastinfer_cpu.rms_norm(_as_rows(x), weight, eps).view(x.shape)
+
+
+def add_rms_norm_applies(x, residual, weight, eps) -> bool:
+    return rms_norm_applies(x, weight, eps) and residual.dtype == x.dtype and residual.shape == x.shape
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """``r = x + residual`` rounded to x's dtype, then ``(rms_norm(r), r)``, in one pass."""
+    y, r = torch.ops.fastinfer_cpu.add_rms_norm(_as_rows(x), _as_rows(residual), weight, eps)
+    return y.view(x.shape), r.view(x.shape)
+
+
+def silu_and_mul_applies(x) -> bool:
+    return _rows_apply(x) and x.shape[-1] % 2 == 0
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` per row."""
+    y = torch.ops.fastinfer_cpu.silu_and_mul(_as_rows(x))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def rotary_embedding_applies(positions, q, k, cos_sin) -> bool:
+    return (_has_row_ops() and q.device.type == "cpu" and q.dtype in _ROW_DTYPES and k.dtype in _ROW_DTYPES
+            and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
+            and cos_sin.dtype == torch.float32 and positions.dtype == torch.int64)
+
+
+def rotary_embedding(positions, q, k, cos_sin):
+    """Rotates ``q [T, H, D]`` and ``k [T, Hkv, D]`` in place (the reference's products and
+    sums, in its order); returns ``(q, k)``."""
+    torch.ops.fastinfer_cpu.rotary_embedding_(positions.contiguous(), q, k, cos_sin)
+    return q, k

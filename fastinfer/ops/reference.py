@@ -43,6 +43,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = x + residual`` (in x's dtype), then ``(rms_norm(r), r)``: a pre-norm block's
+    residual add and the next norm in one op."""
+    r = x + residual
+    return rms_norm(r, weight, eps), r
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` -> ``[..., d]``."""
     gate, up = x.chunk(2, dim=-1)
@@ -54,7 +62,8 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Applies rotary embeddings (rotate-half, "neox" layout) to ``q [T, H, D]`` and
     ``k [T, Hkv, D]`` at ``positions [T]``; ``cos_sin [max_pos, D]`` holds cos then sin halves
-    (float32). Returns new tensors in the input dtype."""
+    (float32). Returns the rotated tensors in the input dtype (other backends may rotate
+    ``q`` and ``k`` in place and return them)."""
     cs = cos_sin.index_select(0, positions)
     half = cs.shape[-1] // 2
     cos = cs[:, :half].unsqueeze(1)
