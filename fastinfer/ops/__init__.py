@@ -48,6 +48,21 @@ if cuda_native.available():
     register("reshape_and_cache", "cuda", cuda_native.reshape_and_cache, _cuda_cache_write_applies)
 
 
+def _register_triton() -> None:
+    """Triton kernels, where a GPU is there to run them (on the CPU they are only run by the
+    tests, under TRITON_INTERPRET=1)."""
+    try:
+        from fastinfer.kernels.triton import quantized_linear as triton_qlinear
+    except ImportError:
+        return
+    # Dequantizes in registers inside the GEMM/GEMV tiles.
+    register("quantized_linear", "triton", triton_qlinear.quantized_linear, triton_qlinear.applies)
+
+
+if torch.cuda.is_available():
+    _register_triton()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K].T (+ bias)`` -> ``[..., N]`` in x's dtype; ``weight`` is a dense
     tensor or a quantized :class:`PackedWeight`."""
