@@ -64,6 +64,8 @@ class ModelRunner:
             context_lens=ends,
             block_tables=torch.from_numpy(tables).long().to(self.device),
             max_query_len=max(lens),
+            query_start_loc_tensor=torch.tensor(starts_loc, dtype=torch.int64),
+            context_lens_tensor=torch.tensor(ends, dtype=torch.int64),
         )
         wanted = inp.needs_logits or [True] * len(lens)
         return PreparedBatch(

@@ -112,8 +112,8 @@ def linear_q_applies(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
     """True when :func:`linear_q` takes these inputs: the extension has the op, x and the
     weight are on the CPU, x is float32, bfloat16 or float16, and the weight's groups are whole
     multiples of the kernel's chunk (32 inputs for u4, 16 otherwise)."""
-    return (_linear_q_op() is not None and x.device.type == "cpu" and x.dtype in _LINEAR_Q_DTYPES
-            and weight.codes.device.type == "cpu" and weight.native_applies())
+    return (x.is_cpu and x.dtype in _LINEAR_Q_DTYPES and weight.tensors[0].is_cpu and weight.native_applies()
+            and _linear_q_op() is not None)
 
 
 def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
@@ -140,6 +140,11 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     if op is None:
         _require()
         raise RuntimeError("fastinfer._C_cpu has no linear_q: rebuild it (scripts/setup.sh)")
+    codes, scales, offsets = weight.tensors
+    if quantize_inputs is None:
+        quantize_inputs = weight.quantize_inputs
+    if x.dim() == 2 and x.dtype == torch.float32 and bias is None and x.stride(1) == 1:  # the decode hot path
+        return op(x, codes, scales, offsets, _KIND_INDEX[weight.kind], weight.group_size, None, quantize_inputs)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32:
@@ -147,10 +152,7 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     b = bias.float().contiguous() if bias is not None else None
-    if quantize_inputs is None:
-        quantize_inputs = weight.quantize_inputs
-    y = op(x2, weight.codes, weight.scales, weight.offsets, _KIND_INDEX[weight.kind], weight.group_size, b,
-           quantize_inputs)
+    y = op(x2, codes, scales, offsets, _KIND_INDEX[weight.kind], weight.group_size, b, quantize_inputs)
     y = y.view(*lead, y.shape[1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -195,9 +197,8 @@ def paged_attention_applies(
     to 256, and the caches are contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype or
     quantized (int8 / float8_e4m3fn with float32 scales)."""
     return (
-        _has_paged_attention() and q.device.type == "cpu" and q.dtype in _ATTENTION_DTYPES
-        and _cache_dtype_applies(q, k_cache, v_cache, k_scale)
-        and k_cache.device.type == "cpu" and v_cache.device.type == "cpu"
+        q.is_cpu and q.dtype in _ATTENTION_DTYPES and _has_paged_attention()
+        and _cache_dtype_applies(q, k_cache, v_cache, k_scale) and k_cache.is_cpu and v_cache.is_cpu
         and q.dim() == 3 and k_cache.dim() == 4 and q.shape[2] % 16 == 0 and 16 <= q.shape[2] <= 256
         and k_cache.shape[3] == q.shape[2] and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
@@ -236,7 +237,9 @@ def paged_attention(
     op = _paged_attention_op()
     if q.dim() == 3 and q.stride(2) != 1:
         q = q.contiguous()
-    qsl, ctx = _int64_tensor(meta.query_start_loc), _int64_tensor(meta.context_lens)
+    qsl, ctx = meta.query_start_loc_tensor, meta.context_lens_tensor
+    if qsl is None or qsl.device.type != "cpu":
+        qsl, ctx = _int64_tensor(meta.query_start_loc), _int64_tensor(meta.context_lens)
     if k_scale is None:
         return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale))
     return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale), k_scale, v_scale)
@@ -249,8 +252,7 @@ def reshape_and_cache_applies(key, value, k_cache, v_cache, slot_mapping, k_scal
     """True when :func:`reshape_and_cache` takes these inputs: CPU tensors, key/value float32,
     bfloat16 or float16 with a contiguous last dim, caches float32, bfloat16 or quantized."""
     return (
-        _has_quantized_cache() and key.device.type == "cpu" and k_cache.device.type == "cpu"
-        and key.dtype in _CACHE_WRITE_DTYPES and value.dtype in _CACHE_WRITE_DTYPES
+        key.is_cpu and k_cache.is_cpu and _has_quantized_cache() and key.dtype in _CACHE_WRITE_DTYPES and value.dtype in _CACHE_WRITE_DTYPES
         and (k_cache.dtype in _QUANTIZED_CACHE) == (k_scale is not None)
         and k_cache.dtype in (*_ATTENTION_DTYPES, *_QUANTIZED_CACHE) and v_cache.dtype == k_cache.dtype
         and key.dim() == 3 and value.dim() == 3 and key.stride(-1) == 1 and value.stride(-1) == 1
@@ -264,7 +266,7 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, 
     caches, per (token, head) quantization for int8 / fp8 ones (scales into ``k_scale``,
     ``v_scale``)."""
     _require()
-    torch.ops.fastinfer_cpu.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    torch.ops.fastinfer_cpu.reshape_and_cache.default(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def _int64_tensor(values: list[int]) -> torch.Tensor:
@@ -275,33 +277,42 @@ def _int64_tensor(values: list[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- per-token ops of a layer
+# These run ~10 times per layer and decode step, so their wrappers take the shortest path:
+# the ops resolved once, 2-D inputs passed straight through (the C++ checks them).
 _ROW_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=1)
-def _has_row_ops() -> bool:
-    """False for an extension built before the per-token ops (rebuild to get them)."""
-    return _load() and hasattr(torch.ops.fastinfer_cpu, "add_rms_norm")
+def _row_ops():
+    """``(rms_norm, add_rms_norm, silu_and_mul, rotary_embedding_)`` overloads, or None for
+    an extension built before them (rebuild to get them)."""
+    if not _load() or not hasattr(torch.ops.fastinfer_cpu, "add_rms_norm"):
+        return None
+    ns = torch.ops.fastinfer_cpu
+    return ns.rms_norm.default, ns.add_rms_norm.default, ns.silu_and_mul.default, ns.rotary_embedding_.default
 
 
 def _rows_apply(x: torch.Tensor) -> bool:
-    return _has_row_ops() and x.device.type == "cpu" and x.dtype in _ROW_DTYPES and x.dim() >= 1
+    return x.is_cpu and x.dtype in _ROW_DTYPES and x.dim() >= 1 and _row_ops() is not None
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1):
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.shape[-1] <= 1 or x2.stride(-1) == 1 else x2.contiguous()
 
 
 def rms_norm_applies(x, weight, eps) -> bool:
     """float32 / bfloat16 CPU rows, the weight in x's dtype."""
-    return _rows_apply(x) and weight.dtype == x.dtype and weight.device.type == "cpu"
+    return _rows_apply(x) and weight.dtype == x.dtype and weight.is_cpu
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of each row (the reference's math; the sum of squares in 16 lanes and a fixed
     tree, so a row's result never depends on the batch)."""
-    return torch.ops.fastinfer_cpu.rms_norm(_as_rows(x), weight, eps).view(x.shape)
+    y = _row_ops()[0](_as_rows(x), weight, eps)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 def add_rms_norm_applies(x, residual, weight, eps) -> bool:
@@ -310,8 +321,8 @@ def add_rms_norm_applies(x, residual, weight, eps) -> bool:
 
 def add_rms_norm(x, residual, weight, eps):
     """``r = x + residual`` rounded to x's dtype, then ``(rms_norm(r), r)``, in one pass."""
-    y, r = torch.ops.fastinfer_cpu.add_rms_norm(_as_rows(x), _as_rows(residual), weight, eps)
-    return y.view(x.shape), r.view(x.shape)
+    y, r = _row_ops()[1](_as_rows(x), _as_rows(residual), weight, eps)
+    return (y, r) if x.dim() == 2 else (y.view(x.shape), r.view(x.shape))
 
 
 def silu_and_mul_applies(x) -> bool:
@@ -320,18 +331,18 @@ def silu_and_mul_applies(x) -> bool:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` per row."""
-    y = torch.ops.fastinfer_cpu.silu_and_mul(_as_rows(x))
-    return y.view(*x.shape[:-1], y.shape[-1])
+    y = _row_ops()[2](_as_rows(x))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def rotary_embedding_applies(positions, q, k, cos_sin) -> bool:
-    return (_has_row_ops() and q.device.type == "cpu" and q.dtype in _ROW_DTYPES and k.dtype in _ROW_DTYPES
-            and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
-            and cos_sin.dtype == torch.float32 and positions.dtype == torch.int64)
+    return (q.is_cpu and q.dtype in _ROW_DTYPES and k.dtype in _ROW_DTYPES and q.dim() == 3 and k.dim() == 3
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.dtype == torch.float32
+            and positions.dtype == torch.int64 and _row_ops() is not None)
 
 
 def rotary_embedding(positions, q, k, cos_sin):
     """Rotates ``q [T, H, D]`` and ``k [T, Hkv, D]`` in place (the reference's products and
     sums, in its order); returns ``(q, k)``."""
-    torch.ops.fastinfer_cpu.rotary_embedding_(positions.contiguous(), q, k, cos_sin)
+    _row_ops()[3](positions if positions.is_contiguous() else positions.contiguous(), q, k, cos_sin)
     return q, k

@@ -64,6 +64,20 @@ class PackedWeight(nn.Module):
         self.register_buffer("offsets", offsets.contiguous() if offsets is not None else None)
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(codes, scales, offsets)``, looked up once (kernels call this on every step; a
+        buffer lookup through ``nn.Module`` costs a microsecond each). Moving the module
+        (``.to``) refreshes it."""
+        t = self.__dict__.get("_tensors")
+        if t is None:
+            t = self.__dict__["_tensors"] = (self.codes, self.scales, self.offsets)
+        return t
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_tensors", None)
+        return super()._apply(fn, recurse)
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
