@@ -3,11 +3,12 @@ same workload in this process, and writes the result document and its renderings
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from fastinfer.bench import report
+from fastinfer.bench import llamacpp, report
 from fastinfer.bench.schema import build_result, collect_env
 from fastinfer.bench.systems import (FastinferSystem, SystemRun, TorchNaiveSystem,
                                      TransformersBatchedSystem, TransformersSystem)
@@ -32,8 +33,9 @@ def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int | Non
     return mixed_workload(tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed)
 
 
-def build_systems(args: argparse.Namespace, engine: Engine) -> list:
-    """fastinfer first, then the requested baselines (sharing one transformers model)."""
+def build_systems(args: argparse.Namespace, engine: Engine, workload: Workload | None = None) -> list:
+    """fastinfer first, then the requested baselines (sharing one transformers model). The
+    optional llama.cpp baseline is skipped, with a message, where it cannot run."""
     systems: list = [FastinferSystem(engine)]
     wanted = [b for b in args.baseline if b != "none"]
     hf = None
@@ -49,6 +51,15 @@ def build_systems(args: argparse.Namespace, engine: Engine) -> list:
             systems.append(TransformersBatchedSystem(hf, engine.device, args.batch_size, pad))
         elif b == "torch-naive":
             systems.append(TorchNaiveSystem(engine.loaded.model, engine.device, engine.dtype))
+        elif b == "llama.cpp":
+            reason = llamacpp.unavailable_reason(engine.loaded.path)
+            if reason is not None:
+                print(f"llama.cpp baseline skipped: {reason}", file=sys.stderr)
+                continue
+            lens = [len(p) + n for p, n in zip(workload.prompts, workload.output_lens)] if workload else [2048]
+            parallel = min(args.max_num_seqs, len(lens))
+            systems.append(llamacpp.LlamaCppServerSystem(engine.loaded.path, torch.get_num_threads(), parallel,
+                                                         max(lens) + 16))
     return systems
 
 
@@ -72,7 +83,13 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
                           **{f: getattr(args, f) for f in QUANT_FIELDS})
     engine = Engine(config)
     workload = build_workload(args, engine.tokenizer, engine.max_model_len)
-    runs = run_systems(build_systems(args, engine), workload, getattr(args, "num_iters", 1))
+    systems = build_systems(args, engine, workload)
+    try:
+        runs = run_systems(systems, workload, getattr(args, "num_iters", 1))
+    finally:
+        for system in systems:
+            if hasattr(system, "close"):
+                system.close()
     results = {name: report.summarize(r) for name, r in runs.items()}
     w = {"name": workload.name, "num_prompts": len(workload.prompts), "seed": workload.seed,
          "input_lens": workload.input_lens, "output_lens": workload.output_lens}
@@ -81,6 +98,8 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
     # fastinfer's quantization settings and the memory they give (extra keys: schema_version 1 allows them)
     doc["quantization"] = {f: getattr(config, f) for f in QUANT_FIELDS}
     doc["weight_bytes"], doc["kv_bytes_per_token"] = engine.weight_bytes, engine.kv_bytes_per_token
+    if any(s.name == "llama.cpp" for s in systems):  # its single-stream figures on the same file
+        doc["llama_cpp_bench"] = llamacpp.llama_bench(engine.loaded.path, torch.get_num_threads())
     print(report.to_text(doc))
     if command_line:
         print(f"\nreproduce: {command_line}")

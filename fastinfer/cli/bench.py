@@ -14,7 +14,7 @@ QUICK = {
     "latency": dict(batch_size=4, input_len="64", output_len="16", num_iters=2),
     "prefix": dict(num_prompts=8, prefix_len=256, input_len="8:32", output_len="16:32"),
 }
-BASELINES = ("transformers", "transformers-batched", "torch-naive", "none")
+BASELINES = ("transformers", "transformers-batched", "torch-naive", "llama.cpp", "none")
 
 
 def length_range(text: str) -> tuple[int, int]:
