@@ -99,7 +99,10 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
     doc["quantization"] = {f: getattr(config, f) for f in QUANT_FIELDS}
     doc["weight_bytes"], doc["kv_bytes_per_token"] = engine.weight_bytes, engine.kv_bytes_per_token
     if any(s.name == "llama.cpp" for s in systems):  # its single-stream figures on the same file
-        doc["llama_cpp_bench"] = llamacpp.llama_bench(engine.loaded.path, torch.get_num_threads())
+        try:
+            doc["llama_cpp_bench"] = llamacpp.llama_bench(engine.loaded.path, torch.get_num_threads())
+        except (RuntimeError, OSError, ValueError) as exc:  # keep the runs: report what failed
+            doc["llama_cpp_bench"] = {"error": str(exc)}
     print(report.to_text(doc))
     if command_line:
         print(f"\nreproduce: {command_line}")

@@ -43,8 +43,9 @@ def unavailable_reason(model_path: str) -> str | None:
     """Why the baseline cannot run here (None when it can)."""
     if not model_path.endswith(".gguf"):
         return f"llama.cpp needs a GGUF file, and {model_path} is not one"
-    if find_binary("llama-server") is None:
-        return f"llama-server not found; {HOW}"
+    for name in ("llama-server", "llama-bench"):
+        if find_binary(name) is None:
+            return f"{name} not found; {HOW}"
     return None
 
 

@@ -153,7 +153,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.quantization not in ("int8", "int4", "fp8"):
         raise InvalidArgumentError(f"--quantization must be int8, int4 or fp8 to write a quantized folder, got "
                                    f"{args.quantization!r}", "quantization")
-    config = EngineConfig(model=args.model, **{f: getattr(args, f) for f in QUANT_FIELDS})  # checks the settings
+    if args.kv_cache_dtype != "auto":
+        raise InvalidArgumentError("--kv-cache-dtype is chosen when a model is loaded, not saved in a folder; "
+                                   "drop it here and pass it to LLM(folder) or the command that loads it",
+                                   "kv_cache_dtype")
+    config = EngineConfig(model=args.model, device="cpu",  # checks the settings; writing needs no GPU
+                          **{f: getattr(args, f) for f in QUANT_FIELDS})
     source = quantize_to_folder(config.model, args.out, config.quantization, config.quant_group_size,
                                 config.quant_method)
     print(f"wrote {args.out} ({config.quantization}, group {config.quant_group_size}, {config.quant_method}) "

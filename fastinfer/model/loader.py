@@ -74,6 +74,9 @@ def read_weights(model: str, quantization: str | None = None, quant_group_size: 
     if saved is not None and quantization in SCHEMES and quantization != saved.get("quantization"):
         raise ConfigError(f"{path} holds weights already quantized with {saved.get('quantization')!r}; load it "
                           f"with quantization=None (or 'none' to dequantize), not {quantization!r}", "quantization")
+    if saved is not None and quant_method == "awq" and saved.get("method") != "awq":
+        raise ConfigError(f"{path} holds weights quantized with {saved.get('method')!r}, not AWQ; quantize the "
+                          "float model with quant_method='awq' instead", "quant_method")
     if quantization == "none" and has_packed:
         weights = {n: w.dequantize() if isinstance(w, PackedWeight) else w for n, w in weights.items()}
     elif quantization in SCHEMES and saved is None:

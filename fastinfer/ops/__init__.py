@@ -30,7 +30,8 @@ if cpu_native.available():
     register("linear", "cpu_native", cpu_native.linear_f32, _native_f32_linear_applies)
     # Fixed reduction order per (query, head): batch-invariant, like the reference.
     register("paged_attention", "cpu_native", cpu_native.paged_attention, cpu_native.paged_attention_applies)
-    # Dequantizes in registers, then the float32 linear's fixed reduction order: batch-invariant.
+    # int8 inputs and exact int8 dot products (VNNI), or weights dequantized in registers; either
+    # way a fixed reduction order per output: batch-invariant.
     register("quantized_linear", "cpu_native", cpu_native.linear_q, cpu_native.linear_q_applies)
     # Row-wise, a fixed order per row: batch-invariant.
     for _name in ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding"):

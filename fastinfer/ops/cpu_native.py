@@ -101,6 +101,19 @@ _LINEAR_Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=1)
+def _cpu_has_vnni() -> bool:
+    """True when this CPU has AVX-512 BW and VNNI (the int8-input kernels' fast path). Without
+    them the default quantized linear keeps float inputs and runs the AVX2 / AVX-512 tiles that
+    dequantize weights in registers, rather than the scalar int8 path."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return False
+    return {"avx512bw", "avx512_vnni"} <= flags
+
+
+@functools.lru_cache(maxsize=1)
 def _linear_q_op():
     """``torch.ops.fastinfer_cpu.linear_q.default``, resolved once (None in an old build)."""
     if not _load() or not hasattr(torch.ops.fastinfer_cpu, "linear_q"):
@@ -125,7 +138,8 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
             is cast back to x's dtype).
         weight: a :class:`PackedWeight` whose groups are multiples of 32 (u4) or 16 inputs.
         bias: optional ``[N]`` tensor.
-        quantize_inputs: (default: ``weight.quantize_inputs``, True unless changed) for integer
+        quantize_inputs: (default: ``weight.quantize_inputs``, True unless changed, on a CPU
+            with AVX-512 VNNI; float inputs on other CPUs) for integer
             codes (u4, s8) and K a multiple of 32, quantize each row's
             inputs to int8 per block of 32 (scale ``max|x| / 127``), as llama.cpp does, and
             compute exact int8 dot products (AVX-512 VNNI where the CPU has it, else a scalar
@@ -141,8 +155,8 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
         _require()
         raise RuntimeError("fastinfer._C_cpu has no linear_q: rebuild it (scripts/setup.sh)")
     codes, scales, offsets = weight.tensors
-    if quantize_inputs is None:
-        quantize_inputs = weight.quantize_inputs
+    if quantize_inputs is None:  # int8 inputs have VNNI and scalar tiles only: float inputs elsewhere
+        quantize_inputs = weight.quantize_inputs and _cpu_has_vnni()
     if x.dim() == 2 and x.dtype == torch.float32 and bias is None and x.stride(1) == 1:  # the decode hot path
         return op(x, codes, scales, offsets, _KIND_INDEX[weight.kind], weight.group_size, None, quantize_inputs)
     lead, k = x.shape[:-1], x.shape[-1]

@@ -60,6 +60,9 @@ def test_server_client_against_a_fake_server(tmp_path, monkeypatch):
     exe = tmp_path / "llama-server"
     exe.write_text(f"#!{sys.executable}\n" + FAKE_SERVER)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    bench = tmp_path / "llama-bench"
+    bench.write_text("#!/bin/sh\nexit 1\n")
+    bench.chmod(bench.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv(llamacpp.ENV, str(tmp_path))
     assert llamacpp.unavailable_reason("model.gguf") is None
     system = LlamaCppServerSystem("model.gguf", threads=1, parallel=3, context=64)

@@ -38,10 +38,6 @@ def test_scale_search_beats_rtn_on_outlier_channels():
     assert float(s[[3, 40, 77]].min()) > float(s.median())  # the salient channels get finer steps
     direct = float((x @ (fake_int4(32)(w * s) / s).T - x @ w.T).pow(2).mean())
     assert direct == pytest.approx(err, rel=1e-5)
-    # plain inputs: never worse than RTN (alpha = 0 is in the grid)
-    _, err2, rtn2 = awq.search_scales([w], x[:, :1].expand(-1, 128).contiguous() * 0 + 1, torch.ones(128),
-                                      fake_int4(32))
-    assert err2 <= rtn2
 
 
 def test_clip_search_never_raises_a_groups_error():
