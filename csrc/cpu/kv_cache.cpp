@@ -52,8 +52,7 @@ void check_rows(const at::Tensor& x, const char* name, const at::Tensor& cache) 
 void write(const at::Tensor& x, const at::Tensor& cache, const c10::optional<at::Tensor>& scales,
            const char* name, const std::vector<int64_t>& slots) {
   const at::ScalarType ct = cache.scalar_type();
-  const KvKind kind = ct == at::kFloat ? KvKind::kF32 : ct == at::kBFloat16 ? KvKind::kBF16
-                    : ct == at::kChar  ? KvKind::kI8  : KvKind::kE4M3;
+  const KvKind kind = kv_kind(ct);
   const int64_t Hkv = cache.size(2), D = cache.size(3);
   float* scale = nullptr;
   if (kv_quantized(kind)) {

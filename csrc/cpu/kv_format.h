@@ -4,6 +4,7 @@
 // torch reference, so every backend writes and reads the same bits.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
@@ -15,6 +16,13 @@
 namespace fastinfer_cpu {
 
 enum class KvKind { kF32 = 0, kBF16 = 1, kI8 = 2, kE4M3 = 3 };
+
+// The format of a cache tensor of type t (float32, bfloat16, int8 or float8_e4m3fn; callers
+// check t first).
+inline KvKind kv_kind(c10::ScalarType t) {
+  return t == c10::kFloat ? KvKind::kF32 : t == c10::kBFloat16 ? KvKind::kBF16
+       : t == c10::kChar  ? KvKind::kI8  : KvKind::kE4M3;
+}
 
 inline bool kv_quantized(KvKind k) { return k == KvKind::kI8 || k == KvKind::kE4M3; }
 

@@ -537,9 +537,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.k = static_cast<const char*>(k_cache.data_ptr());
   p.v = static_cast<const char*>(v_cache.data_ptr());
   p.out = static_cast<char*>(out.data_ptr());
-  const at::ScalarType ct = k_cache.scalar_type();
-  p.kv = ct == at::kFloat ? KvKind::kF32 : ct == at::kBFloat16 ? KvKind::kBF16
-       : ct == at::kChar  ? KvKind::kI8  : KvKind::kE4M3;
+  p.kv = kv_kind(k_cache.scalar_type());
   p.ks = kv_quantized(p.kv) ? cache_scales(k_scale, "k_scale", k_cache) : nullptr;
   p.vs = kv_quantized(p.kv) ? cache_scales(v_scale, "v_scale", v_cache) : nullptr;
   p.bf16 = q.scalar_type() == at::kBFloat16;

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from fastinfer.ops import kv
 from fastinfer.ops.metadata import AttentionMetadata
 
 from fastinfer.ops.packed import PackedWeight
@@ -179,7 +180,6 @@ def _paged_attention_op():
 
 
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
-_QUANTIZED_CACHE = (torch.int8, torch.float8_e4m3fn)
 
 
 @functools.lru_cache(maxsize=1)
@@ -191,7 +191,7 @@ def _has_paged_attention() -> bool:
 def _cache_dtype_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          k_scale: torch.Tensor | None) -> bool:
     """The caches hold q's dtype, or int8 / fp8 codes with their scales."""
-    if k_cache.dtype in _QUANTIZED_CACHE:
+    if kv.is_quantized(k_cache.dtype):
         return v_cache.dtype == k_cache.dtype and k_scale is not None and _has_quantized_cache()
     return k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
 
@@ -267,8 +267,8 @@ def reshape_and_cache_applies(key, value, k_cache, v_cache, slot_mapping, k_scal
     bfloat16 or float16 with a contiguous last dim, caches float32, bfloat16 or quantized."""
     return (
         key.is_cpu and k_cache.is_cpu and _has_quantized_cache() and key.dtype in _CACHE_WRITE_DTYPES and value.dtype in _CACHE_WRITE_DTYPES
-        and (k_cache.dtype in _QUANTIZED_CACHE) == (k_scale is not None)
-        and k_cache.dtype in (*_ATTENTION_DTYPES, *_QUANTIZED_CACHE) and v_cache.dtype == k_cache.dtype
+        and kv.is_quantized(k_cache.dtype) == (k_scale is not None)
+        and (k_cache.dtype in _ATTENTION_DTYPES or kv.is_quantized(k_cache.dtype)) and v_cache.dtype == k_cache.dtype
         and key.dim() == 3 and value.dim() == 3 and key.stride(-1) == 1 and value.stride(-1) == 1
         and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
