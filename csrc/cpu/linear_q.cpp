@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "gemm.h"
@@ -316,26 +317,60 @@ struct AqRows {
   std::vector<int32_t> corr;  // [M, nchunks, 16]
 };
 
+// Step 1 of the contract for one row: q[k] and the per-block dx d[b].
+void aq_quantize_row_scalar(const float* xr, int64_t K, int8_t* q, float* d) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xr[32 * b + i]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    d[b] = amax / 127.0f;
+    for (int i = 0; i < 32; ++i) {
+      const float v = std::nearbyint(xr[32 * b + i] * inv);
+      q[32 * b + i] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
+    }
+  }
+}
+
+#if FI_X86
+// The same bits with AVX-512: max is exact, 127 / amax and x * inv are one IEEE operation each,
+// and the conversion rounds to nearest even as nearbyint does in the default rounding mode.
+FI_TARGET_AVX512 inline __m128i aq_round16(__m512 v, __m512 inv) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(c));
+}
+
+FI_TARGET_AVX512 void aq_quantize_row_avx512(const float* xr, int64_t K, int8_t* q, float* d) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m512 a = _mm512_loadu_ps(xr + 32 * b), c = _mm512_loadu_ps(xr + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    d[b] = amax / 127.0f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), aq_round16(a, vi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), aq_round16(c, vi));
+  }
+}
+#endif
+
 void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRows& rows) {
   const int64_t K = t.K, nc = t.nchunks;
   rows.xq.assign(M * K, 0);
   rows.dx.assign(M * nc * 16, 0.0f);
   rows.u.assign(M * nc * 16, 0.0f);
   rows.corr.assign(M * nc * 16, 0);
-  std::vector<int8_t> q(K);
-  std::vector<float> d(K / 32);
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d;
+  q.resize(K);
+  d.resize(K / 32);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
-    for (int64_t b = 0; b < K / 32; ++b) {
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xr[32 * b + i]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      d[b] = amax / 127.0f;
-      for (int i = 0; i < 32; ++i) {
-        const float v = std::nearbyint(xr[32 * b + i] * inv);
-        q[32 * b + i] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
-      }
-    }
+#if FI_X86
+    if (current_isa() >= Isa::kAvx512)
+      aq_quantize_row_avx512(xr, K, q.data(), d.data());
+    else
+#endif
+      aq_quantize_row_scalar(xr, K, q.data(), d.data());
     int8_t* xq = rows.xq.data() + m * K;
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t start = c * t.chunk, n_in = std::min(t.chunk, K - start);
@@ -437,7 +472,7 @@ FI_TARGET_VNNI inline float reduce16_vnni(__m512 a) {
 }
 
 // R rows x C columns; each column's codes are unpacked once per chunk for all R rows.
-template <int R, int C, int KIND>
+template <int R, int C, int KIND, int PF = 3>
 FI_TARGET_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
   static_assert(gemm::kColAlign % C == 0, "tile width must divide the column block alignment");
   const AqProblem& w = p.w;
@@ -475,6 +510,23 @@ FI_TARGET_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
     const __mmask16 gmask = static_cast<__mmask16>((1u << t.gcnt[ch]) - 1u);
     const __m512i gidx = _mm512_loadu_si512(t.gidx.data() + ch * 16);
     const int64_t g0 = t.g0[ch];
+    if (PF > 0) {  // the weights PF tiles ahead, chunk by chunk: hide DRAM latency on decode
+      const int64_t ahead = n0 + PF * C;
+      if (ahead + C <= p.N) {
+        const int64_t cb = start / (KIND == kU4 ? 2 : 1);
+        for (int c = 0; c < C; ++c) {
+          const uint8_t* q = w.codes + (ahead + c) * w.row_bytes + cb;
+          for (int b = 0; b < nbytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(q + b), _MM_HINT_T0);
+        }
+        {
+          for (int c = 0; c < C; ++c) {
+            _mm_prefetch(reinterpret_cast<const char*>(w.scales + (ahead + c) * t.groups + g0), _MM_HINT_T0);
+            if (has_off)
+              _mm_prefetch(reinterpret_cast<const char*>(w.offsets + (ahead + c) * t.groups + g0), _MM_HINT_T0);
+          }
+        }
+      }
+    }
     __m512i lo[C], hi[C];
     __m512 s[C], o[C];
     for (int c = 0; c < C; ++c) {
@@ -539,8 +591,17 @@ template <int KIND>
 void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
             const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
             int64_t M, int64_t N, int64_t K) {
-  const AqTables tables(KIND, K, G);
-  AqRows rows;
+  // Tables depend only on (kind, K, G): built once per shape and kept (a model has a handful).
+  thread_local std::vector<std::unique_ptr<AqTables>> cache;
+  const AqTables* found = nullptr;
+  for (const auto& c : cache)
+    if (c->K == K && c->G == G) found = c.get();
+  if (found == nullptr) {
+    cache.push_back(std::make_unique<AqTables>(KIND, K, G));
+    found = cache.back().get();
+  }
+  const AqTables& tables = *found;
+  thread_local AqRows rows;  // reused: no allocation per call once warm
   aq_prepare(tables, x, ldx, M, rows);
   const AqGemm p = gemm::make_problem(x, ldx, AqProblem{&tables, &rows, codes, row_bytes, scales, offsets},
                                       bias, y, M, N, K);
