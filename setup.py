@@ -39,7 +39,7 @@ def native_cpu() -> CppExtension:
     return CppExtension(
         "fastinfer._C_cpu",
         ["csrc/cpu/linear_f32.cpp", "csrc/cpu/linear_q.cpp", "csrc/cpu/paged_attention.cpp",
-         "csrc/cpu/kv_cache.cpp", "csrc/cpu/elementwise.cpp"],
+         "csrc/cpu/kv_cache.cpp", "csrc/cpu/elementwise.cpp", "csrc/cpu/decoder.cpp"],
         extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
     )

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "ops.h"
 #include "simd_math.h"
 
 namespace fastinfer_cpu {
@@ -185,15 +186,6 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x, const c10::opt
   return {out, sum};
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  return std::get<0>(norm_impl(x, c10::nullopt, w, eps));
-}
-
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
-                                                const at::Tensor& w, double eps) {
-  return norm_impl(x, residual, w, eps);
-}
-
 template <typename T>
 void silu_rows(const T* x, int64_t ld, T* out, int64_t M, int64_t d) {
   for_rows(M, 8 * d, [&](int64_t m) {
@@ -205,19 +197,6 @@ void silu_rows(const T* x, int64_t ld, T* out, int64_t M, int64_t d) {
     silu_mul(g.data(), u.data(), y.data(), d);
     for (int64_t i = 0; i < d; ++i) store_f(out + m * d, i, y[i]);
   });
-}
-
-at::Tensor silu_and_mul(const at::Tensor& x) {
-  check_rows(x, "silu_and_mul", "x");
-  const int64_t M = x.size(0), d = x.size(1) / 2;
-  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "silu_and_mul: x's last dim must be even, got ", x.size(1));
-  at::Tensor out = at::empty({M, d}, x.options());
-  if (x.scalar_type() == at::kFloat)
-    silu_rows<float>(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), M, d);
-  else
-    silu_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.stride(0),
-                             out.data_ptr<c10::BFloat16>(), M, d);
-  return out;
 }
 
 // x [T, heads, D] (strides s0, s1, last dim contiguous), rotated in place at positions pos.
@@ -259,6 +238,30 @@ void rotary_one(const at::Tensor& x, const char* name, const int64_t* pos, const
                           cs.data_ptr<float>());
 }
 
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return std::get<0>(norm_impl(x, c10::nullopt, w, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& w, double eps) {
+  return norm_impl(x, residual, w, eps);
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  check_rows(x, "silu_and_mul", "x");
+  const int64_t M = x.size(0), d = x.size(1) / 2;
+  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "silu_and_mul: x's last dim must be even, got ", x.size(1));
+  at::Tensor out = at::empty({M, d}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    silu_rows<float>(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), M, d);
+  else
+    silu_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.stride(0),
+                             out.data_ptr<c10::BFloat16>(), M, d);
+  return out;
+}
+
 void rotary_embedding_(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& cos_sin) {
   TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
@@ -278,7 +281,6 @@ void rotary_embedding_(const at::Tensor& positions, const at::Tensor& q, const a
   rotary_one(k, "k", pos, cos_sin);
 }
 
-}  // namespace
 }  // namespace fastinfer_cpu
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kv_format.h"
+#include "ops.h"
 
 namespace fastinfer_cpu {
 namespace {
@@ -88,6 +89,8 @@ void write(const at::Tensor& x, const at::Tensor& cache, const c10::optional<at:
   }
 }
 
+}  // namespace
+
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& slot_mapping,
                        const c10::optional<at::Tensor>& k_scale,
@@ -120,7 +123,6 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at:
   write(value, v_cache, v_scale, "v", slots);
 }
 
-}  // namespace
 }  // namespace fastinfer_cpu
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {

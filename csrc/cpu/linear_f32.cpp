@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "gemm.h"
+#include "ops.h"
 
 namespace fastinfer_cpu {
 namespace {
@@ -48,6 +49,8 @@ struct F32Rows {
   }
 #endif
 };
+
+}  // namespace
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias) {
@@ -111,7 +114,6 @@ std::string set_isa_cap(int64_t cap) {
   return isa_name();
 }
 
-}  // namespace
 }  // namespace fastinfer_cpu
 
 TORCH_LIBRARY(fastinfer_cpu, m) {

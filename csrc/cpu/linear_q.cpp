@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "ops.h"
 
 namespace fastinfer_cpu {
 namespace {
@@ -625,6 +626,8 @@ void run_kind(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_byt
 #endif
 }
 
+}  // namespace
+
 at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size,
                     const std::optional<at::Tensor>& bias, bool quantize_inputs) {
@@ -703,7 +706,6 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   return y;
 }
 
-}  // namespace
 }  // namespace fastinfer_cpu
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {

@@ -46,6 +46,7 @@
 
 #include "isa.h"
 #include "kv_format.h"
+#include "ops.h"
 #include "simd_math.h"
 
 
@@ -489,6 +490,8 @@ const float* cache_scales(const c10::optional<at::Tensor>& s, const char* name,
   return s->data_ptr<float>();
 }
 
+}  // namespace
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& query_start_loc, const at::Tensor& context_lens,
@@ -559,7 +562,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
-}  // namespace
 }  // namespace fastinfer_cpu
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {

@@ -7,8 +7,32 @@ from torch import nn
 
 from fastinfer import ops
 
+_generation = [0]
 
-class Linear(nn.Module):
+
+def weights_generation() -> int:
+    """A number that changes whenever a :class:`Linear`'s or an :class:`~fastinfer.layers.norm.RMSNorm`'s
+    weight or bias is replaced (set or deleted), so that a model can tell when what it derived
+    from its weights (the native decoder plan) is stale. In-place updates keep the tensors and
+    need no signal."""
+    return _generation[0]
+
+
+class TracksWeights:
+    """Mixin for modules whose ``weight`` / ``bias`` attributes others cache (see :func:`weights_generation`)."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("weight", "bias"):
+            _generation[0] += 1
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        if name in ("weight", "bias"):
+            _generation[0] += 1
+
+
+class Linear(TracksWeights, nn.Module):
     """``y = x @ weight.T + bias`` with ``weight [out_features, in_features]``, dense or packed."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,

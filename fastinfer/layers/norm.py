@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from fastinfer import ops
+from fastinfer.layers.linear import TracksWeights
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(TracksWeights, nn.Module):
     """Root-mean-square norm over the last dim, computed in float32."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:

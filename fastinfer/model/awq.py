@@ -66,6 +66,7 @@ def _calibrate(cfg: ModelConfig, weights: dict, ids: list[int], seq_len: int, ro
 
     model = LlamaForCausalLM(cfg, torch.float32)
     model.load_weights({n: w.dequantize() if isinstance(w, PackedWeight) else w.float() for n, w in weights.items()})
+    model.fused_layers = False  # the taps below are forward hooks on the layers' modules
     windows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)] or [ids]
     every = max(1, sum(len(w) for w in windows) // rows)
     taps, hooks = [], []

@@ -11,6 +11,7 @@ from torch import nn
 from fastinfer import ops
 from fastinfer.layers.attention import Attention
 from fastinfer.layers.embedding import Embedding
+from fastinfer.layers.linear import weights_generation
 from fastinfer.layers.mlp import GatedMLP
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
@@ -54,14 +55,40 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings else
                                nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
                                             requires_grad=False))
+        # False runs the layers module by module (as forward hooks on them need: AWQ's taps).
+        self.fused_layers = True
+        self._plan, self._plan_key = None, None
+
+    def decoder_plan(self):
+        """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
+        them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
+        or the model is moved."""
+        if not self.fused_layers:
+            return None
+        key = (weights_generation(), self.norm.weight.dtype)
+        if self._plan_key != key:
+            cfg, attn = self.config, self.layers[0].self_attn if len(self.layers) else None
+            norms, linears = [], []
+            for layer in self.layers:
+                a, m = layer.self_attn, layer.mlp
+                norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                linears += [(lin.weight, lin.bias) for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+            self._plan = None if attn is None else ops.decoder_plan(
+                self.norm.weight.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+                attn.scale, attn.rotary.cos_sin, norms, linears)
+            self._plan_key = key
+        return self._plan
+
+    def _apply(self, fn, recurse=True):
+        self._plan, self._plan_key = None, None  # tensors are about to be replaced
+        return super()._apply(fn, recurse)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[CacheLayer], meta: AttentionMetadata) -> torch.Tensor:
         """``token_ids, positions [T]`` -> final hidden states ``[T, hidden]``."""
-        h, residual = self.embed_tokens(token_ids), None
-        for layer, kv in zip(self.layers, kv_caches):
-            h, residual = layer(positions, h, residual, kv, meta)
+        h = self.embed_tokens(token_ids)
+        h, residual = ops.decoder_layers(self.layers, self.decoder_plan(), positions, h, None, kv_caches, meta)
         return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
     @torch.inference_mode()

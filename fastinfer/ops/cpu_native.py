@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -17,7 +18,7 @@ from fastinfer.ops.metadata import AttentionMetadata
 
 from fastinfer.ops.packed import PackedWeight
 
-__all__ = ["available", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
+__all__ = ["DecoderPlan", "available", "decoder_layers", "decoder_layers_applies", "decoder_plan", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
            "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies", "rms_norm",
            "add_rms_norm", "silu_and_mul", "rotary_embedding"]
 
@@ -360,3 +361,110 @@ def rotary_embedding(positions, q, k, cos_sin):
     sums, in its order); returns ``(q, k)``."""
     _row_ops()[3](positions if positions.is_contiguous() else positions.contiguous(), q, k, cos_sin)
     return q, k
+
+
+# ---------------------------------------------------------------- a decoder's layers in one call
+# Python's loop over layers costs ~100 us of interpreter and dispatch time per layer and step
+# (module calls, op selection, wrappers): a third of a small model's decode step. The native
+# decoder_layers op runs the same kernels in the same order for every layer in one call.
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderPlan:
+    """A Llama-family decoder's layer tensors, flattened for the native ``decoder_layers`` op.
+
+    Per layer: ``norms`` holds the input and post-attention norm weights; the four linears
+    (qkv, o, gate_up, down) each contribute one entry to ``weights`` (a dense weight, or a
+    packed weight's codes), ``scales``, ``offsets``, ``biases`` (None where absent), ``kinds``
+    (-1 dense, else the packed code kind) and ``group_sizes``. ``packed`` keeps the packed
+    weights (None for dense ones) so that their ``quantize_inputs`` flags are read at each call.
+    """
+
+    dtype: torch.dtype
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    attn_scale: float
+    cos_sin: torch.Tensor
+    norms: list
+    weights: list
+    scales: list
+    offsets: list
+    biases: list
+    kinds: list
+    group_sizes: list
+    packed: list
+
+
+@functools.lru_cache(maxsize=1)
+def _decoder_op():
+    """``torch.ops.fastinfer_cpu.decoder_layers.default`` (None in a build without it)."""
+    if not _load() or not hasattr(torch.ops.fastinfer_cpu, "decoder_layers"):
+        return None
+    return torch.ops.fastinfer_cpu.decoder_layers.default
+
+
+def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                 attn_scale: float, cos_sin: torch.Tensor, norms: list, linears: list) -> DecoderPlan | None:
+    """The plan for layers whose ``norms`` (two per layer) and ``linears`` (``(weight, bias)``
+    four per layer: qkv, o, gate_up, down) are given, or None when a piece is not one the native
+    kernels take (then the layers run one op at a time): every tensor on the CPU, the model in
+    float32 or bfloat16, dense weights contiguous in the model's dtype, packed weights that
+    :func:`linear_q` takes, and a head dim the attention kernel takes (a multiple of 16 up to 256)."""
+    if (_decoder_op() is None or _row_ops() is None or dtype not in _ROW_DTYPES or head_dim % 16
+            or not 16 <= head_dim <= 256 or cos_sin.dtype != torch.float32 or not cos_sin.is_cpu
+            or not cos_sin.is_contiguous() or cos_sin.shape[1] != head_dim):
+        return None
+    if any(n.dtype != dtype or not n.is_cpu or not n.is_contiguous() for n in norms):
+        return None
+    weights, scales, offsets, biases, kinds, groups, packed = [], [], [], [], [], [], []
+    for weight, bias in linears:
+        if bias is not None and (not bias.is_cpu or bias.dim() != 1 or not bias.is_contiguous()):
+            return None
+        if isinstance(weight, PackedWeight):
+            codes, s, o = weight.tensors
+            if not codes.is_cpu or not weight.native_applies() or _linear_q_op() is None:
+                return None
+            weights.append(codes), scales.append(s), offsets.append(o), kinds.append(_KIND_INDEX[weight.kind])
+            groups.append(weight.group_size), packed.append(weight)
+        else:
+            if weight.dtype != dtype or not weight.is_cpu or not weight.is_contiguous():
+                return None
+            if bias is not None and bias.dtype != dtype:
+                return None
+            weights.append(weight), scales.append(None), offsets.append(None), kinds.append(-1)
+            groups.append(0), packed.append(None)
+        biases.append(bias)
+    return DecoderPlan(dtype, num_heads, num_kv_heads, head_dim, float(eps), float(attn_scale), cos_sin,
+                       list(norms), weights, scales, offsets, biases, kinds, groups, packed)
+
+
+def decoder_layers_applies(layers, plan: DecoderPlan | None, positions, h, residual, kv_caches, meta) -> bool:
+    """True when the native op takes this call: a plan, h ``[T, hidden]`` on the CPU in the
+    plan's dtype (residual too, if given), int64 positions, and caches in the model's dtype or
+    quantized with their scales, as the per-layer kernels require."""
+    if plan is None or not h.is_cpu or h.dtype != plan.dtype or h.dim() != 2 or positions.dtype != torch.int64:
+        return False
+    if residual is not None and (residual.dtype != h.dtype or residual.shape != h.shape):
+        return False
+    first = kv_caches[0]
+    return (len(kv_caches) * 4 == len(plan.weights) and first.k.is_cpu
+            and _cache_dtype_applies(h, first.k, first.v, first.k_scale)
+            and first.k.is_contiguous() and first.v.is_contiguous() and first.k.dim() == 4)
+
+
+def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches, meta):
+    """The layers' ``(h, residual)`` from one native call: bit-identical to running them one op
+    at a time with the native kernels (:func:`fastinfer.ops.reference.decoder_layers`)."""
+    vnni = _cpu_has_vnni()
+    qi = [int(p is not None and p.quantize_inputs and vnni) for p in plan.packed]
+    qsl, ctx = meta.query_start_loc_tensor, meta.context_lens_tensor
+    if qsl is None or qsl.device.type != "cpu":
+        qsl, ctx = _int64_tensor(meta.query_start_loc), _int64_tensor(meta.context_lens)
+    return _decoder_op()(
+        h, residual, positions if positions.is_contiguous() else positions.contiguous(), plan.cos_sin,
+        meta.slot_mapping, meta.block_tables, qsl, ctx, plan.attn_scale, plan.num_heads, plan.num_kv_heads,
+        plan.head_dim, plan.eps, plan.norms, plan.weights, plan.scales, plan.offsets, plan.biases, plan.kinds,
+        plan.group_sizes, qi, [c.k for c in kv_caches], [c.v for c in kv_caches],
+        [c.k_scale for c in kv_caches], [c.v_scale for c in kv_caches])

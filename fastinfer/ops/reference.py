@@ -145,3 +145,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
         enable_gqa=qh.shape[0] != kh.shape[0],
     )
     return o.transpose(0, 1)
+
+
+def decoder_layers(layers, plan, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                   kv_caches: list, meta: AttentionMetadata):
+    """Runs ``layers`` (decoder layers taking and returning ``(h, residual)``) one after the
+    other, each through its own modules and ops; ``plan`` is for the fused backends and unused
+    here. Returns the last layer's ``(h, residual)``."""
+    for layer, kv_layer in zip(layers, kv_caches):
+        h, residual = layer(positions, h, residual, kv_layer, meta)
+    return h, residual

@@ -1,0 +1,112 @@
+"""The fused native decoder (``ops.decoder_layers``, one C++ call for every layer) against the
+reference layer loop over the per-op kernels: bit-identical logits in every weight kind, model
+dtype and KV-cache format, for prefill, chunked prefill and decode steps of a mixed batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfer import ops
+from fastinfer.ops import cpu_native, dispatch
+from fastinfer.model.loader import load_model
+from fastinfer.model.runner import StepInput
+
+from ..conftest import CPU, make_engine, save_tiny_model
+
+pytestmark = pytest.mark.skipif(cpu_native._decoder_op() is None, reason="fastinfer._C_cpu not built")
+
+MODES = [  # dtype, quantization, kv_cache_dtype
+    (torch.float32, "none", "auto"),
+    (torch.bfloat16, "none", "auto"),
+    (torch.float32, "int8", "auto"),
+    (torch.float32, "int4", "auto"),
+    (torch.float32, "fp8", "auto"),
+    (torch.float32, "none", "int8"),
+    (torch.bfloat16, "none", "fp8"),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_folder(request, tmp_path_factory, hf_smollm_tokenizer):
+    """llama: GQA, untied head; qwen2: QKV biases, tied embeddings."""
+    return save_tiny_model(tmp_path_factory.mktemp("fused") / request.param, request.param, hf_smollm_tokenizer)
+
+
+def _steps(engine) -> list[torch.Tensor]:
+    """Logits of a prefill of two prompts, a chunked continuation of one of them beside a
+    decode of the other, and two decode steps; fresh blocks per sequence."""
+    runner, bs = engine.runner, engine.config.block_size
+    a, b = list(range(5, 5 + 21)), list(range(40, 47))
+    tables = [[1, 2, 3], [4, 5, 6]]
+    steps = [
+        StepInput([a[:13], b], [0, 0], tables),
+        StepInput([a[13:], [9]], [13, len(b)], tables),
+        StepInput([[11], [12]], [len(a), len(b) + 1], tables),
+        StepInput([[13], [14]], [len(a) + 1, len(b) + 2], tables),
+    ]
+    assert len(a) + 2 <= 3 * bs
+    return [runner.execute(s) for s in steps]
+
+
+@pytest.mark.parametrize("dtype,quantization,kv_dtype", MODES,
+                         ids=[f"{str(d)[6:]}-{q}-kv_{k}" for d, q, k in MODES])
+def test_fused_decoder_matches_layer_loop(tiny_folder, dtype, quantization, kv_dtype, monkeypatch):
+    loaded = load_model(tiny_folder, dtype, CPU, quantization)
+    engine = make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256)
+    fused_calls = []
+    native = next(i for i in ops.implementations("decoder_layers") if i.backend == "cpu_native")
+
+    def counting(*args):
+        fused_calls.append(1)
+        return native.fn(*args)
+
+    monkeypatch.setitem(dispatch._REGISTRY, "decoder_layers",
+                        [dispatch.Impl("cpu_native", native.applies, counting)]
+                        + [i for i in dispatch._REGISTRY["decoder_layers"] if i.backend != "cpu_native"])
+    fused = _steps(engine)
+    assert len(fused_calls) == 4, "the fused native decoder did not run"
+    monkeypatch.setitem(dispatch._REGISTRY, "decoder_layers",
+                        [i for i in dispatch._REGISTRY["decoder_layers"] if i.backend == "reference"])
+    engine = make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256)
+    looped = _steps(engine)
+    assert len(fused_calls) == 4
+    for step, (f, r) in enumerate(zip(fused, looped)):
+        assert torch.equal(f, r), f"step {step}: max diff {(f.float() - r.float()).abs().max().item()}"
+
+
+def test_plan_follows_replaced_weights(tiny_folder):
+    """Replacing a weight (as quantization at load and AWQ do) rebuilds the plan; moving the
+    model drops it."""
+    model = load_model(tiny_folder, torch.float32, CPU, "none").model
+    plan = model.decoder_plan()
+    assert plan is not None and plan.kinds == [-1] * 4 * len(model.layers)
+    assert model.decoder_plan() is plan  # cached
+    lin = model.layers[1].mlp.down_proj
+    new = torch.nn.Parameter(lin.weight.detach().clone() * 2, requires_grad=False)
+    lin.weight = new
+    rebuilt = model.decoder_plan()
+    assert rebuilt is not plan and rebuilt.weights[4 * 1 + 3] is new
+    model.to(CPU)
+    moved = model.decoder_plan()
+    assert moved is not rebuilt and moved.weights[4 * 1 + 3] is model.layers[1].mlp.down_proj.weight
+
+
+def test_plan_refuses_what_the_kernels_do_not_take(tiny_folder):
+    model = load_model(tiny_folder, torch.float32, CPU, "none").model
+    base = model.decoder_plan()
+    args = (base.dtype, base.num_heads, base.num_kv_heads, base.head_dim, base.eps, base.attn_scale, base.cos_sin)
+    linears = list(zip(base.weights, base.biases))
+    assert ops.decoder_plan(*args, base.norms, linears) is not None
+    strided = [(w.t().contiguous().t(), b) if i == 0 else (w, b) for i, (w, b) in enumerate(linears)]
+    assert ops.decoder_plan(*args, base.norms, strided) is None  # a non-contiguous dense weight
+    assert ops.decoder_plan(torch.float16, *args[1:], base.norms, linears) is None
+    odd_head = (base.dtype, base.num_heads, base.num_kv_heads, 24, base.eps, base.attn_scale, base.cos_sin)
+    assert ops.decoder_plan(*odd_head, base.norms, linears) is None
+
+
+def test_fused_layers_off_runs_module_by_module(tiny_folder):
+    """Forward hooks on the layers' modules (AWQ's calibration taps) need the module loop."""
+    model = load_model(tiny_folder, torch.float32, CPU, "none").model
+    assert model.decoder_plan() is not None
+    model.fused_layers = False
+    assert model.decoder_plan() is None
