@@ -377,21 +377,22 @@ void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRow
       const int64_t start = c * t.chunk, n_in = std::min(t.chunk, K - start);
       if (t.kind == kU4) {
         const int64_t nb = n_in / 32;
-        for (int64_t b = 0; b < nb; ++b)
-          for (int i = 0; i < 16; ++i) {
-            xq[start + 16 * b + i] = q[start + 32 * b + i];
-            xq[start + 16 * nb + 16 * b + i] = q[start + 32 * b + 16 + i];
-          }
+        for (int64_t b = 0; b < nb; ++b) {
+          std::memcpy(xq + start + 16 * b, q.data() + start + 32 * b, 16);
+          std::memcpy(xq + start + 16 * nb + 16 * b, q.data() + start + 32 * b + 16, 16);
+        }
       } else {
-        for (int64_t i = 0; i < n_in; ++i) xq[start + i] = q[start + i];
+        std::memcpy(xq + start, q.data() + start, n_in);
       }
+      // Lane l's inputs sit at bytes 4l..4l+3 of the chunk (and, for u4, the same bytes of its
+      // high-nibble half, n_in / 2 further on): see AqTables::lane_inputs.
+      const int8_t* xc = xq + start;
+      const int64_t half = n_in / 2;
       const int valid = t.lanes[c];
       for (int l = 0; l < valid; ++l) {
-        int64_t in[8];
-        const int cnt = t.lane_inputs(l, valid, in);
-        int32_t sum = 0;
-        for (int i = 0; i < cnt; ++i) sum += q[start + in[i]];
-        const float dxl = d[(start + in[0]) / 32];
+        int32_t sum = xc[4 * l] + xc[4 * l + 1] + xc[4 * l + 2] + xc[4 * l + 3];
+        if (t.kind == kU4) sum += xc[half + 4 * l] + xc[half + 4 * l + 1] + xc[half + 4 * l + 2] + xc[half + 4 * l + 3];
+        const float dxl = d[(start + (t.kind == kU4 ? 32 * (l / 4) : 4 * l)) / 32];
         const int64_t at = (m * nc + c) * 16 + l;
         rows.dx[at] = dxl;
         rows.u[at] = static_cast<float>(sum) * dxl;
@@ -585,6 +586,101 @@ struct AqTiles {
 };
 #endif
 
+// ---- s8 codes with one scale per output channel (groups == 1) and no offsets: int8 RTN's
+// layout, and the embedding / LM head of int8 and fp8. The scale is then common to the whole
+// row, so it is applied once per output instead of once per chunk; steps 3-4 become
+//   p[l] = fma(float(I), DX[l], p[l])   for each chunk, lane l (I exact, as above)
+//   y[m, n] = tree16(p) * scale[n] (+ bias[n]).
+// Three instructions per 64 multiply-adds on VNNI (one dot product, one conversion, one fma),
+// with every accumulator in a register: about twice the rate of the general tiles on prefill.
+inline bool per_channel(int64_t kind, int64_t groups, const float* offsets) {
+  return kind == kS8 && groups == 1 && offsets == nullptr;
+}
+
+void pc_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
+  const AqProblem& w = p.w;
+  const AqTables& t = *w.t;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* code = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const int8_t* xq = w.rows->xq.data() + m * t.K;
+      float acc[16] = {};
+      for (int64_t c = 0; c < t.nchunks; ++c) {
+        const int64_t start = c * t.chunk;
+        const float* DX = w.rows->dx.data() + (m * t.nchunks + c) * 16;
+        for (int l = 0; l < t.lanes[c]; ++l) {
+          int32_t dot = 0;
+          for (int i = 0; i < 4; ++i) dot += code[start + 4 * l + i] * xq[start + 4 * l + i];
+          acc[l] = std::fma(static_cast<float>(dot), DX[l], acc[l]);
+        }
+      }
+      float out = gemm::tree16(acc) * w.scales[n];
+      gemm::store_tile<1, 1>(p, m, n, &out);
+    }
+  }
+}
+
+#if FI_X86
+// Rows m0..m0+R-1 and columns n0..n0+C-1, all inside the problem (the block walk sends tails
+// to narrower tiles, so that no pointer is clamped and the row pointers are one base + stride).
+template <int R, int C, int PF = 3>
+FI_TARGET_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
+  const AqProblem& w = p.w;
+  const AqTables& t = *w.t;
+  const int64_t K = t.K, rs = t.nchunks * 16, cb = w.row_bytes;
+  const int8_t* xq = w.rows->xq.data() + m0 * K;
+  const float* dx = w.rows->dx.data() + m0 * rs;
+  const int32_t* cr = w.rows->corr.data() + m0 * rs;
+  const uint8_t* code = w.codes + n0 * cb;
+  const bool ahead = PF > 0 && n0 + (PF + 1) * C <= p.N;
+  __m512 acc[R * C];
+  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t ch = 0, start = 0; ch < t.nchunks; ++ch, start += 64) {
+    const int nbytes = t.nbytes[ch];
+    const __mmask64 cmask = nbytes >= 64 ? ~0ULL : ((1ULL << nbytes) - 1ULL);
+    __m512i cv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + start), _MM_HINT_T0);
+      cv[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(cmask, code + c * cb + start), flip);  // code + 128
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(cmask, xq + r * K + start);
+      const __m512 DX = _mm512_loadu_ps(dx + r * rs + ch * 16);
+      // dot(code + 128, xq) - 128 * sum(xq) = dot(code, xq), exactly
+      const __m512i base = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(cr + r * rs + ch * 16));
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c)
+        acc[r * C + c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(base, cv[c], xv)), DX, acc[r * C + c]);
+    }
+  }
+  float out[R * C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = reduce16_vnni(acc[r * C + c]) * w.scales[n0 + c];
+  gemm::store_tile<R, C>(p, m0, n0, out);
+}
+
+void pc_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
+  const int64_t rows = m_end - m_begin;
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    if (rows == 1) {
+      pc_tile_vnni<1, 4>(p, m_begin, n);
+    } else if (rows == 2) {
+      pc_tile_vnni<2, 4>(p, m_begin, n);
+    } else {
+      int64_t m = m_begin;
+      for (; m + 4 <= m_end; m += 4) pc_tile_vnni<4, 4>(p, m, n);
+      for (; m < m_end; ++m) pc_tile_vnni<1, 4>(p, m, n);
+    }
+  }
+  for (; n < n_end; ++n)
+    for (int64_t m = m_begin; m < m_end; ++m) pc_tile_vnni<1, 1, 0>(p, m, n);
+}
+#endif
+
 // True when the activation-quantized contract applies: integer codes and whole 32-blocks.
 inline bool aq_applies(int64_t kind, int64_t K) { return kind != kE4M3 && K % 32 == 0; }
 
@@ -606,9 +702,11 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
   aq_prepare(tables, x, ldx, M, rows);
   const AqGemm p = gemm::make_problem(x, ldx, AqProblem{&tables, &rows, codes, row_bytes, scales, offsets},
                                       bias, y, M, N, K);
-  gemm::BlockFn<AqProblem> fn = aq_block_scalar<KIND>;
+  const bool pc = per_channel(KIND, tables.groups, offsets);
+  gemm::BlockFn<AqProblem> fn = pc ? pc_block_scalar : aq_block_scalar<KIND>;
 #if FI_X86
-  if (current_isa() >= Isa::kAvx512Vnni) fn = gemm::narrow_blocks<AqTiles<KIND>, AqProblem>;
+  if (current_isa() >= Isa::kAvx512Vnni)
+    fn = pc ? pc_blocks_vnni : gemm::narrow_blocks<AqTiles<KIND>, AqProblem>;
 #endif
   gemm::run_with(p, fn);
 }

@@ -17,8 +17,10 @@ from .native_helpers import isa_cap, threads
 
 EPS32 = 2.0**-24
 native = pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
-# (kind, group size; None = per channel)
-LAYOUTS = [("u4", 32), ("u4", 64), ("s8", 16), ("s8", None), ("e4m3", None)]
+# (kind, group size (None = per channel), offsets); s8 per channel without offsets is int8 RTN's
+# layout, which the native kernel computes with its own (per-channel) tiles
+LAYOUTS = [("u4", 32, True), ("u4", 64, True), ("s8", 16, True), ("s8", None, True), ("s8", None, False),
+           ("e4m3", None, False)]
 
 
 def random_packed(kind: str, n: int, k: int, group: int | None, seed: int, offsets: bool = True) -> PackedWeight:
@@ -88,14 +90,14 @@ def test_reference_is_registered_and_native_when_built():
     assert ("cpu_native" in backends) == cpu_native.available()
 
 
-@pytest.mark.parametrize("kind,group", LAYOUTS)
+@pytest.mark.parametrize("kind,group,offs", LAYOUTS)
 @pytest.mark.parametrize("k", [96, 160, 576])
 @pytest.mark.parametrize("n", [1, 3, 49])
 @pytest.mark.parametrize("m", [1, 7, 33, 300])
-def test_every_backend_matches_the_reference(kind, group, k, n, m):
+def test_every_backend_matches_the_reference(kind, group, offs, k, n, m):
     if group is not None and k % group:
         pytest.skip("group does not divide K")
-    w = random_packed(kind, n, k, group, seed=k * 31 + n)
+    w = random_packed(kind, n, k, group, seed=k * 31 + n, offsets=offs)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     want = float64_reference(x, w)
     bound = error_bound(x, w)
@@ -115,10 +117,11 @@ def test_every_backend_matches_the_reference(kind, group, k, n, m):
 
 @native
 @pytest.mark.parametrize("m", [1, 7])
-@pytest.mark.parametrize("kind,group", [("u4", 32), ("s8", 32), ("e4m3", None)])
-def test_native_wide_output_lm_head_shape(kind, group, m):
+@pytest.mark.parametrize("kind,group,offs", [("u4", 32, True), ("s8", 32, True), ("s8", None, False),
+                                             ("e4m3", None, False)])
+def test_native_wide_output_lm_head_shape(kind, group, offs, m):
     """N = 49152 (the default model's vocabulary) and K = 576."""
-    w = random_packed(kind, 49152, 576, group, seed=5)
+    w = random_packed(kind, 49152, 576, group, seed=5, offsets=offs)
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(3))
     want = float64_reference(x, w)
     for quantize_inputs in native_modes(x, w):
@@ -128,9 +131,9 @@ def test_native_wide_output_lm_head_shape(kind, group, m):
 
 
 @native
-@pytest.mark.parametrize("kind,group", LAYOUTS)
-def test_native_simd_paths_bit_identical(kind, group):
-    w = random_packed(kind, 37, 192, group, seed=11)
+@pytest.mark.parametrize("kind,group,offs", LAYOUTS)
+def test_native_simd_paths_bit_identical(kind, group, offs):
+    w = random_packed(kind, 37, 192, group, seed=11, offsets=offs)
     x = torch.randn(9, 192, generator=torch.Generator().manual_seed(2))
     for quantize_inputs in native_modes(x, w):
         outs = []
@@ -141,10 +144,10 @@ def test_native_simd_paths_bit_identical(kind, group):
 
 
 @native
-@pytest.mark.parametrize("kind,group", LAYOUTS)
-def test_native_rows_do_not_depend_on_the_batch(kind, group):
+@pytest.mark.parametrize("kind,group,offs", LAYOUTS)
+def test_native_rows_do_not_depend_on_the_batch(kind, group, offs):
     """A row's output is bit-identical alone, at any position of any batch, with 1 or 2 threads."""
-    w = random_packed(kind, 200, 576, group, seed=13)
+    w = random_packed(kind, 201, 576, group, seed=13, offsets=offs)
     batch = torch.randn(300, 576, generator=torch.Generator().manual_seed(4))
     for q in native_modes(batch, w):
         with threads(1):
