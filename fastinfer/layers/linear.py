@@ -6,30 +6,25 @@ import torch
 from torch import nn
 
 from fastinfer import ops
-
-_generation = [0]
-
-
-def weights_generation() -> int:
-    """A number that changes whenever a :class:`Linear`'s or an :class:`~fastinfer.layers.norm.RMSNorm`'s
-    weight or bias is replaced (set or deleted), so that a model can tell when what it derived
-    from its weights (the native decoder plan) is stale. In-place updates keep the tensors and
-    need no signal."""
-    return _generation[0]
-
+from fastinfer.ops.packed import bump_weights_generation, weights_generation  # noqa: F401 (re-exported)
 
 class TracksWeights:
-    """Mixin for modules whose ``weight`` / ``bias`` attributes others cache (see :func:`weights_generation`)."""
+    """Mixin for modules whose ``weight`` / ``bias`` others cache (see
+    :func:`fastinfer.ops.packed.weights_generation`)."""
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in ("weight", "bias"):
-            _generation[0] += 1
+            bump_weights_generation()
 
     def __delattr__(self, name):
         super().__delattr__(name)
         if name in ("weight", "bias"):
-            _generation[0] += 1
+            bump_weights_generation()
+
+    def _apply(self, fn, recurse=True):
+        bump_weights_generation()
+        return super()._apply(fn, recurse)
 
 
 class Linear(TracksWeights, nn.Module):

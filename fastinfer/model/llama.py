@@ -11,7 +11,7 @@ from torch import nn
 from fastinfer import ops
 from fastinfer.layers.attention import Attention
 from fastinfer.layers.embedding import Embedding
-from fastinfer.layers.linear import weights_generation
+from fastinfer.ops.packed import weights_generation
 from fastinfer.layers.mlp import GatedMLP
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
@@ -42,6 +42,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+def _hooked(modules) -> bool:
+    """True when a forward (pre-)hook is registered on one of ``modules`` or globally."""
+    g = torch.nn.modules.module
+    if getattr(g, "_global_forward_hooks", None) or getattr(g, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class LlamaForCausalLM(nn.Module):
     """Embedding, ``num_layers`` decoder layers, final norm and the LM head (maybe tied)."""
 
@@ -55,17 +63,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings else
                                nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
                                             requires_grad=False))
-        # False runs the layers module by module (as forward hooks on them need: AWQ's taps).
+        # False runs the layers module by module (as forward hooks on them do, which is also
+        # detected at each step).
         self.fused_layers = True
         self._plan, self._plan_key = None, None
+        # Forward hooks on a layer or its modules need the module loop: checked at each step.
+        self._hook_modules = list(self.layers.modules())
 
     def decoder_plan(self):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
         them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
         or the model is moved."""
-        if not self.fused_layers:
+        if not self.fused_layers or _hooked(self._hook_modules):
             return None
-        key = (weights_generation(), self.norm.weight.dtype)
+        key = (weights_generation(), self.norm.weight.dtype, self.layers[0].self_attn.rotary.cos_sin.data_ptr()
+               if len(self.layers) else 0)
         if self._plan_key != key:
             cfg, attn = self.config, self.layers[0].self_attn if len(self.layers) else None
             norms, linears = [], []

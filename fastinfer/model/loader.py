@@ -74,6 +74,11 @@ def read_weights(model: str, quantization: str | None = None, quant_group_size: 
     if saved is not None and quantization in SCHEMES and quantization != saved.get("quantization"):
         raise ConfigError(f"{path} holds weights already quantized with {saved.get('quantization')!r}; load it "
                           f"with quantization=None (or 'none' to dequantize), not {quantization!r}", "quantization")
+    if (saved is not None and quantization == "int4" == saved.get("quantization")
+            and str(quant_group_size) != str(saved.get("quant_group_size"))):
+        raise ConfigError(f"{path} holds int4 weights in groups of {saved.get('quant_group_size')!r}, not "
+                          f"{quant_group_size!r}; load it with quantization=None to use them as saved, or "
+                          "quantize the float model again", "quant_group_size")
     if saved is not None and quant_method == "awq" and saved.get("method") != "awq":
         raise ConfigError(f"{path} holds weights quantized with {saved.get('method')!r}, not AWQ; quantize the "
                           "float model with quant_method='awq' instead", "quant_method")

@@ -31,6 +31,20 @@ import torch
 from torch import nn
 
 KINDS = ("u4", "s8", "e4m3")
+
+_generation = [0]
+
+
+def weights_generation() -> int:
+    """A number that changes whenever a layer's weight is replaced: a :class:`PackedWeight`'s
+    codes, scales or offsets, a ``Linear``'s or ``RMSNorm``'s weight or bias (set or deleted),
+    or any of them moved or cast (``_apply``). What is derived from the weights (the native
+    decoder plan) is rebuilt when it changes; in-place updates keep the tensors and need no signal."""
+    return _generation[0]
+
+
+def bump_weights_generation() -> None:
+    _generation[0] += 1
 _CODE_DTYPES = {"u4": torch.uint8, "s8": torch.int8, "e4m3": torch.float8_e4m3fn}
 _GROUP_MULTIPLE = {"u4": 32, "s8": 16, "e4m3": 16}
 
@@ -75,7 +89,14 @@ class PackedWeight(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_tensors", None)
+        bump_weights_generation()
         return super()._apply(fn, recurse)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("codes", "scales", "offsets"):
+            self.__dict__.pop("_tensors", None)
+            bump_weights_generation()
 
     @property
     def shape(self) -> tuple[int, int]:

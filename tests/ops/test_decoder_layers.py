@@ -110,3 +110,31 @@ def test_fused_layers_off_runs_module_by_module(tiny_folder):
     assert model.decoder_plan() is not None
     model.fused_layers = False
     assert model.decoder_plan() is None
+
+
+def test_forward_hooks_still_fire(tiny_folder):
+    """A hook on any layer module turns the fused path off for as long as it is registered."""
+    loaded = load_model(tiny_folder, torch.float32, CPU, "none")
+    engine = make_engine(loaded, kv_cache_memory="8MiB", max_model_len=256)
+    plain = _steps(engine)
+    seen = []
+    handle = loaded.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        assert loaded.model.decoder_plan() is None
+        hooked = _steps(make_engine(loaded, kv_cache_memory="8MiB", max_model_len=256))
+    finally:
+        handle.remove()
+    assert seen == [13 + 7, 8 + 1, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked))
+    assert loaded.model.decoder_plan() is not None
+
+
+def test_plan_follows_replaced_packed_buffers(tiny_folder):
+    model = load_model(tiny_folder, torch.float32, CPU, "int8").model
+    plan = model.decoder_plan()
+    packed = model.layers[0].self_attn.o_proj.weight
+    packed.scales = packed.scales * 2
+    rebuilt = model.decoder_plan()
+    assert rebuilt is not plan and rebuilt.scales[1] is packed.scales
+    model.layers[0].to(CPU)  # a submodule moved: its tensors may be new ones
+    assert model.decoder_plan() is not rebuilt

@@ -18,17 +18,33 @@ from ..test_batch_invariance import varied_prompts
 from .test_quantized_model import greedy, loaded
 
 
+def cheap_awq(monkeypatch):
+    """AWQ with a short calibration (1,024 tokens), for both the command and the load."""
+    import functools
+
+    from fastinfer.model import loader
+    monkeypatch.setattr(loader, "apply_awq", functools.partial(loader.apply_awq, num_tokens=1024, seq_len=256,
+                                                               rows=128))
+
+
 @pytest.mark.parametrize("mode,args", [("int4-auto", ["--quantization", "int4", "--quant-group-size", "auto"]),
-                                       ("fp8", ["--quantization", "fp8"])])
-def test_quantize_then_reload_equals_quantizing_at_load(tmp_path, smollm_path, mode, args, capsys):
+                                       ("int8", ["--quantization", "int8"]),
+                                       ("fp8", ["--quantization", "fp8"]),
+                                       ("awq-int4-auto", ["--quantization", "int4", "--quant-group-size", "auto",
+                                                         "--quant-method", "awq"])])
+def test_quantize_then_reload_equals_quantizing_at_load(tmp_path, smollm_path, mode, args, capsys, monkeypatch):
+    if mode.startswith("awq"):
+        cheap_awq(monkeypatch)
     out = tmp_path / "q"
     assert main(["quantize", "smollm2-135m", *args, "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "fastinfer" and qc["quantization"] == args[1] and len(qc["packed"]) == 30 * 7 + 1
+    assert qc["method"] == ("awq" if mode.startswith("awq") else "rtn")
     reloaded = load_model(str(out), torch.float32, CPU)
-    at_load = loaded(smollm_path, mode)
+    at_load = (load_model(smollm_path, torch.float32, CPU, "int4", "auto", "awq") if mode == "awq-int4-auto"
+               else loaded(smollm_path, mode))
     a, b = (dict(m.model.named_modules()) for m in (reloaded, at_load))
     for name in ("layers.0.self_attn.qkv_proj.weight", "layers.29.mlp.down_proj.weight", "embed_tokens.weight"):
         assert isinstance(a[name], PackedWeight) and a[name].kind == b[name].kind
@@ -47,7 +63,12 @@ def test_quantize_then_reload_equals_quantizing_at_load(tmp_path, smollm_path, m
     dense = load_model(str(out), torch.float32, CPU, "none")
     assert not any(isinstance(m, PackedWeight) for m in dense.model.modules())
     with pytest.raises(ConfigError, match="already quantized with"):
-        load_model(str(out), torch.float32, CPU, "int8" if mode != "int8" else "int4")
+        load_model(str(out), torch.float32, CPU, "fp8" if mode != "fp8" else "int4")
+    if mode.endswith("int4-auto"):  # the saved groups are used as they are, never silently re-chosen
+        with pytest.raises(ConfigError, match="in groups of 'auto', not 32"):
+            load_model(str(out), torch.float32, CPU, "int4", 32)
+        assert isinstance(dict(load_model(str(out), torch.float32, CPU, "int4", "auto").model.named_modules())[
+            "layers.0.mlp.down_proj.weight"], PackedWeight)
 
 
 def test_quantize_refuses_bad_settings_and_foreign_folders(tmp_path, capsys):

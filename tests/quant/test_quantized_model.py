@@ -53,6 +53,25 @@ def test_quantized_model_is_batch_invariant_and_sensible(smollm_path, mode):
     assert "Paris" in model.tokenizer.decode(answer)
 
 
+def _alone_equals_batched(model, label: str, **engine_options) -> None:
+    prompts = varied_prompts(model.tokenizer, 8)
+    options = dict(kv_cache_memory="64MiB", max_model_len=512, **engine_options)
+    together = greedy(make_engine(model, **options), prompts)
+    for i in (0, 5):
+        assert greedy(make_engine(model, **options), [prompts[i]])[0] == together[i], f"{label}: prompt {i}"
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_kv_cache_is_batch_invariant(smollm, kv):
+    _alone_equals_batched(smollm, f"kv {kv}", kv_cache_dtype=kv)
+
+
+def test_awq_model_is_batch_invariant(smollm_path, monkeypatch):
+    from .test_quantize_command import cheap_awq
+    cheap_awq(monkeypatch)
+    _alone_equals_batched(load_model(smollm_path, torch.float32, CPU, "int4", "auto", "awq"), "awq int4")
+
+
 def test_gguf_kept_agrees_with_the_dequantized_path(smollm_path, smollm):
     """Same weights, computed on the blocks. With float inputs: logits within float32 rounding
     and the same greedy tokens. With the default int8 inputs (llama.cpp's way): logits within

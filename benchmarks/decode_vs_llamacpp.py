@@ -1,0 +1,61 @@
+"""Single-stream decode, fastinfer (GGUF blocks kept) against llama.cpp on the same file, measured
+in alternation in one run (these shared machines drift by tens of percent within minutes):
+
+    FASTINFER_LLAMA_CPP=<llama.cpp>/build/bin .venv/bin/python benchmarks/decode_vs_llamacpp.py --rounds 3
+
+Each round runs ``llama-bench -p 0 -n 128`` (tg128) and then fastinfer on a 128-token prompt with 128
+new tokens (tokens/s after the first token, as benchmarks/quant_table.py measures it); the ratio
+of each round and the medians are printed, and written as JSON with ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from fastinfer import EngineConfig, SamplingParams
+from fastinfer.bench.llamacpp import llama_bench
+from fastinfer.bench.perplexity import default_text
+from fastinfer.bench.schema import collect_env
+from fastinfer.engine.engine import Engine
+
+
+def fastinfer_decode(engine: Engine, prompt: list[int], new: int) -> float:
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    m = engine.drain()[rid].metrics
+    return (new - 1) / (m.finished_time - m.first_token_time)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    engine = Engine(EngineConfig(quantization="gguf", kv_cache_memory="256MiB", max_model_len=1024))
+    path, threads = engine.loaded.path, torch.get_num_threads()
+    prompt = engine.tokenizer.encode(default_text())[10000:10128]
+    fastinfer_decode(engine, prompt[:16], 4)  # warm-up
+    rounds = []
+    for i in range(args.rounds):
+        ours = fastinfer_decode(engine, prompt, args.new)
+        theirs = llama_bench(path, threads, prompt=0, new=args.new)["tg_tok_s"]
+        rounds.append({"fastinfer_tok_s": ours, "llama_cpp_tok_s": theirs, "ratio": ours / theirs})
+        print(f"round {i + 1}: fastinfer {ours:.1f} tok/s, llama.cpp tg{args.new} {theirs:.1f} tok/s, "
+              f"ratio {ours / theirs:.2f}", flush=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    print(f"median: fastinfer {med['fastinfer_tok_s']:.1f}, llama.cpp {med['llama_cpp_tok_s']:.1f}, "
+          f"ratio {med['ratio']:.2f} ({threads} threads, {os.path.basename(path)})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": collect_env(), "model": path, "threads": threads, "rounds": rounds, "median": med}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
