@@ -13,8 +13,8 @@
 //
 // so its results are bit-identical to the loop's when the loop's ops pick the native kernels
 // (tested for every weight kind and cache format). A linear is dense (kind -1: linear_f32 for
-// float32 inputs, at::linear, the reference's call, otherwise) or quantized (kind 0 u4, 1 s8,
-// 2 e4m3: linear_q in float32, cast back to the inputs' dtype).
+// float32 and bfloat16 weights, computed in float32 and cast back; at::linear, the reference's
+// call, otherwise) or quantized (kind 0 u4, 1 s8, 2 e4m3: linear_q in float32, cast back).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -37,9 +37,14 @@ struct LinearRef {
 
 at::Tensor apply(const LinearRef& l, const at::Tensor& x) {
   const bool f32 = x.scalar_type() == at::kFloat;
-  if (l.kind < 0) return f32 ? linear_f32(x, l.weight, l.bias) : at::linear(x, l.weight, l.bias);
   c10::optional<at::Tensor> bias;
-  if (l.bias.has_value() && l.bias->defined()) bias = l.bias->to(at::kFloat).contiguous();
+  if (l.bias.has_value() && l.bias->defined()) bias = f32 ? *l.bias : l.bias->to(at::kFloat).contiguous();
+  if (l.kind < 0) {  // dense: float32, or bfloat16 widened in registers (cpu_native.linear_f32)
+    if (f32) return linear_f32(x, l.weight, l.bias);
+    if (l.weight.scalar_type() == at::kBFloat16)
+      return linear_f32(x.to(at::kFloat), l.weight, bias).to(x.scalar_type());
+    return at::linear(x, l.weight, l.bias);
+  }
   if (f32) return linear_q(x, l.weight, *l.scales, l.offsets, l.kind, l.group_size, bias, l.quantize_inputs);
   return linear_q(x.to(at::kFloat), l.weight, *l.scales, l.offsets, l.kind, l.group_size, bias,
                   l.quantize_inputs)

@@ -1,7 +1,7 @@
 // Batch-invariant float32 linear for the CPU: y = x @ w.T + bias.
 //
 // The tiles, the reduction order (the batch-invariance contract) and the work split live in
-// gemm.h; this file gives them float32 weight rows and binds the op.
+// gemm.h; this file gives them float32 (or bfloat16) weight rows and binds the op.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <Python.h>
@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "gemm.h"
 #include "ops.h"
@@ -50,6 +51,57 @@ struct F32Rows {
 #endif
 };
 
+// Weight loader for bfloat16 rows: each weight widened to the float32 it stands for (exact: the
+// bf16 bits are the high half of the float's), so the float32 linear's contract holds as is and
+// a bfloat16 model's linears are batch-invariant too (oneDNN's bfloat16 matmul is not: K = 1536
+// rows change with the batch from M = 128 on). Half the bytes of float32 on decode.
+struct BF16Rows {
+  const uint16_t* w;
+  int64_t ldw, K;
+  struct Col {
+    const uint16_t* p;
+  };
+  int64_t group_size() const { return 0; }
+  Col col(int64_t n) const { return {w + n * ldw}; }
+  void begin_group(Col&, int64_t) const {}
+  static float widen(uint16_t b) {
+    const uint32_t bits = static_cast<uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  float scalar(const Col& c, int64_t k) const { return widen(c.p[k]); }
+#if FI_X86
+  FI_TARGET_AVX2 static __m256 widen8(const uint16_t* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  FI_TARGET_AVX2 void avx2(const Col& c, int64_t k, __m256& lo, __m256& hi) const {
+    lo = widen8(c.p + k);
+    hi = widen8(c.p + k + 8);
+  }
+  FI_TARGET_AVX2 void avx2_tail(const Col& c, int64_t k, __m256i, bool, __m256i, __m256& lo, __m256& hi) const {
+    alignas(32) uint16_t buf[16] = {};  // the K tail (< 16 weights) through a zero-padded copy
+    std::memcpy(buf, c.p + k, sizeof(uint16_t) * static_cast<size_t>(K - k));
+    lo = widen8(buf);
+    hi = widen8(buf + 8);
+  }
+  FI_TARGET_AVX512 static __m512 widen16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  FI_TARGET_AVX512 __m512 avx512(const Col& c, int64_t k) const { return widen16(c.p + k); }
+  FI_TARGET_AVX512 __m512 avx512_tail(const Col& c, int64_t k, __mmask16) const {
+    alignas(32) uint16_t buf[16] = {};
+    std::memcpy(buf, c.p + k, sizeof(uint16_t) * static_cast<size_t>(K - k));
+    return widen16(buf);
+  }
+  FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
+    _mm_prefetch(reinterpret_cast<const char*>(c.p + k), _MM_HINT_T0);
+  }
+#endif
+};
+
 }  // namespace
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
@@ -59,8 +111,8 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(w.device().is_cpu(), "linear_f32: weight must be a CPU tensor, got ", w.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "linear_f32: x must be float32, got ",
                    x.scalar_type());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "linear_f32: weight must be float32, got ",
-                   w.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+                   "linear_f32: weight must be float32 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "linear_f32: x must be 2-D [M, K], got shape ", x.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2, "linear_f32: weight must be 2-D [N, K], got shape ",
                     w.sizes());
@@ -89,10 +141,15 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
   }
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
-  const auto p = gemm::make_problem(x.data_ptr<float>(), M > 1 ? x.stride(0) : K,
-                                    F32Rows{w.data_ptr<float>(), N > 1 ? w.stride(0) : K}, bias_ptr,
-                                    y.data_ptr<float>(), M, N, K);
-  gemm::run(p);
+  const int64_t ldx = M > 1 ? x.stride(0) : K, ldw = N > 1 ? w.stride(0) : K;
+  if (w.scalar_type() == at::kBFloat16) {
+    gemm::run(gemm::make_problem(x.data_ptr<float>(), ldx,
+                                 BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), ldw, K}, bias_ptr,
+                                 y.data_ptr<float>(), M, N, K));
+  } else {
+    gemm::run(gemm::make_problem(x.data_ptr<float>(), ldx, F32Rows{w.data_ptr<float>(), ldw}, bias_ptr,
+                                 y.data_ptr<float>(), M, N, K));
+  }
   return y;
 }
 

@@ -21,9 +21,10 @@ for _name in _REFERENCE_OPS:
 
 
 def _native_f32_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias=None) -> bool:
-    # The native kernel has a fixed reduction order per output element, so float32 results do
-    # not depend on the batch (BUILD_NOTES.md, Numerics): it is the default float32 CPU path.
-    return x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    # The native kernel has a fixed reduction order per output element, so results do not
+    # depend on the batch (BUILD_NOTES.md, Numerics; oneDNN's bfloat16 matmul changes rows with
+    # the batch from M = 128 at K = 1536): the default float32 and bfloat16 CPU path.
+    return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
 
 
 if cpu_native.available():

@@ -63,13 +63,14 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
     Args:
         x: float32 CPU tensor ``[..., K]`` (any leading dims and strides; copied to a
-            row-contiguous layout only when its last dim is strided).
-        weight: float32 CPU tensor ``[N, K]`` (copied when its rows are not contiguous, so keep
-            weights contiguous).
-        bias: optional float32 CPU tensor ``[N]``.
+            row-contiguous layout only when its last dim is strided), or bfloat16 with a bfloat16
+            weight (then widened to float32, computed as float32 and rounded back to bfloat16).
+        weight: float32 (or bfloat16) CPU tensor ``[N, K]`` (copied when its rows are not
+            contiguous, so keep weights contiguous).
+        bias: optional CPU tensor ``[N]`` in x's dtype.
 
     Returns:
-        float32 CPU tensor ``[..., N]`` (contiguous).
+        CPU tensor ``[..., N]`` in x's dtype (contiguous).
 
     Raises:
         TypeError: a dtype other than float32. ValueError: mismatched shapes.
@@ -85,6 +86,9 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         weight = weight.contiguous()
     if bias is not None and bias.dim() == 1 and bias.stride(0) != 1:
         bias = bias.contiguous()
+    if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:  # widened, computed in float32
+        b = bias.float() if bias is not None else None
+        return linear_f32(x.float(), weight, b).to(torch.bfloat16)
     if x.dim() == 2 and x.stride(1) == 1:
         return op(x, weight, bias)  # the hot path: the op checks dtypes, shapes and devices
     if x.dim() < 1:

@@ -158,13 +158,40 @@ def test_empty_and_degenerate_sizes():
     assert torch.equal(cpu_native.linear_f32(torch.randn(2, 0), torch.randn(4, 0)), torch.zeros(2, 4))
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 17, 5), (2, 29, 9), (7, 576, 192), (130, 1536, 33), (3, 1, 2)])
+def test_bfloat16_weights_are_widened_exactly(m, k, n):
+    """bfloat16 weights give the float32 linear's bits on the widened weights, on every SIMD path;
+    bfloat16 inputs are widened too and the result rounded back once."""
+    g = _gen(m + k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g)
+    want = cpu_native.linear_f32(x, w.float(), b)
+    for cap in (2, 1, 0):
+        with isa_cap(cap) as name:
+            assert torch.equal(torch.ops.fastinfer_cpu.linear_f32(x, w, b), want), name
+    xb, bb = x.bfloat16(), b.bfloat16()
+    y = cpu_native.linear_f32(xb, w, bb)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, cpu_native.linear_f32(xb.float(), w.float(), bb.float()).bfloat16())
+
+
+def test_bfloat16_rows_do_not_depend_on_the_batch():
+    """oneDNN's bfloat16 matmul changes a row with the batch (K = 1536 from M = 128): this does not."""
+    g = _gen(1536)
+    x, w = torch.randn(300, 1536, generator=g).bfloat16(), (torch.randn(576, 1536, generator=g) * 0.05).bfloat16()
+    single = torch.cat([cpu_native.linear_f32(x[i:i + 1], w) for i in (0, 5, 299)])
+    for m in (7, 128, 300):
+        y = cpu_native.linear_f32(x[:m], w)
+        assert torch.equal(y[0], single[0]) and torch.equal(y[5], single[1])
+    assert torch.equal(cpu_native.linear_f32(x, w)[299], single[2])
+
+
 def test_errors_name_the_argument():
     x = torch.randn(3, 8)
     w = torch.randn(4, 8)
     with pytest.raises(TypeError, match="x must be float32"):
         cpu_native.linear_f32(x.double(), w)
-    with pytest.raises(TypeError, match="weight must be float32"):
-        cpu_native.linear_f32(x, w.bfloat16())
+    with pytest.raises(TypeError, match="weight must be float32 or bfloat16"):
+        cpu_native.linear_f32(x, w.half())
     with pytest.raises(TypeError, match="bias must be float32"):
         cpu_native.linear_f32(x, w, torch.zeros(4, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"weight must be \[N, K\] with K = x.shape\[-1\] = 8"):

@@ -66,6 +66,12 @@ def test_quantized_kv_cache_is_batch_invariant(smollm, kv):
     _alone_equals_batched(smollm, f"kv {kv}", kv_cache_dtype=kv)
 
 
+def test_bfloat16_with_an_int8_kv_cache_is_batch_invariant(smollm_path):
+    """bfloat16 linears run the native kernel too (oneDNN's change rows with the batch)."""
+    _alone_equals_batched(load_model(smollm_path, torch.bfloat16, CPU, "none"), "bf16 kv int8",
+                          kv_cache_dtype="int8")
+
+
 def test_awq_model_is_batch_invariant(smollm_path, monkeypatch):
     from .test_quantize_command import cheap_awq
     cheap_awq(monkeypatch)
