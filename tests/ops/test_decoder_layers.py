@@ -138,3 +138,17 @@ def test_plan_follows_replaced_packed_buffers(tiny_folder):
     assert rebuilt is not plan and rebuilt.scales[1] is packed.scales
     model.layers[0].to(CPU)  # a submodule moved: its tensors may be new ones
     assert model.decoder_plan() is not rebuilt
+
+
+def test_fused_decoder_on_gguf_blocks(smollm_path, monkeypatch):
+    """The default model computing on its Q4_1 / Q8_0 blocks, both input modes."""
+    from fastinfer.model.quantize import set_input_quantization
+    loaded = load_model(smollm_path, torch.float32, CPU, "gguf")
+    for quantize_inputs in (True, False):
+        set_input_quantization(loaded.model, quantize_inputs)
+        fused = _steps(make_engine(loaded, kv_cache_memory="16MiB", max_model_len=256))
+        loaded.model.fused_layers = False
+        looped = _steps(make_engine(loaded, kv_cache_memory="16MiB", max_model_len=256))
+        loaded.model.fused_layers = True
+        for step, (f, r) in enumerate(zip(fused, looped)):
+            assert torch.equal(f, r), f"quantize_inputs={quantize_inputs}, step {step}"

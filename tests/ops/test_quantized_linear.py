@@ -132,9 +132,12 @@ def test_native_wide_output_lm_head_shape(kind, group, offs, m):
 
 @native
 @pytest.mark.parametrize("kind,group,offs", LAYOUTS)
-def test_native_simd_paths_bit_identical(kind, group, offs):
-    w = random_packed(kind, 37, 192, group, seed=11, offsets=offs)
-    x = torch.randn(9, 192, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("m,k", [(9, 192), (3, 160), (2, 576)])  # 160: a last chunk of 32 inputs
+def test_native_simd_paths_bit_identical(kind, group, offs, m, k):
+    if group is not None and k % group:
+        pytest.skip("group does not divide K")
+    w = random_packed(kind, 37, k, group, seed=11, offsets=offs)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
     for quantize_inputs in native_modes(x, w):
         outs = []
         for cap in (3, 2, 1, 0):
