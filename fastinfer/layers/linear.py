@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fastinfer import ops
-from fastinfer.ops.packed import bump_weights_generation, weights_generation  # noqa: F401 (re-exported)
+from fastinfer.ops.packed import bump_weights_generation
+
 
 class TracksWeights:
     """Mixin for modules whose ``weight`` / ``bias`` others cache (see

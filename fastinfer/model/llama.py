@@ -73,7 +73,7 @@ class LlamaForCausalLM(nn.Module):
     def decoder_plan(self):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
         them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
-        or the model is moved."""
+        or moved (``weights_generation``) or the rotary table is."""
         if not self.fused_layers or _hooked(self._hook_modules):
             return None
         key = (weights_generation(), self.norm.weight.dtype, self.layers[0].self_attn.rotary.cos_sin.data_ptr()
@@ -90,10 +90,6 @@ class LlamaForCausalLM(nn.Module):
                 attn.scale, attn.rotary.cos_sin, norms, linears)
             self._plan_key = key
         return self._plan
-
-    def _apply(self, fn, recurse=True):
-        self._plan, self._plan_key = None, None  # tensors are about to be replaced
-        return super()._apply(fn, recurse)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,

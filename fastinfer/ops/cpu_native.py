@@ -73,7 +73,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         CPU tensor ``[..., N]`` in x's dtype (contiguous).
 
     Raises:
-        TypeError: a dtype other than float32. ValueError: mismatched shapes.
+        TypeError: a dtype other than float32 (or bfloat16 x and weight). ValueError: mismatched shapes.
         RuntimeError: a non-CPU tensor, or the extension is not built.
 
     Each output element ``y[m, n]`` is reduced over K in an order that depends only on K (16
