@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <unordered_map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,16 +25,16 @@ namespace {
 // share blocks between sequences (prefix caching, copy-on-write, parallel sampling).
 class BlockPool {
  public:
-  explicit BlockPool(int64_t num_blocks) : ref_(num_blocks, 0) {
-    if (num_blocks <= 0) {
-      throw std::invalid_argument("num_blocks must be >= 1, got " + std::to_string(num_blocks));
-    }
+  explicit BlockPool(int64_t num_blocks) : ref_(checked_count(num_blocks), 0) {
     for (int64_t i = 0; i < num_blocks; ++i) free_.push_back(static_cast<int32_t>(i));
   }
 
   int64_t num_total() const { return static_cast<int64_t>(ref_.size()); }
   int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
-  bool can_allocate(int64_t n) const { return n <= num_free(); }
+  bool can_allocate(int64_t n) const {
+    if (n < 0) throw std::invalid_argument("can_allocate: n must be >= 0, got " + std::to_string(n));
+    return n <= num_free();
+  }
 
   std::vector<int32_t> allocate(int64_t n) {
     if (n < 0) throw std::invalid_argument("allocate: n must be >= 0, got " + std::to_string(n));
@@ -53,16 +54,24 @@ class BlockPool {
   }
 
   void incref(const std::vector<int32_t>& blocks) {
-    for (int32_t b : blocks) {
-      check_live(b, "incref");
-      ++ref_[b];
-    }
+    for (int32_t b : blocks) check_live(b, "incref");  // all or nothing
+    for (int32_t b : blocks) ++ref_[b];
   }
 
-  // Drops one reference from each block; blocks that reach zero return to the free queue.
+  // Drops one reference per occurrence of each block; blocks that reach zero return to the
+  // free queue. All or nothing: a list that names a block more often than it is referenced
+  // (free([b, b]) with one reference) is refused before any count changes.
   void free(const std::vector<int32_t>& blocks) {
+    std::unordered_map<int32_t, int32_t> drops;
     for (int32_t b : blocks) {
       check_live(b, "free");
+      if (++drops[b] > ref_[b]) {
+        throw std::runtime_error("free: block " + std::to_string(b) + " is named " +
+                                 std::to_string(drops[b]) + " times but holds " +
+                                 std::to_string(ref_[b]) + " reference(s)");
+      }
+    }
+    for (int32_t b : blocks) {
       if (--ref_[b] == 0) free_.push_back(b);
     }
   }
@@ -73,6 +82,12 @@ class BlockPool {
   }
 
  private:
+  static size_t checked_count(int64_t num_blocks) {
+    if (num_blocks <= 0 || num_blocks > INT32_MAX) {
+      throw std::invalid_argument("num_blocks must be in [1, 2^31), got " + std::to_string(num_blocks));
+    }
+    return static_cast<size_t>(num_blocks);
+  }
   void check_range(int32_t b, const char* what) const {
     if (b < 0 || b >= static_cast<int32_t>(ref_.size())) {
       throw std::out_of_range(std::string(what) + ": block id " + std::to_string(b) +

@@ -51,3 +51,18 @@ class ModelLoadError(FastInferError):
 
 class NativeExtensionError(FastInferError, ImportError):
     """The compiled extension ``fastinfer._C`` is missing: the package was not built."""
+
+
+class EngineOverloadedError(FastInferError):
+    """``AsyncEngine`` refused a request because its queue is full (``max_queued_requests`` or
+    ``max_queued_tokens``); nothing was queued. Retry later (a server answers 429)."""
+
+
+class EngineShutdownError(FastInferError):
+    """``AsyncEngine`` is shutting down or shut down and takes no new request (a server
+    answers 503)."""
+
+
+class EngineDeadError(FastInferError):
+    """``AsyncEngine``'s loop stopped on an unexpected error; every request still in it ends
+    with this error. Build a new engine."""

@@ -47,3 +47,29 @@ def test_slot_mapping_matches_python():
 def test_pack_block_tables_pads():
     out = native.pack_block_tables([[1, 2, 3], [4]], -1)
     assert out.shape == (2, 3) and out.tolist() == [[1, 2, 3], [4, -1, -1]]
+
+
+def test_bad_counts_are_refused_before_anything_changes():
+    for n in (0, -1, -3):
+        with pytest.raises(ValueError, match="num_blocks must be"):
+            native.BlockPool(n)
+    pool = native.BlockPool(4)
+    with pytest.raises(ValueError, match="can_allocate: n must be >= 0, got -3"):
+        pool.can_allocate(-3)
+    with pytest.raises(ValueError, match="allocate: n must be >= 0"):
+        pool.allocate(-1)
+    assert pool.num_free == 4
+
+
+def test_free_naming_a_block_twice_is_all_or_nothing():
+    pool = native.BlockPool(4)
+    a, b = pool.allocate(2)
+    with pytest.raises(RuntimeError, match=f"block {a} is named 2 times but holds 1"):
+        pool.free([b, a, a])
+    assert pool.num_free == 2 and pool.refcount(a) == 1 and pool.refcount(b) == 1
+    pool.incref([a])
+    pool.free([a, a])  # two references, two drops: legal
+    assert pool.refcount(a) == 0 and pool.num_free == 3
+    with pytest.raises(RuntimeError, match="not allocated"):
+        pool.incref([b, a])
+    assert pool.refcount(b) == 1  # the refused incref changed nothing

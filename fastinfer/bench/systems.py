@@ -79,7 +79,7 @@ class FastinferSystem:
             mono0 = time.monotonic()
             ids = [self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
                    for p, n in zip(prompts, output_lens)]
-            finals = self.engine.drain(lambda _: progress(1))
+            finals = self.engine.drain(on_final=lambda _: progress(1))
             total = time.perf_counter() - start
         records = []
         for rid in ids:

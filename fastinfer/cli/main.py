@@ -50,12 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(chat)
     from fastinfer.cli.bench import add_bench_parser
     from fastinfer.cli.eval import add_eval_parser
+    from fastinfer.cli.keys import add_keys_parser
 
     quant = sub.add_parser("quantize", help="quantize a model once and write a folder that loads directly")
     quant.add_argument("model", help="alias, .gguf file or Hugging Face folder")
     add_quantization_args(quant)
     quant.add_argument("--out", required=True, type=os.path.expanduser, help="output folder (created)")
     add_bench_parser(sub)
+    from fastinfer.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
+    add_keys_parser(sub)
     add_eval_parser(sub)
     return parser
 
@@ -171,9 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fastinfer.cli.bench import run_bench
     from fastinfer.cli.eval import run_eval
+    from fastinfer.cli.serve import run_serve
+    from fastinfer.cli.keys import run_keys
 
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "bench": run_bench, "eval": run_eval,
-                "quantize": cmd_quantize}
+                "quantize": cmd_quantize, "serve": run_serve, "keys": run_keys}
     try:
         return handlers[args.command](args)
     except (FastInferError, ValueError) as exc:

@@ -25,7 +25,7 @@ from fastinfer.sampling.detokenizer import IncrementalDetokenizer
 from fastinfer.sampling.generator import seeded_generator
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.sampling.sampler import Sampler, SamplingRow
-from fastinfer.sampling.stop import find_stop
+from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence
 from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail
@@ -69,6 +69,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, Sample]] = {}
         self._aborted: list[Request] = []
+        self._held: dict[str, RequestOutput] = {}  # final outputs ``drain`` kept for their owner
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self.num_steps = 0
@@ -101,9 +102,12 @@ class Engine:
 
     # ----------------------------------------------------------------- submission
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, *, admit: Callable[[int], None] | None = None) -> str:
         """Validates and queues one request; returns its id. Bad input raises
-        ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched."""
+        ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched. ``admit``,
+        when given, is called with the tokens the request will prefill (prompt tokens times
+        ``n``) once it is valid and before it is queued; whatever it raises refuses the
+        request, leaving the engine untouched (``AsyncEngine``'s queue limits)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             fail("params", "a SamplingParams", params, InvalidRequestError, wrong_type=True)
@@ -116,6 +120,8 @@ class Engine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         text, ids = self._prompt_ids(as_prompt(prompt))
         self._check_fits(ids, params)
+        if admit is not None:
+            admit(len(ids) * params.n)
         now = time.monotonic()
         samples = [self._new_sample(i, ids, params) for i in range(params.n)]
         req = Request(request_id, text, ids, params, samples, RequestMetrics(now))
@@ -168,7 +174,8 @@ class Engine:
         sid = next(self._seq_ids)
         seq = Sequence(sid, list(ids), len(ids), arrival=sid)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
-        return Sample(index, seq, detok, gen, logprobs=[] if params.logprobs is not None else None)
+        return Sample(index, seq, detok, gen, StopText(params.stop_list),
+                      logprobs=[] if params.logprobs is not None else None)
 
     # ----------------------------------------------------------------- control
     def abort(self, request_id: str) -> bool:
@@ -188,6 +195,11 @@ class Engine:
         if req not in self._aborted:
             self._aborted.append(req)
         return ended_now
+
+    def is_waiting(self, request_id: str) -> bool:
+        """True while a request is queued and no step has run it yet."""
+        req = self._requests.get(request_id)
+        return req is not None and req.metrics.first_scheduled_time is None and not req.finished
 
     def has_unfinished(self) -> bool:
         """True while any request has not yet returned its final output."""
@@ -211,16 +223,28 @@ class Engine:
         }
 
     # ----------------------------------------------------------------- the loop
-    def drain(self, on_final: Callable[[RequestOutput], None] | None = None) -> dict[str, RequestOutput]:
-        """Steps until every request has finished; returns the final outputs by request id
-        (``on_final`` is called with each one as it arrives)."""
+    def drain(self, request_ids=None, on_final: Callable[[RequestOutput], None] | None = None
+              ) -> dict[str, RequestOutput]:
+        """Steps until the requests ``request_ids`` (default: every request) have finished;
+        returns their final outputs by request id (``on_final`` is called with each one as it
+        arrives). The final outputs of other requests that finish meanwhile are kept for the
+        ``drain`` that asks for them, so one caller never consumes another's."""
+        wanted = set(self._requests) | set(self._held) if request_ids is None else set(request_ids)
         finals: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
+        for rid in wanted & set(self._held):
+            finals[rid] = self._held.pop(rid)
+            if on_final is not None:
+                on_final(finals[rid])
+        while len(finals) < len(wanted) and any(rid in self._requests for rid in wanted - set(finals)):
             for out in self.step():
-                if out.finished:
-                    finals[out.request_id] = out
-                    if on_final is not None:
-                        on_final(out)
+                if not out.finished:
+                    continue
+                if out.request_id not in wanted:
+                    self._held[out.request_id] = out
+                    continue
+                finals[out.request_id] = out
+                if on_final is not None:
+                    on_final(out)
         return finals
 
     def step(self) -> list[RequestOutput]:
@@ -281,20 +305,12 @@ class Engine:
         elif token in self.eos_token_ids and not params.ignore_eos:
             self._finish(smp, "stop", None)
         else:
-            self._update_text(smp, token, params.stop_list)
+            matched = smp.text.add(smp.detok.add(token))
+            if matched is not None:
+                self._finish(smp, "stop", matched)
         if smp.finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
                                           or seq.num_tokens >= self.max_model_len):
             self._finish(smp, "length", None)
-
-    def _update_text(self, smp: Sample, token: int, stops: list[str]) -> None:
-        delta = smp.detok.add(token)
-        smp.text += delta
-        if stops and delta:
-            cut = find_stop(smp.text, len(delta), stops)
-            if cut is not None:
-                matched = next((s for s in stops if smp.text.startswith(s, cut)), None)
-                smp.text = smp.text[:cut]
-                self._finish(smp, "stop", matched)
 
     def _finish(self, smp: Sample, reason: str, stop_reason: str | int | None) -> None:
         smp.finish_reason, smp.stop_reason = reason, stop_reason
@@ -312,5 +328,7 @@ class Engine:
                 for s in req.samples:
                     self._by_seq.pop(s.seq.seq_id, None)
                 req.reported_final = True  # last: an interrupt before it leaves the request to re-report
-            outputs.append(req.output())
+            out = req.output()
+            if out is not None:
+                outputs.append(out)
         return outputs

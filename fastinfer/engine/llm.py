@@ -49,7 +49,7 @@ class LLM:
             for i, (p, sp) in enumerate(zip(prompts, params)):
                 ids.append(self._submit(p, sp, i if len(prompts) > 1 else None))
             with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
-                finals = self.engine.drain(lambda _: bar.update(1))
+                finals = self.engine.drain(ids, lambda _: bar.update(1))
         except BaseException:
             self._abort_all(ids)
             raise
@@ -69,7 +69,7 @@ class LLM:
         requests only emit), so no request of this call is left holding KV blocks."""
         for rid in ids:
             self.engine.abort(rid)
-        self.engine.drain()
+        self.engine.drain(ids)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

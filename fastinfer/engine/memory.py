@@ -61,7 +61,9 @@ def check_within(nbytes: int, limit: int, device: torch.device, what: str) -> No
 def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
     """``kv_cache_memory`` when set (refused when more than is free now); else on a GPU
     ``gpu_memory_utilization`` of its memory minus what is already allocated (the weights), on
-    a CPU ``min(4 GiB, 25% of available RAM)``."""
+    a CPU ``min(4 GiB, 25% of total RAM)``: a function of the machine, not of the moment, so
+    capacity is the same run to run (refused, asking for ``kv_cache_memory``, when that much
+    is not free now)."""
     if config.kv_cache_memory is not None:
         check_within(config.kv_cache_memory, available_memory(device), device, "the memory free now")
         return config.kv_cache_memory
@@ -69,4 +71,10 @@ def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         return max(0, int(total * config.gpu_memory_utilization) - used)
-    return min(_CPU_DEFAULT_CAP, available_memory(device) // 4)
+    default = min(_CPU_DEFAULT_CAP, total_memory(device) // 4)
+    free = available_memory(device)
+    if default > free:
+        raise ConfigError(f"the default CPU KV cache ({format_bytes(default)}: min(4 GiB, 25% of "
+                          f"{format_bytes(total_memory(device))})) is more than is free now ({format_bytes(free)}); "
+                          "set kv_cache_memory", "kv_cache_memory")
+    return default

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastinfer.validation import (check_bool, check_float, check_int, check_int_list, check_seed,
-                                  check_str_list)
+from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_int_list,
+                                  check_seed, check_str_list)
 
 # Below this temperature sampling is numerically greedy (logits / T overflow): treat as greedy.
 GREEDY_EPS = 1e-5
@@ -12,6 +12,9 @@ GREEDY_EPS = 1e-5
 # logprobs per token.
 MAX_N = 128
 MAX_LOGPROBS = 20
+# What each streamed output holds (vLLM's names): everything so far, only what is new, or
+# nothing until the final output.
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass(slots=True)
@@ -23,6 +26,12 @@ class SamplingParams:
     per generated token, the log-probabilities of the sampled token and of the ``k`` most
     likely tokens (from the model's raw distribution). ``seed`` (any signed 64-bit int, all
     of whose bits count) makes sampling reproducible whatever else runs in the batch.
+
+    ``output_kind`` says what the outputs of a request carry while it runs: ``"cumulative"``
+    (everything so far, the default), ``"delta"`` (only the text, token ids and logprobs new
+    since the previous output, so a long stream costs linear time) or ``"final_only"`` (one
+    output, at the end). Streamed text that a stop string may still cut is held back until it
+    is safe; a final output always carries everything (its delta, for ``"delta"``).
 
     Every field checks its type and range: a bad value raises ``InvalidArgumentError`` (a
     ``ValueError``) naming the field, a wrong type ``ArgumentTypeError`` (also a
@@ -43,6 +52,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    output_kind: str = "cumulative"
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,6 +72,7 @@ class SamplingParams:
             self.seed = check_seed("seed", self.seed)
         if self.logprobs is not None:
             self.logprobs = check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        self.output_kind = check_choice("output_kind", self.output_kind, OUTPUT_KINDS)
         if self.top_k == -1:
             self.top_k = 0
 

@@ -48,3 +48,86 @@ def stop_hold_back(text: str, stops: Sequence[str]) -> int:
                 hold = length
                 break
     return hold
+
+
+class StopText:
+    """The text of one generated sequence, checked against stop strings as it grows, in time
+    linear in its length.
+
+    ``add(delta)`` appends a detokenized delta and reports the stop string it completes (the
+    text is then cut before it). Only a tail of ``longest stop - 1`` characters is kept for
+    matching, so a step costs O(delta + stops), never O(text). ``take(final)`` returns the text
+    not handed out yet, holding back a tail that may still open a stop string unless ``final``;
+    ``text`` is everything so far (joined once per call: O(text), for cumulative outputs).
+    """
+
+    __slots__ = ("_stops", "_keep", "_chunks", "_length", "_tail", "_sent", "_cache")
+
+    def __init__(self, stops: Sequence[str] = ()) -> None:
+        self._stops = [s for s in stops if s]
+        self._keep = max((len(s) for s in self._stops), default=1) - 1
+        self._chunks: list[str] = []
+        self._length = 0  # characters of text
+        self._tail = ""  # its last ``_keep`` characters
+        self._sent = 0  # characters handed out by ``take``
+        self._cache: str | None = ""
+
+    def __len__(self) -> int:
+        return self._length
+
+    def add(self, delta: str) -> str | None:
+        """Appends ``delta``; returns the stop string it completes (the text is cut at its
+        start), else None."""
+        if not delta:
+            return None
+        window = self._tail + delta
+        cut = find_stop(window, len(delta), self._stops) if self._stops else None
+        if cut is None:
+            self._chunks.append(delta)
+            self._length += len(delta)
+            self._tail = window[len(window) - self._keep:] if self._keep else ""
+            self._cache = None
+            return None
+        matched = next(s for s in self._stops if window.startswith(s, cut))
+        keep = len(window) - cut  # characters of the window that go, the stop string included
+        text = self.text + delta
+        self._set(text[:len(text) - keep])
+        return matched
+
+    def _set(self, text: str) -> None:
+        self._chunks, self._length, self._cache = [text], len(text), text
+        self._sent = min(self._sent, self._length)  # never past a cut (held-back text is not sent)
+        self._tail = text[len(text) - self._keep:] if self._keep else ""
+
+    @property
+    def text(self) -> str:
+        if self._cache is None:
+            self._cache = "".join(self._chunks)
+            self._chunks = [self._cache]
+        return self._cache
+
+    def visible(self, final: bool) -> int:
+        """How many characters may be shown: all when ``final``, else all but a tail that
+        may still open a stop string."""
+        if final or not self._stops:
+            return self._length
+        return self._length - stop_hold_back(self._tail, self._stops)
+
+    def take(self, final: bool) -> str:
+        """The visible text not handed out by an earlier ``take`` (a stream's delta). The
+        unsent part is at most the last few chunks, so this is O(delta)."""
+        end = self.visible(final)
+        if end <= self._sent:
+            return ""
+        # Walk back over chunks until the unsent start is covered.
+        parts, pos = [], self._length
+        for chunk in reversed(self._chunks):
+            parts.append(chunk)
+            pos -= len(chunk)
+            if pos <= self._sent:
+                break
+        joined = "".join(reversed(parts))
+        start = self._sent - pos
+        out = joined[start:start + end - self._sent]
+        self._sent = end
+        return out

@@ -57,10 +57,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        """Builds one step: running sequences first (oldest first), then waiting ones."""
+        """Builds one step: running sequences first (oldest first), then waiting ones. A step
+        that had to preempt admits nobody: memory is short, and re-admitting the sequence it
+        just preempted (or another) would only thrash."""
         out = SchedulerOutput()
+        preemptions = self.num_preemptions
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        self._schedule_waiting(out, budget)
+        if self.num_preemptions == preemptions:
+            self._schedule_waiting(out, budget)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:

@@ -1,0 +1,149 @@
+"""``fastinfer serve``: the OpenAI-compatible server (FastAPI + uvicorn).
+
+``fastinfer serve [MODEL]`` serves one model; ``--model chat@v1=SOURCE`` (repeatable, without
+MODEL) serves named versions, ``--traffic chat@v2=10`` splits a name's traffic. On SIGTERM or
+Ctrl-C it answers 503 to new requests, lets the ones in flight finish for up to
+``--shutdown-timeout`` seconds, aborts the rest and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from fastinfer.cli.args import add_quantization_args, int_arg
+
+_ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
+                   "seed")
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                       description="Serve models over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /health, /metrics, /admin/...).")
+    p.add_argument("source", nargs="?", default=None, metavar="MODEL",
+                   help="alias, .gguf file or folder (default smollm2-135m); or use --model NAME@VERSION=SOURCE")
+    p.add_argument("--model", action="append", default=None, dest="models", metavar="NAME@VERSION=SOURCE",
+                   help="a model version to serve (repeatable; no positional MODEL then)")
+    p.add_argument("--traffic", action="append", default=None, metavar="NAME@VERSION=PERCENT",
+                   help="traffic weight of a version (repeatable; the stable version gets the rest)")
+    p.add_argument("--served-model-name", default=None, help="the name clients use for the positional MODEL")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int_arg(lo=0, hi=65535), default=8000)
+    p.add_argument("--api-key", action="append", default=None, help="an accepted key, without limits (repeatable)")
+    p.add_argument("--api-keys-file", default=None, help="JSON keys file with limits (see `fastinfer keys add`)")
+    p.add_argument("--admin-key", default=None, help="enables the /admin API for this key")
+    p.add_argument("--audit-log", default="-", help="audit log file, '-' for stderr, 'none' to turn it off")
+    p.add_argument("--log-prompts", action="store_true", help="write prompt texts in the audit log")
+    p.add_argument("--max-queued-requests", type=int_arg(lo=1), default=None)
+    p.add_argument("--max-queued-tokens", type=int_arg(lo=1), default=None)
+    p.add_argument("--max-body-bytes", type=int_arg(lo=1), default=1 << 20)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get at exit")
+    p.add_argument("--memory-budget", default=None, help="bytes all versions may hold together, e.g. 8GiB")
+    p.add_argument("--canary-window", type=float, default=60.0, help="seconds of results compared")
+    p.add_argument("--canary-min-requests", type=int_arg(lo=1), default=20)
+    p.add_argument("--canary-max-error-rate-delta", type=float, default=0.1)
+    p.add_argument("--canary-max-ttft-ratio", type=float, default=2.0)
+    p.add_argument("--canary-max-logprob-drop", type=float, default=0.5,
+                   help="nats of mean generated-token log-probability below the stable version")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int_arg(lo=1), default=None)
+    p.add_argument("--max-num-seqs", type=int_arg(lo=1), default=256)
+    p.add_argument("--max-num-batched-tokens", type=int_arg(lo=1), default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="KV-cache size per version, e.g. 1GiB")
+    p.add_argument("--seed", type=int, default=0)
+    add_quantization_args(p)
+
+
+def model_specs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(name, version, source) of every version to load, from MODEL or --model."""
+    from fastinfer.errors import InvalidArgumentError
+    from fastinfer.server.registry import parse_model_spec
+
+    if args.models and args.source is not None:
+        raise InvalidArgumentError("give either a positional MODEL or --model NAME@VERSION=SOURCE, not both", "model")
+    if args.models:
+        return [parse_model_spec(m) for m in args.models]
+    source = args.source or "smollm2-135m"
+    name = args.served_model_name or source
+    return [parse_model_spec(f"{name}@v1={source}") if args.served_model_name else parse_model_spec(source)]
+
+
+def build_state(args: argparse.Namespace):
+    """The server state for ``args``; versions are loaded by ``load_models``."""
+    from fastinfer.engine.async_engine import AsyncEngine
+    from fastinfer.engine.config import QUANT_FIELDS
+    from fastinfer.server.app import ServerState
+    from fastinfer.server.audit import AuditLog
+    from fastinfer.server.keys import KeyStore, load_keys_file
+    from fastinfer.server.registry import CanaryMonitor, ModelRegistry
+    from fastinfer.validation import parse_bytes
+
+    options = {f: getattr(args, f) for f in _ENGINE_OPTIONS + tuple(QUANT_FIELDS)}
+
+    def factory(name: str, version: str, source: str) -> AsyncEngine:
+        return AsyncEngine(source, max_queued_requests=args.max_queued_requests,
+                           max_queued_tokens=args.max_queued_tokens, **options)
+
+    monitor = CanaryMonitor(window_s=args.canary_window, min_requests=args.canary_min_requests,
+                            max_error_rate_delta=args.canary_max_error_rate_delta,
+                            max_ttft_p99_ratio=args.canary_max_ttft_ratio,
+                            max_logprob_drop=args.canary_max_logprob_drop)
+    budget = None if args.memory_budget is None else parse_bytes("memory_budget", args.memory_budget)
+    registry = ModelRegistry(factory, memory_budget=budget, monitor=monitor)
+    policies = load_keys_file(args.api_keys_file) if args.api_keys_file else []
+    keys = KeyStore(policies, plain_keys=args.api_key or ())
+    audit_target = {"-": sys.stderr, "none": None}.get(args.audit_log, args.audit_log)
+    return ServerState(registry=registry, keys=keys, audit=AuditLog(audit_target, log_prompts=args.log_prompts),
+                       admin_key=args.admin_key, max_body_bytes=args.max_body_bytes,
+                       shutdown_timeout=args.shutdown_timeout)
+
+
+async def load_models(state, specs, traffic: list[str] | None) -> None:
+    """Loads every version, then applies the --traffic weights."""
+    from fastinfer.errors import InvalidArgumentError
+    from fastinfer.server.registry import parse_traffic
+
+    for name, version, source in specs:
+        await state.registry.load(name, version, source)
+    weights: dict[str, dict[str, float]] = {}
+    for text in traffic or ():
+        name, version, weight = parse_traffic(text)
+        weights.setdefault(name, {})[version] = weight
+    for name, given in weights.items():
+        stable = next((m["version"] for m in state.registry.list_models() if m["name"] == name and m["stable"]), None)
+        if stable is None:
+            raise InvalidArgumentError(f"--traffic names {name!r}, which no --model declares", "traffic")
+        if stable not in given:
+            given[stable] = max(0.0, 100.0 - sum(given.values()))
+        state.registry.set_traffic(name, given)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fastinfer.server.app import build_app
+
+    specs = model_specs(args)
+    state = build_state(args)
+    app = build_app(state)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True  # new requests get 503 while the ones in flight finish
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)), access_log=False)
+    server = Server(config)
+
+    async def main() -> None:
+        await load_models(state, specs, args.traffic)
+        print(f"fastinfer: serving {', '.join(state.registry.served_names())} on http://{args.host}:{args.port}",
+              file=sys.stderr, flush=True)
+        await server.serve()
+
+    asyncio.run(main())
+    return 0
+

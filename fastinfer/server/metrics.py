@@ -1,0 +1,132 @@
+"""Prometheus metrics of the server, under vLLM's names with a ``fastinfer:`` prefix, each series
+labelled by ``model_name`` and ``model_version`` so that a canary can be compared with its stable
+version on one dashboard.
+
+The app calls ``first_token`` / ``tokens`` as a request streams, ``finished`` once it ends,
+``engine_stats`` from a periodic poll of each engine, and ``remove`` when a version is unloaded.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LABELS = ("model_name", "model_version")
+
+# Request-level latencies span a cached one-token reply (~1 ms) to a long generation under load
+# (minutes); the bucket edges follow vLLM's roughly logarithmic spacing.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+# One decode step: from ~1 ms (small model, batch 1) to seconds (preempted, swapped back in).
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                       0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+# Finish reasons that count as a served request; "abort" and "error" do not.
+SUCCESS_REASONS = frozenset({"stop", "length"})
+
+
+class ServerMetrics:
+    """The server's metrics in one ``CollectorRegistry`` (a fresh one when ``registry`` is None,
+    so that several apps or tests in one process do not collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg, labels = self.registry, LABELS
+        self.ttft = Histogram("fastinfer:time_to_first_token_seconds", "Time to first token in seconds.",
+                              labels, buckets=LATENCY_BUCKETS, registry=reg)
+        self.inter_token = Histogram("fastinfer:inter_token_latency_seconds",
+                                     "Time between consecutive generated tokens in seconds.",
+                                     labels, buckets=INTER_TOKEN_BUCKETS, registry=reg)
+        self.e2e = Histogram("fastinfer:e2e_request_latency_seconds",
+                             "End-to-end request latency in seconds.", labels,
+                             buckets=LATENCY_BUCKETS, registry=reg)
+        self.queue_time = Histogram("fastinfer:request_queue_time_seconds",
+                                    "Time a request waited before its first schedule, in seconds.",
+                                    labels, buckets=LATENCY_BUCKETS, registry=reg)
+        # prometheus_client appends "_total" to a Counter's name when it exposes it.
+        self.prompt_tokens = Counter("fastinfer:prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=reg)
+        self.generation_tokens = Counter("fastinfer:generation_tokens", "Tokens generated.", labels,
+                                         registry=reg)
+        self.request_success = Counter("fastinfer:request_success",
+                                       "Requests finished with reason stop or length.",
+                                       labels + ("finish_reason",), registry=reg)
+        self.num_preemptions = Counter("fastinfer:num_preemptions", "Requests preempted by the scheduler.",
+                                       labels, registry=reg)
+        self.num_running = Gauge("fastinfer:num_requests_running", "Requests in the running batch.",
+                                 labels, registry=reg)
+        self.num_waiting = Gauge("fastinfer:num_requests_waiting", "Requests waiting to be scheduled.",
+                                 labels, registry=reg)
+        self.kv_cache_usage = Gauge("fastinfer:kv_cache_usage_perc",
+                                    "Fraction of KV-cache blocks in use (0 to 1).", labels, registry=reg)
+        self._preemptions_seen: dict[tuple[str, str], int] = {}
+        self._finish_reasons: dict[tuple[str, str], set[str]] = {}
+
+    def first_token(self, model: str, version: str, ttft_s: float | None) -> None:
+        """Record a request's time to first token (skipped when None)."""
+        if ttft_s is not None:
+            self.ttft.labels(model, version).observe(ttft_s)
+
+    def tokens(self, model: str, version: str, n_tokens: int, gap_s: float | None) -> None:
+        """Record a streamed delta of ``n_tokens`` tokens that came ``gap_s`` after the previous
+        one: the gap is shared evenly, one inter-token observation per token."""
+        if gap_s is None or n_tokens <= 0:
+            return
+        child, per_token = self.inter_token.labels(model, version), gap_s / n_tokens
+        for _ in range(n_tokens):
+            child.observe(per_token)
+
+    def finished(self, model: str, version: str, *, queue_time_s: float | None, e2e_s: float | None,
+                 prompt_tokens: int | None, generation_tokens: int | None,
+                 finish_reason: str | None) -> None:
+        """Record a request that ended. Tokens count whatever the ending; the success counter
+        only counts ``stop`` and ``length``."""
+        if queue_time_s is not None:
+            self.queue_time.labels(model, version).observe(queue_time_s)
+        if e2e_s is not None:
+            self.e2e.labels(model, version).observe(e2e_s)
+        if prompt_tokens:
+            self.prompt_tokens.labels(model, version).inc(prompt_tokens)
+        if generation_tokens:
+            self.generation_tokens.labels(model, version).inc(generation_tokens)
+        if finish_reason in SUCCESS_REASONS:
+            self.request_success.labels(model, version, finish_reason).inc()
+            self._finish_reasons.setdefault((model, version), set()).add(finish_reason)
+
+    def engine_stats(self, model: str, version: str, stats: Mapping[str, int | None]) -> None:
+        """Set the gauges from an engine's snapshot (``num_running``, ``num_waiting``,
+        ``kv_blocks_total``, ``kv_blocks_free``, ``num_preemptions``; None values are skipped).
+        ``num_preemptions`` is the engine's cumulative count: the counter grows by the difference
+        since the previous snapshot of this version (by the whole count if the engine restarted)."""
+        if stats.get("num_running") is not None:
+            self.num_running.labels(model, version).set(stats["num_running"])
+        if stats.get("num_waiting") is not None:
+            self.num_waiting.labels(model, version).set(stats["num_waiting"])
+        total, free = stats.get("kv_blocks_total"), stats.get("kv_blocks_free")
+        if total and free is not None:
+            self.kv_cache_usage.labels(model, version).set((total - free) / total)
+        self._count_preemptions(model, version, stats.get("num_preemptions"))
+
+    def _count_preemptions(self, model: str, version: str, cumulative: int | None) -> None:
+        if cumulative is None:
+            return
+        previous = self._preemptions_seen.get((model, version), 0)
+        delta = cumulative - previous if cumulative >= previous else cumulative
+        self._preemptions_seen[(model, version)] = cumulative
+        child = self.num_preemptions.labels(model, version)  # creates the series at 0
+        if delta:
+            child.inc(delta)
+
+    def remove(self, model: str, version: str) -> None:
+        """Drop every series of an unloaded version, so that it stops being exported."""
+        for metric in (self.ttft, self.inter_token, self.e2e, self.queue_time, self.prompt_tokens,
+                       self.generation_tokens, self.num_preemptions, self.num_running,
+                       self.num_waiting, self.kv_cache_usage):
+            metric.remove(model, version)  # a label set never seen is ignored
+        for reason in self._finish_reasons.pop((model, version), ()):
+            self.request_success.remove(model, version, reason)
+        self._preemptions_seen.pop((model, version), None)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every metric and its content type, for ``GET /metrics``."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
