@@ -59,3 +59,63 @@ def test_stop_hold_back():
     assert stop_hold_back("say \nUs", ["\nUser:"]) == 3
     assert stop_hold_back("x", []) == 0
     assert stop_hold_back("ab", ["abc", "b"]) == 2  # the longest pending prefix counts
+
+
+# ---------------------------------------------------------------- StopText (the engine's text buffer)
+from fastinfer.sampling.stop import StopText  # noqa: E402
+
+
+def _reference(pieces, stops):
+    """The text a stream must end with, by brute force on the whole string."""
+    text = ""
+    for p in pieces:
+        text += p
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return text[:min(hits)], True
+    return text, False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stop_text_matches_brute_force_and_never_streams_cut_text(seed):
+    rng = random.Random(seed)
+    alphabet = "ab#\n "
+    stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 3))]
+    pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3))) for _ in range(30)]
+    want, stopped = _reference(pieces, stops)
+    buf, streamed, matched = StopText(stops), "", None
+    for p in pieces:
+        matched = buf.add(p)
+        if matched is not None:
+            break
+        streamed += buf.take(final=False)
+        assert want.startswith(streamed)  # a delta never shows text that a stop string later cuts
+    assert (matched is not None) == stopped
+    streamed += buf.take(final=True)
+    assert buf.text == want and streamed == want and len(buf) == len(want)
+    if stopped:
+        assert matched in stops and "".join(pieces).find(matched) >= 0
+
+
+def test_stop_text_holds_back_a_possible_stop_prefix_then_releases_it():
+    buf = StopText(["###"])
+    buf.add("Hello #")
+    assert buf.take(final=False) == "Hello "
+    buf.add("#")
+    assert buf.take(final=False) == ""  # "##" may still become "###"
+    buf.add(" x")
+    assert buf.take(final=False) == "## x"
+    assert buf.add("##") is None and buf.add("#!") == "###"
+    assert buf.text == "Hello ## x" and buf.take(final=True) == ""
+
+
+def test_stop_text_cost_is_linear_in_the_stream():
+    """Adding and taking a delta keeps O(delta) work: no join of the whole text per step."""
+    buf = StopText(["never-appears"])
+    joins = 0
+    for i in range(20000):
+        buf.add("tok ")
+        assert buf.take(final=False) in ("tok ", "")
+        joins += len(buf._chunks) == 1 and i > 10  # the whole text was never re-joined
+    assert joins == 0
+    assert len(buf.text) == 80000
