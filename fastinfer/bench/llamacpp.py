@@ -16,12 +16,12 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from fastinfer.bench.process import ServerProcess, free_port
 from fastinfer.bench.systems import Progress, RequestRecord, SystemRun, _noop
 
 ENV = "FASTINFER_LLAMA_CPP"
@@ -67,12 +67,6 @@ def llama_bench(model_path: str, threads: int, prompt: int = 128, new: int = 128
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaCppServerSystem:
     """``llama-server`` on the same GGUF file, fed the workload over HTTP."""
 
@@ -80,41 +74,32 @@ class LlamaCppServerSystem:
 
     def __init__(self, model_path: str, threads: int, parallel: int, context: int) -> None:
         self.model_path, self.threads, self.parallel, self.context = model_path, threads, parallel, context
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
+        self.server: ServerProcess | None = None
 
-    def _start(self) -> None:
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return None if self.server is None else self.server.proc
+
+    @property
+    def port(self) -> int:
+        return 0 if self.server is None else self.server.port
+
+    def start(self) -> None:
+        """Starts ``llama-server`` on a free port and waits until it is ready (RuntimeError when
+        it is absent, exits or is not ready in 120 s)."""
         exe = find_binary("llama-server")
         if exe is None:
             raise RuntimeError(f"llama-server not found; {HOW}")
-        self.port = _free_port()
+        port = free_port()
         # -c is the whole KV cache, shared by the slots: each slot gets context / parallel.
-        cmd = [exe, "-m", self.model_path, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(self.threads),
+        cmd = [exe, "-m", self.model_path, "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
                "-np", str(self.parallel), "-c", str(self.context * self.parallel), "--no-webui"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.proc.stderr.read()[-800:]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.close()
-        raise RuntimeError("llama-server did not become ready in 120 s")
+        self.server = ServerProcess("llama-server", cmd, port).start(ready_timeout_s=120)
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
     def __del__(self) -> None:
         self.close()
@@ -143,8 +128,8 @@ class LlamaCppServerSystem:
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
         """Sends every request at once (one connection each); ``progress(1)`` as each ends."""
-        if self.proc is None:
-            self._start()
+        if self.server is None:
+            self.start()
         lock = threading.Lock()
 
         def task(args):
@@ -158,15 +143,4 @@ class LlamaCppServerSystem:
         with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
             records = list(pool.map(task, [(p, n, t0) for p, n in zip(prompts, output_lens)]))
         total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, self._peak_rss_mb()).check(output_lens)
-
-    def _peak_rss_mb(self) -> float:
-        """The server process's peak resident memory (VmHWM), in MB."""
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except (OSError, ValueError, AttributeError):
-            pass
-        return 0.0
+        return SystemRun(self.name, total, records, self.server.peak_rss_mb() or 0.0).check(output_lens)

@@ -45,19 +45,33 @@ def table_rows(doc: dict) -> list[list[str]]:
                 value = doc.get("ratios", {}).get(system)
                 row.append("-" if value is None else f"{value:.2f}x")
                 continue
-            value = res[key[0]][key[1]] if isinstance(key, tuple) else res[key]
-            row.append("-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3g}")
+            row.append(fmt(res[key[0]][key[1]] if isinstance(key, tuple) else res[key]))
         rows.append(row)
     return rows
 
 
-def to_text(doc: dict) -> str:
-    """An aligned plain-text table for the terminal."""
-    rows = table_rows(doc)
+def fmt(value: float | None) -> str:
+    """A table cell: one decimal from 10 up, three significant digits below, ``-`` for None."""
+    return "-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def text_table(rows: list[list[str]]) -> str:
+    """Header plus rows, aligned (first column left, the rest right), a rule under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    """Header plus rows as the lines of a Markdown table."""
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def to_text(doc: dict) -> str:
+    """An aligned plain-text table for the terminal."""
+    return text_table(table_rows(doc))
 
 
 def to_markdown(doc: dict, command_line: str | None = None) -> str:
@@ -70,9 +84,7 @@ def to_markdown(doc: dict, command_line: str | None = None) -> str:
     lines = [head, ""]
     if command_line:
         lines += [f"`{command_line}`", ""]
-    lines.append("| " + " | ".join(rows[0]) + " |")
-    lines.append("|" + "---|" * len(rows[0]))
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += markdown_table(rows)
     return "\n".join(lines) + "\n"
 
 

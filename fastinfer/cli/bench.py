@@ -1,5 +1,6 @@
 """``fastinfer bench``: throughput, latency and prefix benchmarks of fastinfer beside PyTorch
-baselines measured in the same run, and ``compare`` for CI regression gates."""
+baselines measured in the same run, ``serve`` (a request-rate sweep of the server), and
+``compare`` for CI regression gates."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ QUICK = {
     "throughput": dict(num_prompts=8, input_len="16:128", output_len="16:64"),
     "latency": dict(batch_size=4, input_len="64", output_len="16", num_iters=2),
     "prefix": dict(num_prompts=8, prefix_len=256, input_len="8:32", output_len="16:32"),
+    "serve": dict(num_prompts=6, input_len="16:48", output_len="8:16", request_rates="4,inf"),
 }
 BASELINES = ("transformers", "transformers-batched", "torch-naive", "llama.cpp", "none")
 
@@ -68,12 +70,59 @@ def add_bench_parser(sub) -> None:
     pre.add_argument("--prefix-len", type=int_arg(lo=1), default=None, help="default 1024")
     pre.add_argument("--enable-prefix-caching", action="store_true",
                      help="turn on the prefix cache (when the engine has one)")
+    _serve_args(bsub.add_parser("serve", help="request-rate sweep: the OpenAI server, the in-process engine "
+                                               "and llama-server; TTFT/TPOT percentiles, goodput"))
     cmp_ = bsub.add_parser("compare", help="compare two result files; exit 1 on regression, 2 on bad input")
     cmp_.add_argument("base")
     cmp_.add_argument("new")
     cmp_.add_argument("--threshold", default="5%")
     cmp_.add_argument("--metrics", nargs="+", default=None)
     cmp_.add_argument("--on", choices=["absolute", "ratios"], default="absolute")
+
+
+def rate_list(text: str) -> list[float]:
+    """``"1,2,4,inf"`` -> [1.0, 2.0, 4.0, inf]: request rates (requests/s), each > 0."""
+    rates = []
+    for part in text.split(","):
+        try:
+            rate = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated rates (numbers or inf), got {text!r}") from None
+        if not rate > 0:
+            raise argparse.ArgumentTypeError(f"request rates must be > 0 (or inf), got {part!r} in {text!r}")
+        rates.append(rate)
+    return rates
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from fastinfer.bench.serve_driver import SYSTEMS
+
+    def systems(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in names if s not in SYSTEMS]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(SYSTEMS)}, got {text!r}")
+        return names
+
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--request-rates", type=rate_list, default=None, help="requests/s, Poisson; inf = all at once "
+                   "(default 1,2,4,inf)")
+    p.add_argument("--num-prompts", type=int_arg(lo=1), default=None, help="requests per rate (default 64)")
+    p.add_argument("--input-len", type=length_range, default=None, help="N or LO:HI prompt tokens (default 32:512)")
+    p.add_argument("--output-len", type=length_range, default=None, help="N or LO:HI new tokens (default 32:128)")
+    p.add_argument("--systems", type=systems, default=list(SYSTEMS), help=f"default {','.join(SYSTEMS)}")
+    p.add_argument("--max-num-seqs", type=int_arg(lo=1), default=256,
+                   help="fastinfer's running-sequence limit; llama-server's -np (capped at --num-prompts)")
+    p.add_argument("--kv-cache-memory", default="2GiB",
+                   help="KV cache of each fastinfer system: the same for both, and both fit one GPU")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput: TTFT objective (default 2000)")
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput: TPOT objective (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival times")
+    p.add_argument("--json", type=output_path_arg, default=None, help="write the result document here")
+    p.add_argument("--markdown", type=output_path_arg, default=None, help="write Markdown tables here")
+    p.add_argument("--quick", action="store_true", help="a small run: 6 requests, rates 4,inf")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -88,6 +137,14 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
         return main_compare(args.base, args.new, threshold, args.metrics, args.on)
     _apply_quick(args)
+    if args.bench_command == "serve":
+        from fastinfer.bench.serve_driver import run_serve_benchmark
+
+        doc = run_serve_benchmark(args, command_line=_command_line())
+        failed = sum(r["failed"] for r in doc["results"].values())
+        if failed:
+            print(f"fastinfer bench serve: {failed} requests failed (see 'errors' in the results)", file=sys.stderr)
+        return 1 if failed else 0
     from fastinfer.bench.driver import run_benchmark
 
     doc = run_benchmark(args, command_line=_command_line())
@@ -98,15 +155,17 @@ DEFAULTS = {
     "throughput": dict(num_prompts=32, input_len="16:512", output_len="16:256", batch_size=8),
     "latency": dict(batch_size=8, input_len="128", output_len="128", num_iters=5),
     "prefix": dict(num_prompts=16, prefix_len=1024, input_len="16:64", output_len="16:64", batch_size=8),
+    "serve": dict(num_prompts=64, input_len="32:512", output_len="32:128", request_rates="1,2,4,inf"),
 }
 
 
 def _apply_quick(args: argparse.Namespace) -> None:
     """Fills options left unset: from the --quick preset, else from the normal defaults."""
     preset = {**DEFAULTS[args.bench_command], **(QUICK[args.bench_command] if args.quick else {})}
+    parsers = {"input_len": length_range, "output_len": length_range, "request_rates": rate_list}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
-            setattr(args, key, length_range(value) if key in ("input_len", "output_len") else value)
+            setattr(args, key, parsers[key](value) if key in parsers else value)
 
 
 def min_ratio_arg(text: str) -> tuple[str, float]:

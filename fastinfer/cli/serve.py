@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from fastinfer.cli.args import add_quantization_args, int_arg
@@ -144,6 +145,16 @@ def run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         await server.serve()
 
-    asyncio.run(main())
+    def exit_cleanly(sig, frame) -> None:
+        raise SystemExit(0)
+
+    # uvicorn puts back the SIGTERM handler it found and raises the signal again once its graceful
+    # shutdown is over; the default handler would then kill the process (status -SIGTERM) although
+    # every request ended. Before serving starts, SIGTERM exits at once.
+    previous = signal.signal(signal.SIGTERM, exit_cleanly)
+    try:
+        asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 

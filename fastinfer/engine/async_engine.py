@@ -169,6 +169,10 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         """Ends a request; its stream gets a final output with ``finish_reason="abort"``
         (unknown or finished ids are ignored)."""
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """``abort`` from synchronous code (any thread, a finalizer)."""
         self._post(("abort", request_id, None))
 
     async def shutdown(self, timeout: float | None = None) -> None:

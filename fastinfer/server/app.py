@@ -15,6 +15,7 @@ import hmac
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,7 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastinfer.engine.outputs import RequestOutput
-from fastinfer.errors import (EngineDeadError, EngineOverloadedError, EngineShutdownError, InvalidArgumentError)
+from fastinfer.errors import (EngineDeadError, EngineOverloadedError, EngineShutdownError, InvalidArgumentError,
+                              ModelLoadError)
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.server.audit import AuditLog
 from fastinfer.server.errors import APIError, error_body
@@ -149,17 +151,22 @@ class _Job:
         self._generated: dict[int, int] = {}  # tokens per engine request
         self._done: set[int] = set()  # streamed choices whose finish was sent
         self._ended = False
+        self._holds_slot = False  # counted in the version's in_flight
 
     # -- setup ------------------------------------------------------------------
     async def run(self) -> Response:
         try:
             await self._submit()
         except BaseException as exc:
+            self._abort_unfinished()  # prompts of a batch accepted before one was refused
             self._end(exc)
             raise
         if self.body.stream:
-            return StreamingResponse(self._sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            events = self._sse()
+            # A client gone before the response starts leaves the generator unstarted (its
+            # finally never runs): free the request's engine work and slots when it is dropped.
+            weakref.finalize(events, self._dropped)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._collect()
 
     async def _submit(self) -> None:
@@ -177,6 +184,7 @@ class _Job:
         except QuotaExceeded as exc:
             raise APIError(429, str(exc.reason), code="rate_limit_exceeded", retry_after=exc.retry_after) from exc
         mv.acquire()
+        self._holds_slot = True
         try:
             for ids in prompts:
                 self.streams.append(await engine.add_request(ids, params))
@@ -386,7 +394,13 @@ class _Job:
         for s in self.streams:
             if not s.finished:
                 s.finished = True
-                asyncio.ensure_future(self.mv.engine.abort(s.request_id))
+                self.mv.engine.abort_nowait(s.request_id)
+
+    def _dropped(self) -> None:
+        if not self._ended:
+            self._abort_unfinished()
+            self.status = 499
+            self._end(None)
 
     def _end(self, error: BaseException | None) -> None:
         """Releases what the request held and writes its audit line and metrics (once)."""
@@ -401,8 +415,9 @@ class _Job:
         if self.lease is not None:
             self.lease.release(self.prompt_tokens + self.output_tokens)
         mv = self.mv
-        if mv is not None and self.streams:
+        if self._holds_slot:  # also when the engine refused the request: unload waits for in_flight
             mv.release()
+        if mv is not None and self.streams:
             self.state.registry.record_result(
                 mv, ok=self.status < 500, ttft=self.ttft,
                 mean_logprob=self.logprob_sum / self.logprob_count if self.logprob_count else None)
@@ -499,7 +514,11 @@ def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/admin/models/{name}/load", dependencies=[Depends(admin)])
     async def load(name: str, body: LoadBody) -> dict:
-        await reg.load(name, body.version, body.source)
+        try:
+            await reg.load(name, body.version, body.source)
+        except (ModelLoadError, InvalidArgumentError) as exc:  # a source that is not a model: the caller's
+            raise APIError(400, f"cannot load {name}@{body.version}: {exc}", param="source",
+                           code="model_load_failed") from exc
         return {"models": reg.list_models()}
 
     @app.post("/admin/models/{name}/promote", dependencies=[Depends(admin)])
@@ -560,27 +579,32 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
         seen = 0
-        started = False
+        started = exceeded = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded:  # FastAPI answers a body it failed to read with a 400: the 413 below replaces it
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await self._refuse(send)
 
     async def _refuse(self, send) -> None:
         body = json.dumps(error_body(413, f"the request body is larger than {self.limit} bytes",
