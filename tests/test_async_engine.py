@@ -312,3 +312,16 @@ def test_default_cpu_kv_budget_is_a_function_of_the_machine(monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda d: 1 << 30)
     with pytest.raises(ConfigError, match="set kv_cache_memory"):
         memory.kv_cache_budget(cfg, cpu)
+
+
+def test_a_bad_abort_id_is_refused_and_the_loop_keeps_serving(smollm):
+    async def main():
+        async with new_engine(smollm) as engine:
+            for bad in (123, "", None):
+                with pytest.raises(InvalidRequestError, match="request_id"):
+                    await engine.abort(bad)
+            await engine.abort("never-submitted")  # unknown ids are ignored
+            outs = await collect(engine, PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+            assert engine.accepting and len(outs[-1].outputs[0].token_ids) == 3
+
+    asyncio.run(main())

@@ -29,7 +29,7 @@ from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.engine import Engine
 
 SERVER, ENGINE, LLAMA = "fastinfer-server", "fastinfer-engine", "llama-server"
-SYSTEMS = (SERVER, ENGINE, LLAMA)
+SYSTEMS = (SERVER, ENGINE, LLAMA)  # also cli/bench.py's SERVE_SYSTEMS, kept import-light
 RATIO_PAIRS = ((SERVER, ENGINE), (SERVER, LLAMA))
 WARMUP_TOKENS = 2
 

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import AsyncIterator
 
-import httpx
 
 from fastinfer.bench.process import ServerProcess, free_port
 from fastinfer.engine.async_engine import AsyncEngine
@@ -44,6 +43,8 @@ class CompletionsTarget:
         self.name, self.model, self.extra_body = name, model, extra_body or {}
         self.url = base_url.rstrip("/") + "/v1/completions"
         # No pool limit: every request in flight holds its own connection, as separate clients would.
+        import httpx  # the bench/serve extras' dependency: only when a server is driven
+
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 

@@ -16,6 +16,7 @@ QUICK = {
     "prefix": dict(num_prompts=8, prefix_len=256, input_len="8:32", output_len="16:32"),
     "serve": dict(num_prompts=6, input_len="16:48", output_len="8:16", request_rates="4,inf"),
 }
+SERVE_SYSTEMS = ("fastinfer-server", "fastinfer-engine", "llama-server")  # bench/serve_driver.py's
 BASELINES = ("transformers", "transformers-batched", "torch-naive", "llama.cpp", "none")
 
 
@@ -95,7 +96,7 @@ def rate_list(text: str) -> list[float]:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    from fastinfer.bench.serve_driver import SYSTEMS
+    SYSTEMS = SERVE_SYSTEMS
 
     def systems(text: str) -> list[str]:
         names = [s.strip() for s in text.split(",") if s.strip()]
@@ -112,7 +113,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int_arg(lo=1), default=None, help="requests per rate (default 64)")
     p.add_argument("--input-len", type=length_range, default=None, help="N or LO:HI prompt tokens (default 32:512)")
     p.add_argument("--output-len", type=length_range, default=None, help="N or LO:HI new tokens (default 32:128)")
-    p.add_argument("--systems", type=systems, default=list(SYSTEMS), help=f"default {','.join(SYSTEMS)}")
+    p.add_argument("--systems", type=systems, default=list(SERVE_SYSTEMS),
+                   help=f"default {','.join(SERVE_SYSTEMS)}")
     p.add_argument("--max-num-seqs", type=int_arg(lo=1), default=256,
                    help="fastinfer's running-sequence limit; llama-server's -np (capped at --num-prompts)")
     p.add_argument("--kv-cache-memory", default="2GiB",

@@ -1,5 +1,5 @@
 """``fastinfer keys add``: makes an API key for the server and stores its digest and limits in
-a keys file (``fastinfer serve --keys-file``)."""
+a keys file (``fastinfer serve --api-keys-file``)."""
 from __future__ import annotations
 
 import argparse

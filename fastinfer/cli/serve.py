@@ -15,7 +15,7 @@ import sys
 from fastinfer.cli.args import add_quantization_args, int_arg
 
 _ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
-                   "seed")
+                   "seed", "block_size", "gpu_memory_utilization")
 
 
 def add_serve_parser(sub) -> None:
@@ -39,7 +39,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-queued-requests", type=int_arg(lo=1), default=None)
     p.add_argument("--max-queued-tokens", type=int_arg(lo=1), default=None)
     p.add_argument("--max-body-bytes", type=int_arg(lo=1), default=1 << 20)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get at exit")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=30.0, help="seconds in-flight requests get at exit")
     p.add_argument("--memory-budget", default=None, help="bytes all versions may hold together, e.g. 8GiB")
     p.add_argument("--canary-window", type=float, default=60.0, help="seconds of results compared")
     p.add_argument("--canary-min-requests", type=int_arg(lo=1), default=20)
@@ -54,7 +54,20 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int_arg(lo=1), default=None)
     p.add_argument("--kv-cache-memory", default=None, help="KV-cache size per version, e.g. 1GiB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int_arg(lo=1), default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="GPU share for weights and KV cache (one version; several need --kv-cache-memory)")
     add_quantization_args(p)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (a finite number >= 0), got {text!r}")
+    return value
 
 
 def model_specs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
@@ -65,7 +78,16 @@ def model_specs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.models and args.source is not None:
         raise InvalidArgumentError("give either a positional MODEL or --model NAME@VERSION=SOURCE, not both", "model")
     if args.models:
-        return [parse_model_spec(m) for m in args.models]
+        specs = [parse_model_spec(m) for m in args.models]
+        if len(specs) > 1 and args.kv_cache_memory is None and args.device != "cpu":
+            import torch
+
+            if args.device.startswith("cuda") or torch.cuda.is_available():
+                # Each version's default GPU budget is a share of what is free when it loads:
+                # the first would leave the next nothing.
+                raise InvalidArgumentError("several --model versions on a GPU need --kv-cache-memory (each "
+                                           "version's KV-cache size)", "kv_cache_memory")
+        return specs
     source = args.source or "smollm2-135m"
     name = args.served_model_name or source
     return [parse_model_spec(f"{name}@v1={source}") if args.served_model_name else parse_model_spec(source)]
@@ -122,7 +144,13 @@ async def load_models(state, specs, traffic: list[str] | None) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as exc:
+        from fastinfer.errors import ConfigError
+
+        raise ConfigError(f"fastinfer serve needs the serve extra: pip install 'fastinfer[serve]' ({exc})",
+                          "serve") from exc
 
     from fastinfer.server.app import build_app
 

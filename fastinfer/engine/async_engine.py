@@ -19,9 +19,9 @@ from typing import Any
 from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.engine import Engine
 from fastinfer.engine.outputs import RequestOutput
-from fastinfer.errors import EngineDeadError, EngineOverloadedError, EngineShutdownError
+from fastinfer.errors import EngineDeadError, EngineOverloadedError, EngineShutdownError, InvalidRequestError
 from fastinfer.sampling.params import SamplingParams
-from fastinfer.validation import Prompt, check_float, check_int, fail
+from fastinfer.validation import Prompt, check_float, check_int, check_str, fail
 
 
 class RequestStream:
@@ -131,6 +131,11 @@ class AsyncEngine:
         """``Engine.stats()`` as of the last step, with ``num_queued`` (accepted, not started)."""
         return dict(self._stats)
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + output) a request may reach."""
+        return self.engine.max_model_len
+
     def memory_bytes(self) -> int:
         """Bytes of weights and KV cache this engine holds."""
         return self.engine.weight_bytes + self.engine.kv_cache.nbytes
@@ -173,7 +178,7 @@ class AsyncEngine:
 
     def abort_nowait(self, request_id: str) -> None:
         """``abort`` from synchronous code (any thread, a finalizer)."""
-        self._post(("abort", request_id, None))
+        self._post(("abort", check_str("request_id", request_id, error=InvalidRequestError), None))
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stops taking requests, lets the running ones finish for up to ``timeout`` seconds
@@ -187,7 +192,7 @@ class AsyncEngine:
             self._post(("drain", drained))
             try:
                 await asyncio.wait_for(asyncio.wrap_future(drained), timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 pass
             stopped: concurrent.futures.Future = concurrent.futures.Future()
             self._post(("stop", stopped))
@@ -228,8 +233,14 @@ class AsyncEngine:
                         self._cond.wait()
                     items = list(self._inbox)
                     self._inbox.clear()
-                for item in items:
-                    self._handle(item)
+                for i, item in enumerate(items):
+                    try:
+                        self._handle(item)
+                    except Exception as exc:  # a bad item fails only its own caller
+                        if not _fail_item(item, exc):
+                            with self._cond:  # answered by _finish_stop
+                                self._inbox.extendleft(reversed(items[i + 1:]))
+                            raise
                 if engine.has_unfinished():
                     self._deliver(engine.step())
                 self._refresh()
@@ -341,6 +352,17 @@ class AsyncEngine:
         self._resolve_drained()
         if self._stop_waiter is not None and not self._stop_waiter.done():
             self._stop_waiter.set_result(None)
+
+
+def _fail_item(item: tuple, exc: Exception) -> bool:
+    """Answers an inbox item that raised with its error; False when no caller waits on it
+    (then the loop itself is broken)."""
+    fut = item[-1]
+    if item[0] == "add" and isinstance(fut, concurrent.futures.Future):
+        if not fut.done():
+            fut.set_exception(exc)
+        return True
+    return item[0] == "abort"
 
 
 def _answer_closed(item: tuple, dead: BaseException | None) -> None:

@@ -73,7 +73,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
     _install_error_handlers(app)
 
-    def gate(request: Request) -> KeyPolicy | None:
+    async def gate(request: Request) -> KeyPolicy | None:
         policy = _authenticate(state, request)
         if state.draining:
             raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
@@ -165,7 +165,7 @@ class _Job:
             events = self._sse()
             # A client gone before the response starts leaves the generator unstarted (its
             # finally never runs): free the request's engine work and slots when it is dropped.
-            weakref.finalize(events, self._dropped)
+            weakref.finalize(events, self._dropped, asyncio.get_running_loop())
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._collect()
 
@@ -182,6 +182,9 @@ class _Job:
         try:
             self.lease = state.quotas.acquire(self.policy, estimate) if self.policy is not None else None
         except QuotaExceeded as exc:
+            if exc.never_fits:  # waiting never helps: a request error, not a rate limit
+                raise APIError(400, f"{exc.reason}; lower max_tokens", param="max_tokens",
+                               code="exceeds_token_quota") from exc
             raise APIError(429, str(exc.reason), code="rate_limit_exceeded", retry_after=exc.retry_after) from exc
         mv.acquire()
         self._holds_slot = True
@@ -215,7 +218,7 @@ class _Job:
         else:
             top = body.logprobs
         if max_tokens is None:  # chat: the rest of the context (vLLM's default); completions: 16
-            room = engine.engine.max_model_len - max(len(p) for p in prompts)
+            room = engine.max_model_len - max(len(p) for p in prompts)
             max_tokens = max(1, room) if self.chat else _COMPLETION_DEFAULT_MAX_TOKENS
         self.user_logprobs = top
         # A version under canary watch reports its sampled tokens' log-probabilities.
@@ -291,12 +294,21 @@ class _Job:
         finally:
             gone.cancel()
             self._abort_unfinished()
-        for i, out in enumerate(outs):
-            self._observe(i, out, None)
-        choices = []
-        for pi, out in enumerate(outs):
-            for c in out.outputs:
-                choices.append(self._choice(pi * len(out.outputs) + c.index, c, full=True))
+        try:
+            for i, out in enumerate(outs):
+                self._observe(i, out, None)
+            if any(c.finish_reason == "abort" for out in outs for c in out.outputs):
+                raise _server_abort()
+            choices = []
+            for pi, out in enumerate(outs):
+                for c in out.outputs:
+                    choices.append(self._choice(pi * len(out.outputs) + c.index, c, full=True))
+        except APIError as exc:
+            self._end(exc)
+            return exc.response()
+        except BaseException as exc:
+            self._end(exc)
+            raise
         self._end(None)
         return JSONResponse({"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                              "created": self.created, "model": self.model_name, "choices": choices,
@@ -316,6 +328,8 @@ class _Job:
                 now = time.monotonic()
                 self._observe(pi, out, now - last)
                 last = now
+                if any(c.finish_reason == "abort" for c in out.outputs):
+                    raise _server_abort()
                 choices = [self._choice(pi * n + c.index, c, full=False) for c in out.outputs
                            if c.token_ids or c.text or c.finish_reason]
                 choices = [c for c in choices if c is not None]
@@ -324,7 +338,7 @@ class _Job:
             if self.body.stream_options is not None and self.body.stream_options.include_usage:
                 yield _event(self._chunk([], usage=self._usage()))
             yield "data: [DONE]\n\n"
-        except EngineDeadError as exc:
+        except (EngineDeadError, APIError) as exc:  # the stream is open: an error event ends it
             error = exc
             self.status = 503
             yield _event(error_body(503, str(exc), code="engine_unavailable"))
@@ -396,11 +410,18 @@ class _Job:
                 s.finished = True
                 self.mv.engine.abort_nowait(s.request_id)
 
-    def _dropped(self) -> None:
-        if not self._ended:
-            self._abort_unfinished()
-            self.status = 499
-            self._end(None)
+    def _dropped(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event generator was dropped (maybe by the garbage collector, on any thread):
+        clean up on the request's own loop."""
+        def cleanup() -> None:
+            if not self._ended:
+                self._abort_unfinished()
+                self.status = 499
+                self._end(None)
+        try:
+            loop.call_soon_threadsafe(cleanup)
+        except RuntimeError:  # the loop is closed: the server is gone, and its engines with it
+            pass
 
     def _end(self, error: BaseException | None) -> None:
         """Releases what the request held and writes its audit line and metrics (once)."""
@@ -409,6 +430,7 @@ class _Job:
         self._ended = True
         if isinstance(error, APIError):
             self.status = error.status
+            error.audited = True  # this line is its audit record: the error handler adds none
         elif error is not None and self.status < 400:
             self.status = 499 if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else 500
         latency = time.monotonic() - self.start
@@ -443,6 +465,13 @@ def _overall_reason(out: RequestOutput) -> str:
 
 def _openai_reason(reason: str | None) -> str | None:
     return None if reason is None else {"abort": "stop"}.get(reason, reason)
+
+
+# The engine ended a request the client still waits for (its version was unloaded, or the
+# server is shutting down): an error, never a truncated answer that looks complete.
+def _server_abort() -> APIError:
+    return APIError(503, "the request was aborted by the server (shutdown or model unload); retry it",
+                    code="aborted_by_server", retry_after=1)
 
 
 def _event(obj: dict) -> str:
@@ -499,7 +528,7 @@ async def _disconnected(request: Request) -> None:
 
 # ---------------------------------------------------------------------------- admin
 def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
-    def admin(request: Request) -> None:
+    async def admin(request: Request) -> None:
         if state._admin_hash is None:
             raise APIError(403, "the admin API is off: start the server with --admin-key", code="admin_disabled")
         presented = _bearer(request)
@@ -544,10 +573,26 @@ def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
 
 
 # ---------------------------------------------------------------------------- errors and limits
+def _audit_refusal(request: Request, status: int, reason: str) -> None:
+    """One audit line for an API request refused before it was handled (bad key, draining,
+    invalid body): failed authentication is what an audit log is most for."""
+    state: ServerState = request.app.state.server
+    if request.url.path.startswith("/v1/"):
+        state.audit.record(request_id=None, endpoint=request.url.path, key_id=None, model=None, version=None,
+                           prompt_tokens=0, output_tokens=0, ttft=None, latency=None, finish_reason=reason,
+                           status=status)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
+        if not getattr(exc, "audited", False):
+            _audit_refusal(request, exc.status, exc.code or "refused")
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:  # a bug: still OpenAI-shaped
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -557,6 +602,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        _audit_refusal(request, 400, "invalid_request")
         return JSONResponse(error_body(400, f"{param + ': ' if param else ''}{message}{more}", param=param),
                             status_code=400)
 

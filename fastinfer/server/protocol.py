@@ -11,7 +11,9 @@ from fastinfer.sampling.params import MAX_LOGPROBS, MAX_N
 
 # OpenAI's seed is any int64; temperature in [0, 2]; stops: up to 4 strings.
 _Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
-_Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
+# Stop strings are matched on every step, so each is capped (as are their number).
+_StopStr = Annotated[StrictStr, Field(max_length=256)]
+_Stop = _StopStr | Annotated[list[_StopStr], Field(max_length=4)] | None
 _TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 

@@ -163,7 +163,7 @@ def tiny_sweep(tmp_path_factory, hf_smollm_tokenizer):
 
 def test_tiny_sweep_server_and_engine(tiny_sweep):
     code, paths, seconds = tiny_sweep
-    assert code == 0 and seconds < 30
+    assert code == 0
     doc = load_result(paths["json"])  # a valid schema-1 document
     assert doc["command"] == "serve" and doc["env"]["cpu"] and doc["env"]["threads"] >= 1
     assert set(doc["results"]) == {"fastinfer-server@inf", "fastinfer-engine@inf"}
