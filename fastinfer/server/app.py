@@ -150,6 +150,7 @@ class _Job:
         self.user_logprobs: int | None = None
         self._generated: dict[int, int] = {}  # tokens per engine request
         self._done: set[int] = set()  # streamed choices whose finish was sent
+        self._text_offset: dict[int, int] = {}  # streamed completions: logprobs' text_offset so far
         self._ended = False
         self._holds_slot = False  # counted in the version's in_flight
 
@@ -365,14 +366,14 @@ class _Job:
             if c.finish_reason is not None:
                 self._done.add(index)
         reason = _openai_reason(c.finish_reason)
-        logprobs = self._logprobs(c) if self.user_logprobs is not None and c.logprobs is not None else None
+        logprobs = self._logprobs(c, index) if self.user_logprobs is not None and c.logprobs is not None else None
         if self.chat:
             key = "message" if full else "delta"
             content = {"role": "assistant", "content": c.text} if full else ({"content": c.text} if c.text else {})
             return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
         return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": reason}
 
-    def _logprobs(self, c) -> dict:
+    def _logprobs(self, c, index: int) -> dict:
         tok = self.mv.engine.get_tokenizer()
 
         def piece(t: int) -> str:
@@ -388,12 +389,13 @@ class _Job:
                                 "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())}
                                                  for t, v in top]})
             return {"content": content}
-        tokens, offsets, pos = [], [], 0
+        tokens, offsets, pos = [], [], self._text_offset.get(index, 0)  # streamed: where the choice's text is
         for tid in c.token_ids:
             s = piece(tid)
             tokens.append(s)
             offsets.append(pos)
             pos += len(s)
+        self._text_offset[index] = pos
         return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(c.token_ids, c.logprobs)],
                 "top_logprobs": [{piece(t): v for t, v in sorted(lp.items(), key=lambda kv: -kv[1])[:max(k, 1)]}
                                  for lp in c.logprobs],
