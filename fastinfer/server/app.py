@@ -151,6 +151,8 @@ class _Job:
         self._generated: dict[int, int] = {}  # tokens per engine request
         self._done: set[int] = set()  # streamed choices whose finish was sent
         self._text_offset: dict[int, int] = {}  # streamed completions: logprobs' text_offset so far
+        self._observed: set[int] = set()  # engine requests whose final output reached the metrics
+        self._prompt_lens: list[int] = []
         self._ended = False
         self._holds_slot = False  # counted in the version's in_flight
 
@@ -178,6 +180,7 @@ class _Job:
         engine = mv.engine
         prompts = self._prompt_ids(engine)
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self._prompt_lens = [len(p) for p in prompts]
         params = self._params(engine, prompts)
         estimate = self.prompt_tokens + params.max_tokens * params.n * len(prompts)
         try:
@@ -247,8 +250,10 @@ class _Job:
             self.ttft = out.metrics.ttft
         self.output_tokens += new
         self._generated[index] = self._generated.get(index, 0) + new
-        if gap is not None and new:
-            m.tokens(name, version, new, gap)
+        if gap is not None:  # each sample's own gap: n samples step together
+            for c in out.outputs:
+                if c.token_ids:
+                    m.tokens(name, version, len(c.token_ids), gap)
         for c in out.outputs:
             if c.logprobs:
                 for tid, lp in zip(c.token_ids, c.logprobs):
@@ -263,6 +268,7 @@ class _Job:
                 m.tokens(name, version, gen - 1, mt.finished_time - mt.first_token_time)
             reason = _overall_reason(out)
             self.finish_reasons.append(reason)
+            self._observed.add(index)
             m.finished(name, version, queue_time_s=mt.time_in_queue,
                        e2e_s=(mt.finished_time - mt.arrival_time) if mt.finished_time else None,
                        prompt_tokens=len(out.prompt_token_ids), generation_tokens=self._generated[index],
@@ -439,6 +445,11 @@ class _Job:
         if self.lease is not None:
             self.lease.release(self.prompt_tokens + self.output_tokens)
         mv = self.mv
+        for i in range(len(self.streams)):  # ended without a final output read (the client left)
+            if i not in self._observed:
+                self.state.metrics.finished(mv.name, mv.version, queue_time_s=None, e2e_s=latency,
+                                            prompt_tokens=self._prompt_lens[i],
+                                            generation_tokens=self._generated.get(i, 0), finish_reason="abort")
         if self._holds_slot:  # also when the engine refused the request: unload waits for in_flight
             mv.release()
         if mv is not None and self.streams:

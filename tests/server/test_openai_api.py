@@ -328,7 +328,14 @@ def test_full_engine_queue_is_429_then_serves_again(api, client):
     assert client.completions.create(model="serial", prompt=PROMPT, max_tokens=2).choices[0].finish_reason
 
 
+def _e2e_count(api, model: str) -> float:
+    key = f'fastinfer:e2e_request_latency_seconds_count{{model_name="{model}",model_version="v1"}} '
+    line = next((ln for ln in httpx.get(api.url + "/metrics").text.splitlines() if ln.startswith(key)), None)
+    return 0.0 if line is None else float(line.split()[-1])
+
+
 def test_client_leaving_a_non_streamed_request_aborts_it(api):
+    e2e_before = _e2e_count(api, "serial")
     before = len(read_audit(api.audit_path))
     finishes = finish_tally(api.engine("serial"))
     body = {"model": "serial", "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True}  # about a second
@@ -344,6 +351,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(api):
     assert line["status"] == 499 and line["finish_reason"] == "abort"
     assert line["model"] == "serial" and line["output_tokens"] < 500
     assert finishes == {"abort": 1}
+    assert _e2e_count(api, "serial") == e2e_before + 1  # the metrics count the request too
 
 
 def test_draining_server_answers_503(serve):
