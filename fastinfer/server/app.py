@@ -38,6 +38,7 @@ from fastinfer.server.registry import ModelRegistry
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_INLINE_PROMPT_CHARS = 8192  # longer prompts are tokenized in a worker thread
 
 
 @dataclass
@@ -178,7 +179,9 @@ class _Job:
         if self.policy is not None and not self.policy.allows(mv.name):
             raise APIError(403, f"this API key may not use model {mv.name!r}", param="model", code="model_not_allowed")
         engine = mv.engine
-        prompts = self._prompt_ids(engine)
+        # A long prompt's tokenization (or chat template) would stall every stream of this loop.
+        prompts = (await asyncio.to_thread(self._prompt_ids, engine) if self._prompt_chars() > _INLINE_PROMPT_CHARS
+                   else self._prompt_ids(engine))
         self.prompt_tokens = sum(len(p) for p in prompts)
         self._prompt_lens = [len(p) for p in prompts]
         params = self._params(engine, prompts)
@@ -192,15 +195,24 @@ class _Job:
             raise APIError(429, str(exc.reason), code="rate_limit_exceeded", retry_after=exc.retry_after) from exc
         mv.acquire()
         self._holds_slot = True
-        try:
-            for ids in prompts:
-                self.streams.append(await engine.add_request(ids, params))
+        try:  # a batch's prompts are submitted together (one engine step, not one each)
+            results = await asyncio.gather(*(engine.add_request(ids, params) for ids in prompts),
+                                           return_exceptions=True)
+            self.streams = [r for r in results if not isinstance(r, BaseException)]
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
         except EngineOverloadedError as exc:
             raise APIError(429, str(exc), code="engine_overloaded", retry_after=1) from exc
         except (EngineShutdownError, EngineDeadError) as exc:
             raise APIError(503, str(exc), code="engine_unavailable", retry_after=5) from exc
         except InvalidArgumentError as exc:
             raise APIError(400, str(exc), param=exc.argument) from exc
+
+    def _prompt_chars(self) -> int:
+        if self.chat:
+            return sum(len(m.text()) for m in self.body.messages)
+        return sum(len(p) for p in self.body.prompts() if isinstance(p, str))
 
     def _prompt_ids(self, engine) -> list[list[int]]:
         tok = engine.get_tokenizer()

@@ -387,3 +387,13 @@ def test_refused_requests_hold_nothing(serve):
     assert finishes == {"abort": 1}  # the accepted first prompt was aborted, not run to its end
     listing = httpx.get(server.url + "/admin/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert [m["in_flight"] for m in listing["models"]] == [0]
+
+
+def test_a_long_prompt_is_tokenized_off_the_loop_and_refused_when_too_long(client):
+    """Over 8192 characters the prompt is tokenized in a worker thread; the tiny model's 512
+    positions cannot hold it, so the request is refused with 400 naming the limit."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="chat", prompt="word " * 2000, max_tokens=1)
+    assert err.value.status_code == 400 and "max_model_len" in str(err.value)
+    r = client.completions.create(model="chat", prompt="word " * 60, max_tokens=2, **GREEDY)
+    assert r.usage.completion_tokens == 2
