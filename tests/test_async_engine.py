@@ -160,10 +160,10 @@ def test_shutdown_drains_then_aborts_and_refuses_new_requests(smollm):
     async def main():
         engine = new_engine(smollm)
         short = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        endless = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+        endless = SamplingParams(max_tokens=1300, temperature=0, ignore_eos=True)  # many seconds
         tasks = [asyncio.ensure_future(collect(engine, PROMPT, p)) for p in (short, short, endless)]
         await wait_until(lambda: engine.stats()["num_running"] == 3)
-        await engine.shutdown(timeout=1.0)
+        await engine.shutdown(timeout=3.0)  # ample for 6 tokens, far too short for 1300
         results = [t.result() for t in tasks]
         with pytest.raises(EngineShutdownError):
             await engine.add_request(PROMPT, short)
@@ -323,5 +323,18 @@ def test_a_bad_abort_id_is_refused_and_the_loop_keeps_serving(smollm):
             await engine.abort("never-submitted")  # unknown ids are ignored
             outs = await collect(engine, PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
             assert engine.accepting and len(outs[-1].outputs[0].token_ids) == 3
+
+    asyncio.run(main())
+
+
+def test_concurrent_shutdowns_all_return(smollm):
+    async def main():
+        engine = new_engine(smollm)
+        task = asyncio.ensure_future(collect(engine, PROMPT, SamplingParams(max_tokens=1300, temperature=0,
+                                                                            ignore_eos=True)))
+        await wait_until(lambda: engine.stats()["num_running"] == 1)
+        await asyncio.wait_for(asyncio.gather(engine.shutdown(0), engine.shutdown(0.5), engine.shutdown()), 60)
+        outs = await task
+        assert outs[-1].outputs[0].finish_reason == "abort" and sum(o.finished for o in outs) == 1
 
     asyncio.run(main())

@@ -107,6 +107,7 @@ class AsyncEngine:
         self._queued_tokens = 0
         self._drain_waiters: list[concurrent.futures.Future] = []
         self._stop_waiter: concurrent.futures.Future | None = None
+        self._more_stop_waiters: list[concurrent.futures.Future] = []  # concurrent shutdown() calls
         self._pending_tokens = 0
         self._closed = False  # the loop has exited: posts are answered at once
         self._stats = self._snapshot()
@@ -147,7 +148,8 @@ class AsyncEngine:
         the queue is full, ``EngineShutdownError`` while shutting down, ``EngineDeadError``
         when the loop died. Cancelled while waiting, the request is aborted."""
         self._check_accepting()
-        rid = uuid.uuid4().hex if request_id is None else request_id
+        rid = uuid.uuid4().hex if request_id is None else check_str("request_id", request_id,
+                                                                    error=InvalidRequestError)
         stream = RequestStream(rid, asyncio.get_running_loop())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._post(("add", rid, prompt, params, stream, accepted))
@@ -260,7 +262,10 @@ class AsyncEngine:
         elif kind == "drain":
             self._drain_waiters.append(item[1])
         elif kind == "stop":
-            self._stop_waiter = item[1]
+            if self._stop_waiter is None:
+                self._stop_waiter = item[1]
+            else:
+                self._more_stop_waiters.append(item[1])
             for rid in list(self._streams):
                 self.engine.abort(rid)
 
@@ -350,8 +355,9 @@ class AsyncEngine:
         for item in pending:
             _answer_closed(item, self._dead)
         self._resolve_drained()
-        if self._stop_waiter is not None and not self._stop_waiter.done():
-            self._stop_waiter.set_result(None)
+        for fut in [self._stop_waiter, *self._more_stop_waiters]:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
 
 def _fail_item(item: tuple, exc: Exception) -> bool:

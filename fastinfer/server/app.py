@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 import weakref
@@ -36,6 +37,7 @@ from fastinfer.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                        TrafficBody, VersionBody)
 from fastinfer.server.registry import ModelRegistry
 
+_log = logging.getLogger("fastinfer.server")
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _INLINE_PROMPT_CHARS = 8192  # longer prompts are tokenized in a worker thread
@@ -153,6 +155,8 @@ class _Job:
         self._done: set[int] = set()  # streamed choices whose finish was sent
         self._text_offset: dict[int, int] = {}  # streamed completions: logprobs' text_offset so far
         self._observed: set[int] = set()  # engine requests whose final output reached the metrics
+        self._engine_dead = False
+        self._charge_estimate = False  # the client left a whole-response request: bill the estimate
         self._prompt_lens: list[int] = []
         self._ended = False
         self._holds_slot = False  # counted in the version's in_flight
@@ -179,6 +183,8 @@ class _Job:
         if self.policy is not None and not self.policy.allows(mv.name):
             raise APIError(403, f"this API key may not use model {mv.name!r}", param="model", code="model_not_allowed")
         engine = mv.engine
+        mv.acquire()  # before any await: an unload waits for this request from here on
+        self._holds_slot = True
         # A long prompt's tokenization (or chat template) would stall every stream of this loop.
         prompts = (await asyncio.to_thread(self._prompt_ids, engine) if self._prompt_chars() > _INLINE_PROMPT_CHARS
                    else self._prompt_ids(engine))
@@ -193,21 +199,28 @@ class _Job:
                 raise APIError(400, f"{exc.reason}; lower max_tokens", param="max_tokens",
                                code="exceeds_token_quota") from exc
             raise APIError(429, str(exc.reason), code="rate_limit_exceeded", retry_after=exc.retry_after) from exc
-        mv.acquire()
-        self._holds_slot = True
-        try:  # a batch's prompts are submitted together (one engine step, not one each)
-            results = await asyncio.gather(*(engine.add_request(ids, params) for ids in prompts),
-                                           return_exceptions=True)
-            self.streams = [r for r in results if not isinstance(r, BaseException)]
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                raise errors[0]
-        except EngineOverloadedError as exc:
-            raise APIError(429, str(exc), code="engine_overloaded", retry_after=1) from exc
-        except (EngineShutdownError, EngineDeadError) as exc:
-            raise APIError(503, str(exc), code="engine_unavailable", retry_after=5) from exc
-        except InvalidArgumentError as exc:
-            raise APIError(400, str(exc), param=exc.argument) from exc
+        # A batch's prompts are submitted together (one engine step, not one each); whatever
+        # ends this early (a refusal, a cancellation), every accepted prompt is kept to abort.
+        tasks = [asyncio.ensure_future(engine.add_request(ids, params)) for ids in prompts]
+        try:
+            await asyncio.wait(tasks)
+        finally:
+            for t in tasks:
+                t.cancel()  # a no-op for the finished ones; a pending add aborts itself
+            self.streams = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+        if errors:  # a request error first: a 429 must not hide a 400 that no retry fixes
+            error = next((e for e in errors if isinstance(e, InvalidArgumentError)), errors[0])
+            if isinstance(error, EngineOverloadedError):
+                raise APIError(429, str(error), code="engine_overloaded", retry_after=1) from error
+            if isinstance(error, EngineDeadError):
+                self._engine_dead = True  # a canary whose loop died must count as failing
+            if isinstance(error, (EngineShutdownError, EngineDeadError)):
+                raise APIError(503, str(error), code="engine_unavailable", retry_after=5) from error
+            if isinstance(error, InvalidArgumentError):
+                raise APIError(400, str(error), param=error.argument) from error
+            raise error
+        self._prompt_lens = self._prompt_lens[:len(self.streams)]
 
     def _prompt_chars(self) -> int:
         if self.chat:
@@ -254,8 +267,9 @@ class _Job:
     def model_name(self) -> str:
         return f"{self.mv.name}@{self.mv.version}"
 
-    def _observe(self, index: int, out: RequestOutput, gap: float | None) -> None:
-        """Counts one engine output's tokens (and its inter-token gap, when streaming)."""
+    def _observe(self, index: int, out: RequestOutput, gap: float | None, streaming: bool = False) -> None:
+        """Counts one engine output's tokens (and, streaming, the gap since the stream's
+        previous output: None for its first)."""
         m, (name, version) = self.state.metrics, (self.mv.name, self.mv.version)
         new = sum(len(c.token_ids) for c in out.outputs)
         if self.ttft is None and out.metrics.ttft is not None:
@@ -275,9 +289,11 @@ class _Job:
             mt = out.metrics
             if mt.ttft is not None:
                 m.first_token(name, version, mt.ttft)
-            gen = sum(len(c.token_ids) for c in out.outputs) if gap is None else None
-            if gap is None and gen and gen > 1 and mt.first_token_time is not None and mt.finished_time:
-                m.tokens(name, version, gen - 1, mt.finished_time - mt.first_token_time)
+            if not streaming and mt.first_token_time is not None and mt.finished_time:
+                span = mt.finished_time - mt.first_token_time  # each sample: its tokens after the first
+                for c in out.outputs:
+                    if len(c.token_ids) > 1:
+                        m.tokens(name, version, len(c.token_ids) - 1, span)
             reason = _overall_reason(out)
             self.finish_reasons.append(reason)
             self._observed.add(index)
@@ -300,6 +316,7 @@ class _Job:
                 with contextlib.suppress(BaseException):
                     await work
                 self.status = 499
+                self._charge_estimate = True  # what it generated is unknown here: the estimate
                 self._end(None)
                 return Response(status_code=499)
             outs = work.result()
@@ -312,10 +329,11 @@ class _Job:
             raise
         finally:
             gone.cancel()
+            work.cancel()  # a no-op once done; stops waiting when this handler is cancelled
             self._abort_unfinished()
         try:
             for i, out in enumerate(outs):
-                self._observe(i, out, None)
+                self._observe(i, out, None, streaming=False)
             if any(c.finish_reason == "abort" for out in outs for c in out.outputs):
                 raise _server_abort()
             choices = []
@@ -342,11 +360,12 @@ class _Job:
                 for i in range(n * len(self.streams)):
                     yield _event(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]))
-            last = time.monotonic()
+            last: dict[int, float] = {}  # per stream: when its previous output came
             async for pi, out in _merge(self.streams):
                 now = time.monotonic()
-                self._observe(pi, out, now - last)
-                last = now
+                # The first output's wait is its time to first token, not an inter-token gap.
+                self._observe(pi, out, now - last[pi] if pi in last else None, streaming=True)
+                last[pi] = now
                 if any(c.finish_reason == "abort" for c in out.outputs):
                     raise _server_abort()
                 choices = [self._choice(pi * n + c.index, c, full=False) for c in out.outputs
@@ -360,7 +379,7 @@ class _Job:
         except (EngineDeadError, APIError) as exc:  # the stream is open: an error event ends it
             error = exc
             self.status = 503
-            yield _event(error_body(503, str(exc), code="engine_unavailable"))
+            yield _event(error_body(503, str(exc), code=getattr(exc, "code", None) or "engine_unavailable"))
         except BaseException as exc:  # the client left (cancelled) or a bug
             error = exc
             self.status = 499 if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else 500
@@ -455,7 +474,7 @@ class _Job:
             self.status = 499 if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else 500
         latency = time.monotonic() - self.start
         if self.lease is not None:
-            self.lease.release(self.prompt_tokens + self.output_tokens)
+            self.lease.release(None if self._charge_estimate else self.prompt_tokens + self.output_tokens)
         mv = self.mv
         for i in range(len(self.streams)):  # ended without a final output read (the client left)
             if i not in self._observed:
@@ -464,12 +483,12 @@ class _Job:
                                             generation_tokens=self._generated.get(i, 0), finish_reason="abort")
         if self._holds_slot:  # also when the engine refused the request: unload waits for in_flight
             mv.release()
-        if mv is not None and self.streams:
+        if mv is not None and (self.streams or self._engine_dead):
             self.state.registry.record_result(
                 mv, ok=self.status < 500, ttft=self.ttft,
                 mean_logprob=self.logprob_sum / self.logprob_count if self.logprob_count else None)
         reason = ",".join(sorted(set(self.finish_reasons))) or ("abort" if self.status == 499 else None)
-        self.state.audit.record(
+        _audit(self.state.audit,
             request_id=self.id, endpoint="/v1/chat/completions" if self.chat else "/v1/completions",
             key_id=self.policy.id if self.policy is not None else None,
             model=mv.name if mv is not None else self.body.model, version=mv.version if mv is not None else None,
@@ -481,6 +500,15 @@ class _Job:
             return json.dumps([{"role": m.role, "content": m.text()} for m in self.body.messages])
         p = self.body.prompt
         return p if isinstance(p, str) else json.dumps(p)
+
+
+def _audit(log: AuditLog, **fields) -> None:
+    """Writes an audit line; a failed write (a full disk) is reported, never turned into the
+    request's error."""
+    try:
+        log.record(**fields)
+    except OSError as exc:
+        _log.error("audit log write failed: %s", exc)
 
 
 def _overall_reason(out: RequestOutput) -> str:
@@ -603,9 +631,8 @@ def _audit_refusal(request: Request, status: int, reason: str) -> None:
     invalid body): failed authentication is what an audit log is most for."""
     state: ServerState = request.app.state.server
     if request.url.path.startswith("/v1/"):
-        state.audit.record(request_id=None, endpoint=request.url.path, key_id=None, model=None, version=None,
-                           prompt_tokens=0, output_tokens=0, ttft=None, latency=None, finish_reason=reason,
-                           status=status)
+        _audit(state.audit, request_id=None, endpoint=request.url.path, key_id=None, model=None, version=None,
+               prompt_tokens=0, output_tokens=0, ttft=None, latency=None, finish_reason=reason, status=status)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
