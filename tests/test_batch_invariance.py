@@ -10,7 +10,7 @@ from fastinfer import SamplingParams
 
 from .conftest import make_engine, run_to_completion
 
-NEW_TOKENS = 32
+NEW_TOKENS = 24
 
 
 def varied_prompts(tokenizer, count: int = 32) -> list[list[int]]:
