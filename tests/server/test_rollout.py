@@ -184,8 +184,8 @@ def test_rollout_under_load_then_auto_rollback_of_a_worse_canary(rollout_server)
         listing = admin(server, "unload", version="v2")
         assert set(listing) == {"v1"}
         admin(server, "load", version="v2", source="v2-flat")
+        t = time.monotonic()  # before the split: v2-flat has no traffic until it
         admin(server, "traffic", weights={"v1": 70, "v2": 30})
-        t = time.monotonic()
         deadline = time.monotonic() + 60
         while not (autos := [e for e in events(server) if (e["reason"] or "").startswith("auto:")]):
             assert time.monotonic() < deadline, "the canary monitor did not roll the worse v2 back"
@@ -193,7 +193,8 @@ def test_rollout_under_load_then_auto_rollback_of_a_worse_canary(rollout_server)
         (auto,) = autos
         assert auto["action"] == "rollback" and auto["from"] == "v2" and auto["to"] == "v1"
         assert "log-probability" in auto["reason"]
-        assert served_by(load.since(t), "chat@v2") >= 10  # it was judged on real traffic
+        # It was judged on real traffic (a client records its result just after the server does).
+        load.wait(t, lambda rs: served_by(rs, "chat@v2") >= 10, timeout=10)
         t = time.monotonic()
         assert {r.model for r in load.wait(t, lambda rs: len(rs) >= 20)} == {"chat@v1"}
 
