@@ -59,6 +59,21 @@ def _push_batch(batch: list[tuple[RequestStream, RequestOutput | BaseException]]
         stream._push(item)
 
 
+def _send(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> list[RequestStream]:
+    """Pushes each item to its stream with one ``call_soon_threadsafe`` per event loop; returns
+    the streams whose loop is closed (nothing was delivered to them)."""
+    batches: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in items:
+        batches.setdefault(stream.loop, []).append((stream, item))
+    closed = []
+    for loop, batch in batches.items():
+        try:
+            loop.call_soon_threadsafe(_push_batch, batch)
+        except RuntimeError:
+            closed.extend(stream for stream, _ in batch)
+    return closed
+
+
 class AsyncEngine:
     """``AsyncEngine(model, **engine_options)`` (the options of ``LLM``), or
     ``AsyncEngine.from_config(config)``.
@@ -300,21 +315,17 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hands each output to its stream: one ``call_soon_threadsafe`` per event loop."""
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        items = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            batches.setdefault(stream.loop, []).append((stream, out))
-        for loop, batch in batches.items():
-            try:
-                loop.call_soon_threadsafe(_push_batch, batch)
-            except RuntimeError:  # that loop is closed: nobody listens, free the blocks
-                for stream, out in batch:
-                    self._streams.pop(stream.request_id, None)
-                    self.engine.abort(stream.request_id)
+            items.append((stream, out))
+        for stream in _send(items):  # its loop is closed: nobody listens, free the blocks
+            self._streams.pop(stream.request_id, None)
+            self.engine.abort(stream.request_id)
 
     def _refresh(self) -> None:
         for rid in [r for r in self._queued if not self.engine.is_waiting(r)]:
@@ -337,15 +348,8 @@ class AsyncEngine:
         self._dead = exc
         error = EngineDeadError(f"the engine loop stopped: {exc!r}")
         error.__cause__ = exc
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream in self._streams.values():
-            batches.setdefault(stream.loop, []).append((stream, error))
+        _send([(stream, error) for stream in self._streams.values()])
         self._streams.clear()
-        for loop, batch in batches.items():
-            try:
-                loop.call_soon_threadsafe(_push_batch, batch)
-            except RuntimeError:
-                pass
 
     def _finish_stop(self) -> None:
         self._accepting = False
