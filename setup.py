@@ -62,7 +62,7 @@ def native_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return CUDAExtension(
         "fastinfer._C_cuda",
-        ["csrc/cuda/bindings.cpp", "csrc/cuda/cache_kernels.cu"],
+        ["csrc/cuda/bindings.cpp", "csrc/cuda/cache_kernels.cu", "csrc/cuda/attention_kernels.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
 

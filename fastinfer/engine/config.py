@@ -11,6 +11,7 @@ import torch
 
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
+from fastinfer.ops.dispatch import BACKENDS, ENV_VAR, check_backend
 from fastinfer.ops.kv import KV_ALIASES, KV_CACHE_DTYPES
 from fastinfer.quant.rtn import check_group_size
 from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
@@ -50,6 +51,13 @@ class EngineConfig:
     ``kv_cache_dtype``: ``"auto"`` stores keys and values in the model's dtype; ``"int8"`` and
     ``"fp8"`` (alias ``"fp8_e4m3"``) store codes with a float32 scale per token and kv head
     (``fastinfer.ops.kv``), about half a bfloat16 cache.
+    ``ops_backend``: None (or ``"auto"``) lets ``fastinfer.ops`` pick the fastest kernel for each
+    call (``FASTINFER_OPS_BACKEND`` may force one); ``"reference"``, ``"triton"``, ``"cpu"`` or
+    ``"cuda"`` forces that backend wherever it has a kernel that applies (the reference covers
+    the rest), for this engine's steps.
+    ``enforce_eager``: on a GPU, decode steps are replayed from CUDA graphs captured at start-up
+    for batch sizes 1, 2, 4, 8, then every 8 up to ``max_num_seqs`` (a batch is padded to the
+    next captured size); True runs every step eagerly.
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
@@ -70,6 +78,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    ops_backend: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,7 +112,10 @@ class EngineConfig:
             self._set("kv_cache_memory", nbytes)
         self._set("gpu_memory_utilization",
                   check_float("gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True))
-        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        self._set("ops_backend", check_choice("ops_backend", None if self.ops_backend in (None, "auto")
+                                              else self.ops_backend, [None, *BACKENDS]))
+        _check_backend(self.ops_backend, self.torch_device())
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
             self._set(name, check_bool(name, getattr(self, name)))
         self._set("seed", check_seed("seed", self.seed))
         if self.enable_prefix_caching:
@@ -147,6 +160,23 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}): "
                               "prompts are prefilled in one step", "max_num_batched_tokens")
         return budget
+
+
+def _check_backend(ops_backend: str | None, device: torch.device) -> None:
+    """A forced backend (the field, else ``FASTINFER_OPS_BACKEND``) that can run on ``device``."""
+    try:
+        name = ops_backend or check_backend(os.environ.get(ENV_VAR))
+    except ValueError as exc:
+        raise ConfigError(str(exc), "ops_backend") from exc
+    where = "ops_backend" if ops_backend else ENV_VAR
+    if name == "cuda" and device.type != "cuda":
+        raise ConfigError(f"{where}='cuda' needs device='cuda' (the device is {device})", "ops_backend")
+    if name == "cpu" and device.type != "cpu":
+        raise ConfigError(f"{where}='cpu' runs the native CPU kernels: it needs device='cpu' (the device is "
+                          f"{device})", "ops_backend")
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"{where}='triton' on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter, for "
+                          "testing: far slower than the other backends)", "ops_backend")
 
 
 def _check_fp8(device: torch.device) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import random
 import time
@@ -28,7 +29,9 @@ from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence
-from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail
+from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail, format_bytes
+
+_log = logging.getLogger("fastinfer.engine")
 
 
 class Engine:
@@ -56,12 +59,16 @@ class Engine:
                                            config.quant_group_size, config.quant_method)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
+        self.activation_bytes = self._profile_activations()
         self.kv_cache = self._allocate_kv_cache()
         num_blocks = self.kv_cache.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len),
                                    chunked_prefill=config.enable_chunked_prefill)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device,
+                                  config.ops_backend)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler()
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
@@ -84,17 +91,53 @@ class Engine:
                               "max_model_len")
         return wanted or model_limit
 
+    def _profile_activations(self) -> int:
+        """On a GPU whose KV cache is sized by ``gpu_memory_utilization``: the peak memory one
+        step of the largest batch the scheduler will form takes (``max_num_batched_tokens``
+        tokens over ``max_num_seqs`` sequences, each one's logits, and the sampler's scratch),
+        measured by running it once over a small scratch cache. 0 elsewhere."""
+        cfg = self.config
+        if self.device.type != "cuda" or cfg.kv_cache_memory is not None:
+            return 0
+        mcfg, bs = self.loaded.config, cfg.block_size
+        budget = min(cfg.token_budget(self.max_model_len), cfg.max_num_seqs * (self.max_model_len - 1))
+        n = max(1, min(cfg.max_num_seqs, budget))
+        lens = [budget // n + (1 if i < budget % n else 0) for i in range(n)]
+        tables, next_block = [], 0
+        for length in lens:
+            need = -(-length // bs)
+            tables.append(list(range(next_block, next_block + need)))
+            next_block += need
+        torch.cuda.synchronize(self.device)
+        scratch = KVCache(mcfg.num_layers, next_block, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype, self.device)
+        runner = ModelRunner(self.loaded.model, scratch.layers, bs, self.device, cfg.ops_backend)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        logits = runner.execute(StepInput([[0] * m for m in lens], [0] * n, tables))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        peak += 3 * logits.numel() * 4  # the sampler's three [B, vocab] float32 buffers
+        del logits, runner, scratch
+        torch.cuda.empty_cache()
+        _log.info("profiled a step of %d tokens over %d sequences: peak activation memory %s", budget, n,
+                  format_bytes(peak))
+        return peak
+
     def _allocate_kv_cache(self) -> KVCache:
         """The cache tensors, as many blocks as the budget holds (at least one)."""
         mcfg, bs = self.loaded.config, self.config.block_size
         per_block = bytes_per_block(mcfg.num_layers, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype)
-        num_blocks = kv_cache_budget(self.config, self.device) // per_block
+        num_blocks = kv_cache_budget(self.config, self.device, self.activation_bytes) // per_block
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_memory holds no block: one block of {bs} tokens needs {per_block} "
                               "bytes", "kv_cache_memory")
         try:
-            return KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype,
-                           self.device)
+            cache = KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype,
+                            self.device)
+            _log.info("KV cache on %s: %d blocks of %d tokens = %d tokens (%s; %.1f sequences of max_model_len %d)",
+                      self.device, num_blocks, bs, num_blocks * bs, format_bytes(cache.nbytes),
+                      num_blocks * bs / self.max_model_len, self.max_model_len)
+            return cache
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             raise ConfigError(f"cannot allocate the KV cache ({num_blocks} blocks of {per_block} bytes) on "
                               f"{self.device}: {exc}; lower kv_cache_memory or gpu_memory_utilization",

@@ -58,9 +58,10 @@ def check_within(nbytes: int, limit: int, device: torch.device, what: str) -> No
                           f"({format_bytes(limit)}); lower kv_cache_memory", "kv_cache_memory")
 
 
-def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
+def kv_cache_budget(config: EngineConfig, device: torch.device, activation_bytes: int = 0) -> int:
     """``kv_cache_memory`` when set (refused when more than is free now); else on a GPU
-    ``gpu_memory_utilization`` of its memory minus what is already allocated (the weights), on
+    ``gpu_memory_utilization`` of its memory minus what is already in use (the weights, the
+    CUDA context) and minus ``activation_bytes`` (the peak a profiled step needed), on
     a CPU ``min(4 GiB, 25% of total RAM)``: a function of the machine, not of the moment, so
     capacity is the same run to run (refused, asking for ``kv_cache_memory``, when that much
     is not free now)."""
@@ -70,7 +71,7 @@ def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        return max(0, int(total * config.gpu_memory_utilization) - used)
+        return max(0, int(total * config.gpu_memory_utilization) - used - activation_bytes)
     default = min(_CPU_DEFAULT_CAP, total_memory(device) // 4)
     free = available_memory(device)
     if default > free:

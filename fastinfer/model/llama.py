@@ -74,8 +74,8 @@ class LlamaForCausalLM(nn.Module):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
         them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
         or moved (``weights_generation``) or the rotary table is."""
-        if not self.fused_layers or _hooked(self._hook_modules):
-            return None
+        if not self.fused_layers or _hooked(self._hook_modules) or ops.forced_backend() not in (None, "cpu_native"):
+            return None  # (a forced backend other than the native CPU one runs each op on its own)
         key = (weights_generation(), self.norm.weight.dtype, self.layers[0].self_attn.rotary.cos_sin.data_ptr()
                if len(self.layers) else 0)
         if self._plan_key != key:

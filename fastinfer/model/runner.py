@@ -1,17 +1,22 @@
 """``ModelRunner``: the one bridge between scheduled sequences and tensors.
 
 It flattens a step's sequences into one packed batch (no padding), builds the attention
-metadata once for all layers, runs the model and returns the logits of each sequence's last
-scheduled position.
+metadata once for all layers (device tensors, uploaded once per step), runs the model and
+returns the logits of each sequence's last scheduled position.
+
+On a GPU, decode steps (one new token per sequence) replay CUDA graphs captured at start-up
+(:class:`~fastinfer.model.cuda_graphs.DecodeGraphs`) unless ``enforce_eager``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fastinfer._native import native
 from fastinfer.model.llama import LlamaForCausalLM
+from fastinfer.ops.dispatch import forcing
 from fastinfer.ops.kv import CacheLayer
 from fastinfer.ops.metadata import AttentionMetadata
 
@@ -31,7 +36,7 @@ class StepInput:
 
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
-    """Tensors of one packed step."""
+    """Tensors of one packed step (on the runner's device)."""
 
     token_ids: torch.Tensor
     positions: torch.Tensor
@@ -39,49 +44,88 @@ class PreparedBatch:
     last_index: torch.Tensor
 
 
+@dataclass(frozen=True, slots=True)
+class HostBatch:
+    """One packed step as host arrays, before upload."""
+
+    token_ids: np.ndarray        # [T] int64
+    positions: np.ndarray        # [T] int64
+    slots: np.ndarray            # [T] int64
+    tables: np.ndarray           # [B, W] int64
+    query_start_loc: list[int]
+    context_lens: list[int]
+    max_query_len: int
+    last_index: np.ndarray       # [B'] int64
+
+
 class ModelRunner:
     """Runs ``model`` over a paged KV cache: ``kv_layers`` holds each layer's
-    :class:`~fastinfer.ops.kv.CacheLayer` (keys, values and, quantized, their scales)."""
+    :class:`~fastinfer.ops.kv.CacheLayer` (keys, values and, quantized, their scales).
+    ``ops_backend`` forces a backend of ``fastinfer.ops`` during this runner's steps (None:
+    the usual choice, or ``FASTINFER_OPS_BACKEND``)."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_layers: list[CacheLayer],
-                 block_size: int, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_layers: list[CacheLayer], block_size: int,
+                 device: torch.device, ops_backend: str | None = None) -> None:
         self.model, self.kv_layers, self.block_size, self.device = model, kv_layers, block_size, device
+        self.ops_backend = ops_backend
+        self.num_slots = kv_layers[0].k.shape[0] * block_size if kv_layers else 0
+        self.graphs = None  # DecodeGraphs, once captured
 
-    def prepare(self, inp: StepInput) -> PreparedBatch:
-        """Packs the batch: ids, positions, slot mapping, block tables, lengths."""
+    def pack(self, inp: StepInput) -> HostBatch:
+        """The step's host arrays: ids, positions, slot mapping, block tables, lengths."""
         lens = [len(t) for t in inp.token_ids]
         ends = [s + n for s, n in zip(inp.start_positions, lens)]
         starts_loc = [0]
         for n in lens:
             starts_loc.append(starts_loc[-1] + n)
-        flat = [t for ids in inp.token_ids for t in ids]
-        positions = torch.cat([torch.arange(s, e) for s, e in zip(inp.start_positions, ends)])
+        flat = np.fromiter((t for ids in inp.token_ids for t in ids), dtype=np.int64, count=starts_loc[-1])
+        positions = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in zip(inp.start_positions, ends)])
         slots = native.slot_mapping(inp.block_tables, inp.start_positions, ends, self.block_size)
-        tables = native.pack_block_tables(inp.block_tables, 0)
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(self.device),
-            query_start_loc=starts_loc,
-            context_lens=ends,
-            block_tables=torch.from_numpy(tables).long().to(self.device),
-            max_query_len=max(lens),
-            query_start_loc_tensor=torch.tensor(starts_loc, dtype=torch.int64),
-            context_lens_tensor=torch.tensor(ends, dtype=torch.int64),
-        )
+        if len(slots) and (int(slots.max()) >= self.num_slots or int(slots.min()) < 0):
+            raise ValueError(f"a block table points outside the KV cache ({self.num_slots} slots)")
+        tables = native.pack_block_tables(inp.block_tables, 0).astype(np.int64)
         wanted = inp.needs_logits or [True] * len(lens)
-        return PreparedBatch(
-            token_ids=torch.tensor(flat, dtype=torch.long, device=self.device),
-            positions=positions.to(self.device),
-            meta=meta,
-            last_index=torch.tensor([e - 1 for e, w in zip(starts_loc[1:], wanted) if w],
-                                    dtype=torch.long, device=self.device),
+        last = np.array([e - 1 for e, w in zip(starts_loc[1:], wanted) if w], dtype=np.int64)
+        return HostBatch(flat, positions, slots, tables, starts_loc, ends, max(lens), last)
+
+    def prepare(self, inp: StepInput) -> PreparedBatch:
+        """Packs the batch and uploads it (to a GPU: all of it in one host-to-device copy)."""
+        hb = self.pack(inp)
+        parts = [hb.token_ids, hb.positions, hb.slots, hb.tables.reshape(-1),
+                 np.asarray(hb.query_start_loc, dtype=np.int64), np.asarray(hb.context_lens, dtype=np.int64),
+                 hb.last_index]
+        if self.device.type == "cpu":
+            ids, pos, slots, tables, qsl, ctx, last = (torch.from_numpy(p) for p in parts)
+        else:
+            flat = torch.from_numpy(np.concatenate(parts)).to(self.device)
+            ids, pos, slots, tables, qsl, ctx, last = flat.split([len(p) for p in parts])
+        meta = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=hb.query_start_loc, context_lens=hb.context_lens,
+            block_tables=tables.view(hb.tables.shape), max_query_len=hb.max_query_len,
+            query_start_loc_tensor=qsl, context_lens_tensor=ctx,
         )
+        return PreparedBatch(ids, pos, meta, last)
 
     @torch.inference_mode()
     def execute(self, inp: StepInput, all_logits: bool = False) -> torch.Tensor:
         """Runs one step. Returns float32 logits ``[B', vocab]`` of the last position of each
         sequence that ``needs_logits`` (``[T, vocab]`` for every position when ``all_logits``)."""
-        batch = self.prepare(inp)
-        hidden = self.model(batch.token_ids, batch.positions, self.kv_layers, batch.meta)
-        if not all_logits:
-            hidden = hidden.index_select(0, batch.last_index)
-        return self.model.compute_logits(hidden)
+        with forcing(self.ops_backend):
+            if self.graphs is not None and not all_logits and self.graphs.takes(inp):
+                hidden = self.graphs.run(self.pack(inp))
+            else:
+                batch = self.prepare(inp)
+                hidden = self.model(batch.token_ids, batch.positions, self.kv_layers, batch.meta)
+                if not all_logits:
+                    hidden = hidden.index_select(0, batch.last_index)
+            return self.model.compute_logits(hidden)
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, emulate: bool = False) -> bool:
+        """Captures CUDA graphs of decode steps (see :mod:`fastinfer.model.cuda_graphs`); False
+        where they cannot be used (not a GPU, or an op of the decode path would take a backend
+        that cannot be captured)."""
+        from fastinfer.model.cuda_graphs import DecodeGraphs
+
+        with forcing(self.ops_backend):
+            self.graphs = DecodeGraphs.capture(self, max_num_seqs, max_model_len, emulate)
+        return self.graphs is not None

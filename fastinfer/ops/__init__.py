@@ -5,10 +5,12 @@ Shapes and dtypes of every op are documented on its reference in ``ops/reference
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastinfer.ops import cpu_native, cuda_native, reference
-from fastinfer.ops.dispatch import implementations, register, select
+from fastinfer.ops.dispatch import BACKENDS, forced_backend, forcing, implementations, register, select
 from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.packed import PackedWeight
 
@@ -44,28 +46,47 @@ if cpu_native.available():
     register("decoder_layers", "cpu_native", cpu_native.decoder_layers, cpu_native.decoder_layers_applies)
 
 
+def _register_triton() -> None:
+    """Triton kernels: on a GPU, and on the CPU under ``TRITON_INTERPRET=1`` (where the tests
+    run them, and where they are taken only when the ``triton`` backend is forced)."""
+    try:
+        from fastinfer.kernels.triton import activation, cache, norm, rotary
+        from fastinfer.kernels.triton import attention as triton_attention
+        from fastinfer.kernels.triton import quantized_linear as triton_qlinear
+    except ImportError:
+        return
+    # Row-wise ops: one program per row (or a few), one pass over the data.
+    register("rms_norm", "triton", norm.rms_norm, norm.rms_norm_applies)
+    register("add_rms_norm", "triton", norm.add_rms_norm, norm.add_rms_norm_applies)
+    register("silu_and_mul", "triton", activation.silu_and_mul, activation.silu_and_mul_applies)
+    register("rotary_embedding", "triton", rotary.rotary_embedding, rotary.rotary_embedding_applies)
+    # Float, int8 and fp8 caches; a negative slot (a padded token) is skipped.
+    register("reshape_and_cache", "triton", cache.reshape_and_cache, cache.reshape_and_cache_applies)
+    # Dequantizes in registers inside the GEMM/GEMV tiles.
+    register("quantized_linear", "triton", triton_qlinear.quantized_linear, triton_qlinear.applies)
+    # One kernel for prefill and chunked prefill, a split-K one for decode.
+    register("paged_attention", "triton", triton_attention.paged_attention, triton_attention.paged_attention_applies)
+
+
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    _register_triton()
+
+
 def _cuda_cache_write_applies(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> bool:
     return (key.is_cuda and k_scale is None and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
             and key.stride(-1) == 1 and value.stride(-1) == 1)
 
 
+def _cuda_cache_write(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    # The runner checks a step's slots on the host as it builds them (ModelRunner.pack), so no
+    # host sync per layer here; the kernel never writes outside the cache whatever the slots.
+    cuda_native.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, check_slots=False)
+
+
+# CUDA C++ kernels, ahead of Triton where both apply.
 if cuda_native.available():
-    register("reshape_and_cache", "cuda", cuda_native.reshape_and_cache, _cuda_cache_write_applies)
-
-
-def _register_triton() -> None:
-    """Triton kernels, where a GPU is there to run them (on the CPU they are only run by the
-    tests, under TRITON_INTERPRET=1)."""
-    try:
-        from fastinfer.kernels.triton import quantized_linear as triton_qlinear
-    except ImportError:
-        return
-    # Dequantizes in registers inside the GEMM/GEMV tiles.
-    register("quantized_linear", "triton", triton_qlinear.quantized_linear, triton_qlinear.applies)
-
-
-if torch.cuda.is_available():
-    _register_triton()
+    register("reshape_and_cache", "cuda", _cuda_cache_write, _cuda_cache_write_applies)
+    register("paged_attention", "cuda", cuda_native.paged_attention, cuda_native.paged_attention_applies)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,6 +160,6 @@ def decoder_layers(layers, plan, positions: torch.Tensor, h: torch.Tensor, resid
 
 
 __all__ = [
-    "AttentionMetadata", "PackedWeight", "add_rms_norm", "decoder_layers", "decoder_plan", "embedding", "implementations", "linear", "paged_attention",
+    "AttentionMetadata", "BACKENDS", "PackedWeight", "add_rms_norm", "forced_backend", "forcing", "decoder_layers", "decoder_plan", "embedding", "implementations", "linear", "paged_attention",
     "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
 ]

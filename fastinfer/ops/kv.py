@@ -59,7 +59,10 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     """``x [..., D]`` -> ``(codes [..., D] of dtype, scales [...] float32)``, per row of D."""
     qmax = _QMAX[dtype]
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / qmax
+    amax = xf.abs().amax(dim=-1)
+    # Divided by a tensor: torch divides a CUDA tensor by a Python number as a multiplication by
+    # its float32 reciprocal, which is sometimes one ulp off the exact quotient.
+    scale = amax / torch.full_like(amax, qmax)
     div = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
     y = (xf / div).clamp_(-qmax, qmax)
     codes = y.round_().to(dtype) if dtype == torch.int8 else y.to(dtype)

@@ -98,7 +98,7 @@ class Sampler:
         u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(dev)
         min_p = _column(rows, "min_p", dev)
         if k is None:
-            if bool((min_p > 0).any()):
+            if _maybe(min_p > 0):
                 min_p_(probs, min_p, probs.amax(-1))
             return _draw(probs, u, cdf_out=scaled)
         has_k = torch.tensor([0 < r.params.top_k < vocab for r in rows], device=dev)
@@ -180,7 +180,7 @@ def _sample_truncated(probs: torch.Tensor, k: int, has_k: torch.Tensor, top_p: t
     fits = top_p_(cand, top_p, has_k) | has_k
     if k >= vocab:
         fits.fill_(True)
-    if bool((min_p > 0).any()):
+    if _maybe(min_p > 0):
         min_p_(cand, min_p, cand[:, 0])
     out = ids.gather(1, _draw(cand, u).unsqueeze(1)).squeeze(1)
     if not bool(fits.all()):
@@ -202,10 +202,16 @@ def _draw(weights: torch.Tensor, u: torch.Tensor,
     target = (u * cdf[:, -1]).unsqueeze(1)
     pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
     over = pos >= weights.shape[1]      # u * total rounded up to total: take the last positive
-    if bool(over.any()):
+    if _maybe(over):
         last = weights.shape[1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(-1)
         pos = torch.where(over, last, pos)
     return pos
+
+
+def _maybe(flags: torch.Tensor) -> bool:
+    """Whether a conditional step is needed for ``flags``: on the CPU, whether any is set; on a
+    GPU always True (the step is a no-op for unset rows), so no host sync waits for the answer."""
+    return flags.device.type != "cpu" or bool(flags.any())
 
 
 def _index(idx: list[int], device: torch.device) -> torch.Tensor:

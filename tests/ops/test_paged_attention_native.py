@@ -17,6 +17,7 @@ import torch
 from fastinfer.ops import cpu_native, reference
 from fastinfer.ops.metadata import AttentionMetadata
 
+from .attention_helpers import paged_batch
 from .native_helpers import isa_cap, threads
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
@@ -29,35 +30,7 @@ def make_batch(seqs, h, hkv, d, dtype=torch.float32, seed=0, spare_blocks=5, val
     """``seqs``: (context_len, query_len) per sequence. Blocks are shuffled and every slot no
     sequence owns is NaN. ``values`` maps a sequence index to fixed (q, k, v) tensors (used to
     place one sequence into different batches)."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-n // BS) for n, _ in seqs]
-    nblocks = sum(need) + spare_blocks
-    k_cache = torch.full((nblocks, BS, hkv, d), float("nan"), dtype=dtype)
-    v_cache = k_cache.clone()
-    free = torch.randperm(nblocks, generator=g).tolist()
-    tables = torch.zeros(len(seqs), max(need), dtype=torch.int64)
-    qs, starts = [], [0]
-    for i, (n, L) in enumerate(seqs):
-        if values is not None and i in values:
-            q, k, v = values[i]
-        else:
-            q = torch.randn(L, h, d, generator=g).to(dtype)
-            k = torch.randn(n, hkv, d, generator=g).to(dtype)
-            v = torch.randn(n, hkv, d, generator=g).to(dtype)
-        blocks = [free.pop() for _ in range(need[i])]
-        tables[i, : need[i]] = torch.tensor(blocks)
-        slots = torch.tensor([blocks[p // BS] * BS + p % BS for p in range(n)])
-        k_cache.view(-1, hkv, d)[slots] = k
-        v_cache.view(-1, hkv, d)[slots] = v
-        qs.append(q)
-        starts.append(starts[-1] + L)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), query_start_loc=starts,
-        context_lens=[n for n, _ in seqs], block_tables=tables,
-        max_query_len=max(L for _, L in seqs))
-    return torch.cat(qs), k_cache, v_cache, meta
-
-
+    return paged_batch(seqs, h, hkv, d, BS, dtype, seed=seed, spare_blocks=spare_blocks, values=values)
 
 
 def _check(q, k_cache, v_cache, meta, scale):

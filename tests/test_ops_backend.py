@@ -1,0 +1,108 @@
+"""Forcing a backend of ``fastinfer.ops`` (``FASTINFER_OPS_BACKEND`` / ``EngineConfig.ops_backend``)
+and the engine on the Triton backend under ``TRITON_INTERPRET=1``: the same greedy tokens as the
+reference backend on a small random Llama with GQA, float32 (a mixed batch: prompts of several
+lengths, chunked prefill, decode)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastinfer import EngineConfig, SamplingParams, ops
+from fastinfer.engine.engine import Engine
+from fastinfer.errors import ConfigError
+from fastinfer.ops import dispatch, reference
+
+from .conftest import run_to_completion, save_tiny_model
+
+PROMPTS = [[5, 17, 230, 9], list(range(40, 77)), [101], list(range(300, 318))]
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa(tmp_path_factory, hf_smollm_tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("backend") / "llama", "llama", hf_smollm_tokenizer, kv_heads=1)
+
+
+NEW_TOKENS = 10
+
+
+def new_engine(path, **options) -> Engine:
+    return Engine(EngineConfig(model=path, device="cpu", dtype="float32", kv_cache_memory="8MiB",
+                               max_num_batched_tokens=24, **options))
+
+
+def greedy(engine: Engine):
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in PROMPTS]
+    finals = run_to_completion(engine)
+    return [finals[i].outputs[0].token_ids for i in ids]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(tiny_gqa):
+    return greedy(new_engine(tiny_gqa, ops_backend="reference"))
+
+
+def test_select_takes_the_forced_backend_where_it_applies(monkeypatch):
+    x, w = torch.randn(3, 8), torch.rand(8) + 0.5
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert dispatch.select("rms_norm", x, w, 1e-5) is reference.rms_norm
+    with dispatch.forcing("cpu"):  # the engine's field wins over the environment
+        assert ops.forced_backend() == "cpu_native"
+        want = next(i.fn for i in ops.implementations("rms_norm") if i.applies(x, w, 1e-5))
+        assert dispatch.select("rms_norm", x, w, 1e-5) is want
+    monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="FASTINFER_OPS_BACKEND must be one of reference, triton, cpu, cuda"):
+        ops.forced_backend()
+    with pytest.raises(ConfigError, match="FASTINFER_OPS_BACKEND"):
+        EngineConfig(device="cpu")
+
+
+def test_config_refuses_a_backend_the_device_cannot_run():
+    with pytest.raises(ConfigError, match="ops_backend='cuda' needs device='cuda'"):
+        EngineConfig(device="cpu", ops_backend="cuda")
+    assert EngineConfig(device="cpu", ops_backend="auto").ops_backend is None
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no GPU)")
+def test_engine_on_triton_matches_the_reference_backend(tiny_gqa, reference_tokens, monkeypatch):
+    calls = []
+    from fastinfer.kernels.triton import attention
+
+    real = attention.paged_attention
+    monkeypatch.setattr(dispatch, "_REGISTRY", {k: [i if i.fn is not real else
+                                                    dispatch.Impl(i.backend, i.applies,
+                                                                  lambda *a: calls.append(1) or real(*a))
+                                                    for i in v] for k, v in dispatch._REGISTRY.items()})
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    got = greedy(new_engine(tiny_gqa))
+    assert calls, "the Triton attention kernel never ran"
+    assert got == reference_tokens
+    assert all(len(t) == NEW_TOKENS for t in got)
+
+
+def test_capture_sizes():
+    from fastinfer.model.cuda_graphs import capture_sizes
+
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 5]
+    assert capture_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 8))
+    assert capture_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no GPU)")
+def test_decode_graph_buffers_and_padding_match_eager(tiny_gqa, reference_tokens, monkeypatch):
+    """The CUDA-graph path without the capture (``emulate``): decode steps go through the static
+    buffers, padded to the next captured size with rows of no context and slot -1, on the Triton
+    kernels; the tokens equal the eager engine's (which equal the reference backend's)."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    engine = new_engine(tiny_gqa, max_num_seqs=6)
+    assert engine.runner.capture_graphs(6, engine.max_model_len, emulate=True)
+    graphs = engine.runner.graphs
+    assert graphs.sizes == [1, 2, 4, 6]
+    replays = []
+    real_run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda hb: replays.append(len(hb.context_lens)) or real_run(hb))
+    assert greedy(engine) == reference_tokens
+    assert 3 in replays or 4 in replays  # a batch padded to a captured size
