@@ -112,6 +112,8 @@ else
   else
     # pip missing, or the modules not importable from the checkout: build in place (ninja)
     log "build: pip install did not give importable modules here; python setup.py build_ext --inplace"
+    BUILD_LIMIT=$(( $(left) - 120 ))  # what the first attempt left of the budget
+    if [ "$BUILD_LIMIT" -lt 10 ]; then BUILD_LIMIT=10; fi
     if timeout "$BUILD_LIMIT" "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then built=1; fi
   fi
   if [ "$built" = 1 ] && ! "$PY" -c 'import fastinfer._C_cuda' >/dev/null 2>&1 \

@@ -6,6 +6,8 @@ Tolerance: float32 atol/rtol 1e-5.
 """
 from __future__ import annotations
 
+import os
+
 import math
 
 import pytest
@@ -66,6 +68,8 @@ CASES = {
 @pytest.mark.parametrize("impl", ops.implementations("paged_attention"), ids=lambda i: i.backend)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_paged_attention_matches_dense(impl, case):
+    if impl.backend == "cuda" or (impl.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("a GPU backend: these cases are CPU tensors")
     q, k_cache, v_cache, meta, expected = build_case(CASES[case])
     out = impl.fn(q, k_cache, v_cache, meta, D ** -0.5)
     assert out.shape == q.shape and out.dtype == q.dtype

@@ -144,10 +144,10 @@ def test_paged_attention_applies_only_to_cuda_decode():
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_native.available(), reason="needs a GPU and the CUDA extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("hkv, d", [(3, 64), (1, 36)])  # (1, 36): rows too short for 16-byte copies in f16
-def test_reshape_and_cache_matches_reference(dtype, hkv, d):
+@pytest.mark.parametrize("hkv, d, bs", [(3, 64, 16), (2, 128, 32), (1, 36, 16)])  # d=36: rows too short for 16-byte copies in f16
+def test_reshape_and_cache_matches_reference(dtype, hkv, d, bs):
     torch.manual_seed(0)
-    nb, bs, T = 7, 16, 37
+    nb, T = 7, 37
     qkv = torch.randn(T, (9 + 2 * hkv) * d, device="cuda", dtype=dtype)
     key = qkv[:, 9 * d:(9 + hkv) * d].view(T, hkv, d)  # strided over tokens, like the model's split
     value = qkv[:, (9 + hkv) * d:].view(T, hkv, d)

@@ -13,6 +13,8 @@ before P @ V, output rounded to fp16); bfloat16 atol = rtol = 2e-2 (8-bit mantis
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,10 @@ from .attention_helpers import paged_batch
 triton_attention = pytest.importorskip("fastinfer.kernels.triton.attention")
 
 GPU = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# The CPU cases run the kernels on CPU tensors: only Triton's interpreter can.
+pytestmark = pytest.mark.skipif(not INTERPRETING and not GPU, reason="needs a GPU or TRITON_INTERPRET=1")
+on_cpu = pytest.mark.skipif(not INTERPRETING, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 GQA = {1: (2, 2), 3: (3, 1), 4: (4, 1)}  # ratio: (heads, kv heads)
 
@@ -42,11 +48,12 @@ def decode_lengths(bs):
 
 
 def mixed_lengths(bs):
-    # a whole prompt, a decode, a chunk in the middle of a long sequence, a short chunk after
-    # a block and one
-    return [(bs + 1, bs + 1), (1, 1), (300, 24), (bs + 4, 3)]
+    # a whole prompt of a block and one, a decode, a chunk in the middle of a long sequence, a
+    # short chunk after a block and four, a whole prompt of exactly a block
+    return [(bs + 1, bs + 1), (1, 1), (300, 24), (bs + 4, 3), (bs, bs)]
 
 
+@on_cpu
 # Every block size, head dim and GQA ratio, in pairs rather than the whole product (each
 # interpreted launch costs milliseconds per program).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -56,16 +63,19 @@ def test_decode_split_k(bs, d, ratio, dtype):
     check(decode_lengths(bs), ratio, d, bs, dtype)
 
 
+@on_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("bs,d,ratio", [(16, 64, 1), (32, 128, 3), (16, 128, 4), (32, 64, 4)])
 def test_prefill_and_chunks(bs, d, ratio, dtype):
     check(mixed_lengths(bs), ratio, d, bs, dtype)
 
 
+@on_cpu
 def test_prefill_of_several_hundred_tokens():
     check([(300, 300), (17, 5)], 3, 64, 16, torch.float32)
 
 
+@on_cpu
 def test_decode_of_a_padded_row_gives_zeros():
     """A captured decode batch pads with sequences of length 0: they must read nothing."""
     q, kc, vc, meta = paged_batch([(20, 1), (1, 1)], 2, 2, 64, 16)
@@ -77,6 +87,7 @@ def test_decode_of_a_padded_row_gives_zeros():
     torch.testing.assert_close(out[:1], want, atol=2e-5, rtol=2e-5)
 
 
+@on_cpu
 def test_int8_cache():
     from fastinfer.ops import kv
 
