@@ -393,6 +393,8 @@ class Bench:
         if fi_ok is not None:
             self.section(f"{shape}: fastinfer single-stream decode", lambda: self.fi_decode(state, wbytes),
                          put("fastinfer_decode"), needs_s=15)
+            self.section(f"{shape}: fastinfer decode step profile", lambda: self.fi_step_profile(state),
+                         put("fastinfer_step_profile"), needs_s=10)
             n_req = a.num_requests
             if big:
                 n_req = a.num_requests_8b or (a.num_requests if self.left() > 200 else min(128, a.num_requests))
@@ -544,6 +546,69 @@ class Bench:
                          "tok_s": (got - 1) / (m.finished_time - m.first_token_time)})
         best = max(runs, key=lambda r: r["tok_s"])
         return self.decode_result(best["tok_s"], best["ttft_ms"], wbytes, runs=runs)
+
+    def fi_step_profile(self, state: dict, steps: int = 48) -> dict:
+        """Where a batch-1 decode step's time goes: the wall time per step, the time the host
+        spends in the runner (graph replay and LM head enqueued), in the sampler (which waits for
+        the GPU) and elsewhere (scheduling, detokenizing, outputs), and the GPU's busy time per
+        step from torch.profiler with its top kernels."""
+        import time as _time
+
+        import torch
+
+        from fastinfer import SamplingParams
+
+        llm, prompt = state["llm"], state["decode_prompt"]
+        engine = llm.engine
+        engine.add_request(prompt, SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
+        for _ in range(4):  # the prefill and a few decode steps first
+            engine.step()
+        spent = {"runner": 0.0, "sampler": 0.0}
+
+        def timed(name, fn):
+            def wrapper(*a, **k):
+                t0 = _time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[name] += _time.perf_counter() - t0
+            return wrapper
+
+        real_exec, real_sampler = engine.runner.execute, engine.sampler
+        engine.runner.execute, engine.sampler = timed("runner", real_exec), timed("sampler", real_sampler)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if str(self.device).startswith("cuda"):
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        try:
+            sync(self.device)
+            with torch.profiler.profile(activities=activities) as prof:
+                t0 = _time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                sync(self.device)
+                wall = _time.perf_counter() - t0
+        finally:
+            engine.runner.execute, engine.sampler = real_exec, real_sampler
+            while engine.has_unfinished():
+                engine.step()
+        kernels = []
+        for ev in prof.key_averages():
+            dev_us = getattr(ev, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(ev, "self_cuda_time_total", 0)
+            if dev_us and dev_us > 0:
+                kernels.append((ev.key, dev_us, ev.count))
+        kernels.sort(key=lambda k: -k[1])
+        gpu_us = sum(k[1] for k in kernels)
+        per = 1e3 / steps
+        return {"steps": steps, "wall_ms_per_step": wall * per,
+                "host_runner_ms_per_step": spent["runner"] * per, "host_sampler_ms_per_step": spent["sampler"] * per,
+                "host_other_ms_per_step": (wall - spent["runner"] - spent["sampler"]) * per,
+                "gpu_busy_ms_per_step": gpu_us / 1e3 / steps,
+                "top_kernels": [{"name": n[:120], "us_per_step": us / steps, "calls_per_step": c / steps}
+                                for n, us, c in kernels[:10]],
+                "note": "host times include the profiler's own overhead; the sampler's time includes its wait for "
+                        "the GPU (the token ids are read back)"}
 
     def decode_result(self, tok_s: float, ttft_ms: float | None, wbytes: int, **extra) -> dict:
         bw = self.doc["bandwidth"]
@@ -1107,6 +1172,19 @@ def to_markdown(doc: dict) -> str:
     lines += [f"## Single-stream decode (batch 1, {a.get('prompt_len')}-token prompt, {a.get('decode_tokens')} new "
               "tokens, greedy, EOS ignored; tok/s after the first token)", ""]
     lines += _md_table(rows) + [""]
+    prof_rows = [["shape", "wall ms/step", "GPU busy ms/step", "host: runner ms", "host: sampler (waits) ms",
+                  "host: rest ms", "top GPU kernels (us/step)"]]
+    for shape, res in shapes.items():
+        r = res.get("sections", {}).get("fastinfer_step_profile")
+        if not r or "wall_ms_per_step" not in r:
+            continue
+        top = "; ".join(f"{k['name'][:48]} {k['us_per_step']:.0f}" for k in r["top_kernels"][:5])
+        prof_rows.append([shape, fmt(r["wall_ms_per_step"]), fmt(r["gpu_busy_ms_per_step"]),
+                          fmt(r["host_runner_ms_per_step"]), fmt(r["host_sampler_ms_per_step"]),
+                          fmt(r["host_other_ms_per_step"]), top])
+    if len(prof_rows) > 1:
+        lines += ["### Where a batch-1 decode step goes (torch.profiler; host times include its overhead)", ""]
+        lines += _md_table(prof_rows) + [""]
     # throughput
     rows = [["shape", "system", "requests", "out tok/s", "total tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
              "time s", "peak GiB", "fastinfer x (same requests)"]]

@@ -73,8 +73,11 @@ class Sampler:
             work.copy_(raw)
             apply_penalties_(work, params, [r.prompt_token_ids for r in rows],
                              [r.output_token_ids for r in rows])
-        tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
+        if len(greedy) == len(rows):  # all greedy: one argmax, one read-back
+            token_ids = work.argmax(-1).tolist()
+            return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
+        tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
         if greedy:
             # torch.argmax returns the first maximal index: the lowest id wins a tie.
             _put(tokens, greedy, self._take(work, greedy, "a").argmax(-1))
