@@ -12,6 +12,7 @@ import torch
 from fastinfer import EngineConfig, SamplingParams, ops
 from fastinfer.engine.engine import Engine
 from fastinfer.errors import ConfigError
+from fastinfer.model.runner import ModelRunner
 from fastinfer.ops import dispatch, reference
 
 from .conftest import run_to_completion, save_tiny_model
@@ -106,3 +107,29 @@ def test_decode_graph_buffers_and_padding_match_eager(tiny_gqa, reference_tokens
     monkeypatch.setattr(graphs, "run", lambda hb: replays.append(len(hb.context_lens)) or real_run(hb))
     assert greedy(engine) == reference_tokens
     assert 3 in replays or 4 in replays  # a batch padded to a captured size
+
+
+def test_profile_step_runs_the_largest_step_over_a_scratch_cache(tiny_gqa, monkeypatch):
+    """The GPU memory profile's step, run on the CPU with torch.cuda's memory counters stubbed:
+    it builds block tables for the given lengths, runs them with logits, and adds the sampler's
+    three [B, vocab] float32 buffers to the measured peak."""
+    engine = new_engine(tiny_gqa)
+    seen = {}
+    real_execute = ModelRunner.execute
+
+    def execute(self, inp, all_logits=False):
+        seen["tables"], seen["lens"] = inp.block_tables, [len(t) for t in inp.token_ids]
+        return real_execute(self, inp, all_logits)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 1500)
+    peak = engine._profile_step([40, 17, 1])
+    vocab = engine.loaded.config.vocab_size
+    assert peak == 500 + 3 * 3 * vocab * 4
+    assert seen["lens"] == [40, 17, 1]
+    bs = engine.config.block_size
+    assert [len(t) for t in seen["tables"]] == [-(-40 // bs), -(-17 // bs), 1]
+    assert sorted(b for t in seen["tables"] for b in t) == list(range(sum(len(t) for t in seen["tables"])))

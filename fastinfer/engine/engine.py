@@ -92,17 +92,28 @@ class Engine:
         return wanted or model_limit
 
     def _profile_activations(self) -> int:
-        """On a GPU whose KV cache is sized by ``gpu_memory_utilization``: the peak memory one
-        step of the largest batch the scheduler will form takes (``max_num_batched_tokens``
-        tokens over ``max_num_seqs`` sequences, each one's logits, and the sampler's scratch),
-        measured by running it once over a small scratch cache. 0 elsewhere."""
+        """On a GPU whose KV cache is sized by ``gpu_memory_utilization``: the memory the steps
+        need beside the weights and the cache, measured by running them once over a small
+        scratch cache. That is the peak of the largest step the scheduler will form
+        (``max_num_batched_tokens`` tokens over ``max_num_seqs`` sequences, each one's logits,
+        and the sampler's scratch), plus, with CUDA graphs, the peak of a decode step of
+        ``max_num_seqs`` sequences (the graphs' memory pool keeps about that much for good).
+        0 elsewhere."""
         cfg = self.config
         if self.device.type != "cuda" or cfg.kv_cache_memory is not None:
             return 0
-        mcfg, bs = self.loaded.config, cfg.block_size
         budget = min(cfg.token_budget(self.max_model_len), cfg.max_num_seqs * (self.max_model_len - 1))
         n = max(1, min(cfg.max_num_seqs, budget))
-        lens = [budget // n + (1 if i < budget % n else 0) for i in range(n)]
+        peak = self._profile_step([budget // n + (1 if i < budget % n else 0) for i in range(n)])
+        graphs = 0 if cfg.enforce_eager else self._profile_step([1] * cfg.max_num_seqs)
+        _log.info("profiled a step of %d tokens over %d sequences: peak activation memory %s; CUDA graphs' pool "
+                  "about %s", budget, n, format_bytes(peak), format_bytes(graphs))
+        return peak + graphs
+
+    def _profile_step(self, lens: list[int]) -> int:
+        """Peak bytes allocated while one step of sequences of ``lens`` tokens (from position 0)
+        runs, its logits are computed, and the sampler's three ``[B, vocab]`` float32 buffers."""
+        mcfg, bs, cfg = self.loaded.config, self.config.block_size, self.config
         tables, next_block = [], 0
         for length in lens:
             need = -(-length // bs)
@@ -113,14 +124,11 @@ class Engine:
         runner = ModelRunner(self.loaded.model, scratch.layers, bs, self.device, cfg.ops_backend)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        logits = runner.execute(StepInput([[0] * m for m in lens], [0] * n, tables))
+        logits = runner.execute(StepInput([[0] * m for m in lens], [0] * len(lens), tables))
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        peak += 3 * logits.numel() * 4  # the sampler's three [B, vocab] float32 buffers
+        peak = torch.cuda.max_memory_allocated(self.device) - before + 3 * logits.numel() * 4
         del logits, runner, scratch
         torch.cuda.empty_cache()
-        _log.info("profiled a step of %d tokens over %d sequences: peak activation memory %s", budget, n,
-                  format_bytes(peak))
         return peak
 
     def _allocate_kv_cache(self) -> KVCache:
