@@ -120,6 +120,26 @@ struct Shape {
   static_assert(kTpr * kGroupsPerWarp == 32, "row groups must tile a warp");
 };
 
+// This lane's 16-byte vectors of the rows of one step (kUnroll rows per row group, kGroups
+// groups): token t = base + u * kGroups + rg of the partition, zeros past its last token.
+template <typename S, typename T>
+__device__ __forceinline__ void load_rows(uint4 (&out)[S::kUnroll][S::kVpt], const T* base_ptr,
+                                          const int64_t* s_slot, int64_t row_stride, int base, int n_tok,
+                                          int rg, int lir) {
+#pragma unroll
+  for (int u = 0; u < S::kUnroll; ++u) {
+    const int t = base + u * S::kGroups + rg;
+    if (t < n_tok) {
+      const uint4* row = reinterpret_cast<const uint4*>(base_ptr + s_slot[t] * row_stride);
+#pragma unroll
+      for (int j = 0; j < S::kVpt; ++j) out[u][j] = __ldg(row + j * S::kTpr + lir);
+    } else {
+#pragma unroll
+      for (int j = 0; j < S::kVpt; ++j) out[u][j] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
 template <typename T, int D, int GC>
 __global__ void __launch_bounds__(kThreads, 4)
     decode_partition_kernel(const FastinferDecodeParams p) {
@@ -201,18 +221,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   // Pass 1: scores. The loop bound is uniform over the block (shuffles below need whole warps).
   for (int base = 0; base < n_tok; base += S::kStep) {
     uint4 kv[S::kUnroll][VPT];
-#pragma unroll
-    for (int u = 0; u < S::kUnroll; ++u) {
-      const int t = base + u * S::kGroups + rg;
-      if (t < n_tok) {
-        const uint4* row = reinterpret_cast<const uint4*>(k_base + s_slot[t] * row_stride);
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) kv[u][j] = __ldg(row + j * TPR + lir);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) kv[u][j] = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
+    load_rows<S>(kv, k_base, s_slot, row_stride, base, n_tok, rg, lir);
 #pragma unroll
     for (int u = 0; u < S::kUnroll; ++u) {
       float kf[EPT];
@@ -274,18 +283,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 
   for (int base = 0; base < n_tok; base += S::kStep) {
     uint4 vv[S::kUnroll][VPT];
-#pragma unroll
-    for (int u = 0; u < S::kUnroll; ++u) {
-      const int t = base + u * S::kGroups + rg;
-      if (t < n_tok) {
-        const uint4* row = reinterpret_cast<const uint4*>(v_base + s_slot[t] * row_stride);
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) vv[u][j] = __ldg(row + j * TPR + lir);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) vv[u][j] = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
+    load_rows<S>(vv, v_base, s_slot, row_stride, base, n_tok, rg, lir);
 #pragma unroll
     for (int u = 0; u < S::kUnroll; ++u) {
       const int t = base + u * S::kGroups + rg;

@@ -11,6 +11,7 @@ import torch
 
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
+from fastinfer.ops import cuda_native
 from fastinfer.ops.dispatch import BACKENDS, ENV_VAR, check_backend
 from fastinfer.ops.kv import KV_ALIASES, KV_CACHE_DTYPES
 from fastinfer.quant.rtn import check_group_size
@@ -171,6 +172,10 @@ def _check_backend(ops_backend: str | None, device: torch.device) -> None:
     where = "ops_backend" if ops_backend else ENV_VAR
     if name == "cuda" and device.type != "cuda":
         raise ConfigError(f"{where}='cuda' needs device='cuda' (the device is {device})", "ops_backend")
+    if name == "cuda" and not cuda_native.built():
+        raise ConfigError(f"{where}='cuda' needs the CUDA extension fastinfer._C_cuda, which is not built here "
+                          "(it builds where nvcc and a CUDA build of torch are found; FASTINFER_BUILD_CUDA=1 forces it)",
+                          "ops_backend")
     if name == "cpu" and device.type != "cpu":
         raise ConfigError(f"{where}='cpu' runs the native CPU kernels: it needs device='cpu' (the device is "
                           f"{device})", "ops_backend")
