@@ -168,7 +168,7 @@ else
   if [ -n "${GPU_TESTS:-}" ]; then
     read -r -a TEST_PATHS <<< "$GPU_TESTS"
   else
-    TEST_PATHS=(tests/ops tests/gpu)
+    TEST_PATHS=(tests/gpu tests/ops)  # the engine on the GPU first: it matters most if time runs short
     while IFS= read -r f; do
       case "$f" in tests/ops/*|tests/gpu/*|tests/server/*|tests/bench/*) ;; *) TEST_PATHS+=("$f") ;; esac
     done < <(grep -rl --include='test_*.py' -e 'mark\.gpu' tests 2>/dev/null | sort)
