@@ -53,9 +53,21 @@ struct Traits<float> {
   __device__ __forceinline__ static float from_float(float x) { return x; }
 };
 
-template <>
-struct Traits<__half> {
+// 16-bit types: a 16-byte vector holds 8 elements, unpacked two per 32-bit word by the
+// type's own unpack2.
+template <typename Self>
+struct PairTraits {
   static constexpr int kVec = 8;
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    Self::unpack2(u.x, f);
+    Self::unpack2(u.y, f + 2);
+    Self::unpack2(u.z, f + 4);
+    Self::unpack2(u.w, f + 6);
+  }
+};
+
+template <>
+struct Traits<__half> : PairTraits<Traits<__half>> {
   __device__ __forceinline__ static void unpack2(unsigned w, float* f) {
     __half2 h;
     *reinterpret_cast<unsigned*>(&h) = w;
@@ -63,29 +75,16 @@ struct Traits<__half> {
     f[0] = v.x;
     f[1] = v.y;
   }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    unpack2(u.x, f);
-    unpack2(u.y, f + 2);
-    unpack2(u.z, f + 4);
-    unpack2(u.w, f + 6);
-  }
   __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
   __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
 };
 
 template <>
-struct Traits<__nv_bfloat16> {
-  static constexpr int kVec = 8;
+struct Traits<__nv_bfloat16> : PairTraits<Traits<__nv_bfloat16>> {
   // bfloat16 -> float is exact: the 16 bits are the high half of the float.
   __device__ __forceinline__ static void unpack2(unsigned w, float* f) {
     f[0] = __uint_as_float(w << 16);
     f[1] = __uint_as_float(w & 0xffff0000u);
-  }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    unpack2(u.x, f);
-    unpack2(u.y, f + 2);
-    unpack2(u.z, f + 4);
-    unpack2(u.w, f + 6);
   }
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }

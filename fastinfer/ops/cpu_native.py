@@ -256,7 +256,7 @@ def paged_attention(
     if q.dim() == 3 and q.stride(2) != 1:
         q = q.contiguous()
     qsl, ctx = meta.query_start_loc_tensor, meta.context_lens_tensor
-    if qsl is None or qsl.device.type != "cpu":
+    if qsl.device.type != "cpu":
         qsl, ctx = int64_tensor(meta.query_start_loc), int64_tensor(meta.context_lens)
     if k_scale is None:
         return op(q, k_cache, v_cache, meta.block_tables, qsl, ctx, float(scale))
@@ -456,7 +456,7 @@ def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches,
     vnni = _cpu_has_vnni()
     qi = [int(p is not None and p.quantize_inputs and vnni) for p in plan.packed]
     qsl, ctx = meta.query_start_loc_tensor, meta.context_lens_tensor
-    if qsl is None or qsl.device.type != "cpu":
+    if qsl.device.type != "cpu":
         qsl, ctx = int64_tensor(meta.query_start_loc), int64_tensor(meta.context_lens)
     return _decoder_op()(
         h, residual, positions if positions.is_contiguous() else positions.contiguous(), plan.cos_sin,

@@ -124,8 +124,6 @@ def paged_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     ctx = meta.context_lens_tensor
-    if ctx is None:
-        ctx = torch.tensor(meta.context_lens, dtype=torch.int64)
     if ctx.device != q.device:
         ctx = ctx.to(q.device, non_blocking=True)
     tables = meta.block_tables

@@ -36,7 +36,10 @@ class Impl:
 
 
 _REGISTRY: dict[str, list[Impl]] = {}
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastinfer_forced_backend", default=None)
+_UNSET = object()
+# The registry name of the backend forced in this context (None: none), or _UNSET outside any
+# ``forcing`` block (then the environment variable decides at each call).
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("fastinfer_forced_backend", default=_UNSET)
 
 
 def check_backend(name: str | None, what: str = ENV_VAR) -> str | None:
@@ -49,19 +52,24 @@ def check_backend(name: str | None, what: str = ENV_VAR) -> str | None:
     return name
 
 
+def _registry_name(name: str | None) -> str | None:
+    return None if name is None else _ALIASES.get(name, name)
+
+
 def forced_backend() -> str | None:
     """The forced backend's registry name (``"cpu_native"`` for ``cpu``), or None: the one set by
     :func:`forcing` in this context, else ``FASTINFER_OPS_BACKEND``."""
     name = _FORCED.get()
-    if name is None:
-        name = check_backend(os.environ.get(ENV_VAR))
-    return None if name is None else _ALIASES.get(name, name)
+    return _registry_name(check_backend(os.environ.get(ENV_VAR))) if name is _UNSET else name
 
 
 @contextlib.contextmanager
 def forcing(name: str | None) -> Iterator[None]:
-    """Forces backend ``name`` (None: leave it to ``FASTINFER_OPS_BACKEND``) inside the block."""
-    token = _FORCED.set(check_backend(name, "ops_backend"))
+    """Forces backend ``name`` (None: leave it to ``FASTINFER_OPS_BACKEND``) inside the block.
+    The choice is resolved once, on entry (the engine enters once per step), so ``select``
+    does not read the environment for every op."""
+    checked = check_backend(name, "ops_backend")
+    token = _FORCED.set(_registry_name(checked if checked is not None else check_backend(os.environ.get(ENV_VAR))))
     try:
         yield
     finally:

@@ -29,10 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfer.kernels.triton.common import interpreting, runs_here
+from fastinfer.kernels.triton.common import FLOAT_DTYPES, interpreting, runs_here
 from fastinfer.ops.metadata import AttentionMetadata
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -206,13 +204,11 @@ def num_splits(batch: int, num_kv_heads: int, width_tokens: int, device: torch.d
 def paged_attention_applies(q, k_cache, v_cache, meta: AttentionMetadata, scale, k_scale=None, v_scale=None) -> bool:
     """Float caches of q's dtype, or int8 caches with scales; head dims that are powers of two
     from 16 to 256; the metadata's tensors on q's device."""
-    if meta.context_lens_tensor is None or meta.query_start_loc_tensor is None:
-        return False
     tensors = [q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor, meta.query_start_loc_tensor]
     if not runs_here(*tensors):
         return False
     d = q.shape[-1]
-    if d & (d - 1) or not 16 <= d <= 256 or q.dtype not in _FLOATS or q.stride(-1) != 1:
+    if d & (d - 1) or not 16 <= d <= 256 or q.dtype not in FLOAT_DTYPES or q.stride(-1) != 1:
         return False
     if interpreting() and q.dtype == torch.bfloat16:
         return False  # the interpreter computes bf16 on raw bits

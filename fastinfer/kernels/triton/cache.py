@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfer.kernels.triton.common import interpreting, runs_here
-from fastinfer.kernels.triton.norm import FLOAT_DTYPES, num_warps, rounded
+from fastinfer.kernels.triton.common import FLOAT_DTYPES, interpreting, num_warps, rounded, runs_here
 from fastinfer.ops import kv
 
 _KIND_FLOAT, _KIND_INT8, _KIND_FP8 = 0, 1, 2

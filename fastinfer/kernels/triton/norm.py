@@ -21,27 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfer.kernels.triton.common import interpreting, runs_here
+from fastinfer.kernels.triton.common import FLOAT_DTYPES, interpreting, num_warps, rounded, runs_here
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = 32768
 """Widest row one program holds in registers (16 warps: 64 float32 values a thread)."""
-
-
-@triton.jit
-def rounded(y, out_ptr, INTERP: tl.constexpr):
-    """float32 ``y`` rounded (to nearest, ties to even) to ``out_ptr``'s element type. Under the
-    interpreter, whose float32 -> bfloat16 cast truncates, bfloat16 is rounded with integer
-    ops (NaN stays NaN); elsewhere the hardware cast, which rounds to nearest even."""
-    if INTERP and out_ptr.dtype.element_ty == tl.bfloat16:
-        b = y.to(tl.uint32, bitcast=True)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return y.to(out_ptr.dtype.element_ty)
-
-
-def num_warps(n: int) -> int:
-    """Warps for a program holding ``n`` elements: 4 up to 2048, 8 up to 8192, else 16."""
-    return 4 if n <= 2048 else 8 if n <= 8192 else 16
 
 
 @triton.jit
