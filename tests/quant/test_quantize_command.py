@@ -19,12 +19,13 @@ from .test_quantized_model import greedy, loaded
 
 
 def cheap_awq(monkeypatch):
-    """AWQ with a short calibration (1,024 tokens), for both the command and the load."""
+    """AWQ with a short calibration (1,024 tokens) and no int4 clipping search, for both the
+    command and the load (the equality is under test here; test_awq.py checks the quality)."""
     import functools
 
     from fastinfer.model import loader
     monkeypatch.setattr(loader, "apply_awq", functools.partial(loader.apply_awq, num_tokens=1024, seq_len=256,
-                                                               rows=128))
+                                                               rows=128, clip=False))
 
 
 @pytest.mark.parametrize("mode,args", [("int4-auto", ["--quantization", "int4", "--quant-group-size", "auto"]),
