@@ -42,6 +42,27 @@ def test_requests_finish_at_different_steps_and_join_mid_flight(smollm):
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
+def test_drain_builds_final_outputs_only_and_a_delta_request_gets_everything(smollm, monkeypatch):
+    """drain reads only final outputs, so its steps build none for running requests (a
+    cumulative output copies everything so far: one per step would be quadratic); the final
+    output of a "delta" request then carries the whole completion."""
+    from fastinfer.engine.request import Request
+
+    built = []
+    real_output = Request.output
+    monkeypatch.setattr(Request, "output", lambda self: built.append(self.request_id) or real_output(self))
+    engine = make_engine(smollm, kv_cache_memory="64MiB", max_model_len=1024)
+    kinds = ("cumulative", "delta", "final_only")
+    ids = [engine.add_request("The capital of France is", SamplingParams(max_tokens=12, output_kind=k, **GREEDY))
+           for k in kinds]
+    finals = engine.drain()
+    assert sorted(built) == sorted(ids)  # one output each: the final one
+    outs = [finals[r].outputs[0] for r in ids]
+    assert all(o.finished and len(o.token_ids) == 12 for o in outs)
+    assert [o.token_ids for o in outs[1:]] == [outs[0].token_ids] * 2
+    assert [o.text for o in outs[1:]] == [outs[0].text] * 2 and outs[0].text
+
+
 def test_tiny_kv_budget_preempts_and_still_finishes_correctly(smollm):
     # one block of 16 tokens holds 2*30*16*3*64*4 bytes = 737,280 bytes in float32
     engine = make_engine(smollm, kv_cache_memory=12 * 737_280, max_model_len=1024)

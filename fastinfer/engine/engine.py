@@ -279,7 +279,8 @@ class Engine:
         """Steps until the requests ``request_ids`` (default: every request) have finished;
         returns their final outputs by request id (``on_final`` is called with each one as it
         arrives). The final outputs of other requests that finish meanwhile are kept for the
-        ``drain`` that asks for them, so one caller never consumes another's."""
+        ``drain`` that asks for them, so one caller never consumes another's. Its steps build
+        no output for a request that is still running (see ``step(finals_only=True)``)."""
         wanted = set(self._requests) | set(self._held) if request_ids is None else set(request_ids)
         finals: dict[str, RequestOutput] = {}
         for rid in wanted & set(self._held):
@@ -287,9 +288,7 @@ class Engine:
             if on_final is not None:
                 on_final(finals[rid])
         while len(finals) < len(wanted) and any(rid in self._requests for rid in wanted - set(finals)):
-            for out in self.step():
-                if not out.finished:
-                    continue
+            for out in self.step(finals_only=True):
                 if out.request_id not in wanted:
                     self._held[out.request_id] = out
                     continue
@@ -298,8 +297,13 @@ class Engine:
                     on_final(out)
         return finals
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finals_only: bool = False) -> list[RequestOutput]:
         """One iteration: schedule, run the model, sample, update, emit outputs.
+
+        ``finals_only``: emit only the final outputs of requests that finished, for a caller
+        that reads nothing else (``drain``). A "cumulative" output copies everything generated
+        so far, so building one per running request per step would cost time quadratic in the
+        length; a "delta" request's final output then carries all that no earlier output did.
 
         If it ends by an exception (Ctrl-C included), the requests it touched are reported by
         the next ``step``; abort the ones you stop waiting for (``LLM.generate`` does)."""
@@ -310,7 +314,7 @@ class Engine:
             if sched.scheduled:
                 self.num_steps += 1
                 self._run(sched, touched)
-            return self._emit(touched.values())
+            return self._emit(touched.values(), finals_only)
         except BaseException:
             self._aborted.extend(r for r in touched.values() if not r.reported_final)
             raise
@@ -367,11 +371,11 @@ class Engine:
         smp.finish_reason, smp.stop_reason = reason, stop_reason
         self.scheduler.finish(smp.seq)
 
-    def _emit(self, touched) -> list[RequestOutput]:
+    def _emit(self, touched, finals_only: bool = False) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
         for req in touched:
-            if req.reported_final:
+            if req.reported_final or (finals_only and not req.finished):
                 continue
             if req.finished:
                 req.metrics.finished_time = req.metrics.finished_time or now
