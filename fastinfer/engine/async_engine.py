@@ -259,7 +259,9 @@ class AsyncEngine:
                                 self._inbox.extendleft(reversed(items[i + 1:]))
                             raise
                 if engine.has_unfinished():
-                    self._deliver(engine.step())
+                    outputs = engine.step()
+                    self._refresh()  # a reader who has seen this step's outputs sees its stats
+                    self._deliver(outputs)
                 self._refresh()
         except BaseException as exc:  # a bug or a broken device: fail everyone, loudly
             self._die(exc)
