@@ -34,6 +34,7 @@ Without a GPU it exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -393,6 +394,9 @@ class Bench:
         if fi_ok is not None:
             self.section(f"{shape}: fastinfer single-stream decode", lambda: self.fi_decode(state, wbytes),
                          put("fastinfer_decode"), needs_s=15)
+            self.section(f"{shape}: fastinfer single-stream decode, async scheduling",
+                         lambda: self.fi_decode(state, wbytes, asynchronous=True), put("fastinfer_decode_async"),
+                         needs_s=15)
             self.section(f"{shape}: fastinfer decode step profile", lambda: self.fi_step_profile(state),
                          put("fastinfer_step_profile"), needs_s=10)
             n_req = a.num_requests
@@ -403,6 +407,10 @@ class Bench:
                 self.section(f"{shape}: fastinfer throughput ({n_req} requests)",
                              lambda: self.fi_throughput(state, n_req), put("fastinfer_throughput"),
                              needs_s=40 if big else 25)
+                self.section(f"{shape}: fastinfer throughput ({n_req} requests), async scheduling",
+                             lambda: self.fi_throughput(state, n_req, asynchronous=True),
+                             put("fastinfer_throughput_async"),
+                             needs_s=(40 if big else 25) + 240)  # only with time to spare for the baselines
                 if not a.no_baselines:
                     self.section(f"{shape}: fastinfer throughput on the baselines' subset",
                                  lambda: self.fi_throughput(state, self.baseline_n(big)), put("fastinfer_subset"),
@@ -530,7 +538,12 @@ class Bench:
         return {"num_requests": n, "input_range": a.input_range, "output_range": a.output_range, "seed": a.seed,
                 "text": source}
 
-    def fi_decode(self, state: dict, wbytes: int) -> dict:
+    def fi_decode(self, state: dict, wbytes: int, asynchronous: bool = False) -> dict:
+        """Batch-1 decode; ``asynchronous`` switches the same engine to async scheduling for it."""
+        with async_scheduling(state["llm"], asynchronous):
+            return self._fi_decode(state, wbytes)
+
+    def _fi_decode(self, state: dict, wbytes: int) -> dict:
         from fastinfer import SamplingParams
 
         llm, prompt, n = state["llm"], state["decode_prompt"], self.args.decode_tokens
@@ -623,7 +636,11 @@ class Bench:
         out.update(extra)
         return out
 
-    def fi_throughput(self, state: dict, n: int) -> dict:
+    def fi_throughput(self, state: dict, n: int, asynchronous: bool = False) -> dict:
+        with async_scheduling(state["llm"], asynchronous):
+            return self._fi_throughput(state, n)
+
+    def _fi_throughput(self, state: dict, n: int) -> dict:
         from fastinfer import SamplingParams
 
         llm, w = state["llm"], state["workload"]
@@ -810,6 +827,17 @@ class Bench:
 
 
 # ----------------------------------------------------------------------------- throughput record
+
+@contextlib.contextmanager
+def async_scheduling(llm, on: bool):
+    """``llm``'s engine with ``EngineConfig.async_scheduling`` switched to ``on`` for a while."""
+    engine = llm.engine
+    before, engine.async_scheduling = engine.async_scheduling, on
+    try:
+        yield
+    finally:
+        engine.async_scheduling = before
+
 
 def throughput_result(n, prompt_tokens, output_tokens, wall, ttft, tpot, e2e, **extra) -> dict:
     out = {"requests": n, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "seconds": wall,
@@ -1157,7 +1185,8 @@ def to_markdown(doc: dict) -> str:
     for shape, res in shapes.items():
         s = res.get("sections", {})
         fi = _get(s, "fastinfer_decode", "tok_s")
-        for key, name in (("fastinfer_decode", "fastinfer"), ("transformers_decode", "transformers"),
+        for key, name in (("fastinfer_decode", "fastinfer"),
+                          ("fastinfer_decode_async", "fastinfer, async scheduling"), ("transformers_decode", "transformers"),
                           ("compiled_decode", "torch.compile plain loop")):
             r = s.get(key)
             if r is None:
@@ -1165,7 +1194,7 @@ def to_markdown(doc: dict) -> str:
             if "tok_s" not in r:
                 rows.append([shape, name, _why(r), "", "", "", "", ""])
                 continue
-            ratio = "" if key == "fastinfer_decode" or not fi else f"{fi / r['tok_s']:.2f}x"
+            ratio = "" if key.startswith("fastinfer_decode") or not fi else f"{fi / r['tok_s']:.2f}x"
             rows.append([shape, name, fmt(r["tok_s"]), fmt(r["ms_per_token"]), fmt(r.get("ttft_ms")),
                          _pct(r.get("fraction_of_table_peak")), _pct(r.get("fraction_of_measured_copy")), ratio])
     a = doc.get("args", {})
@@ -1191,7 +1220,9 @@ def to_markdown(doc: dict) -> str:
     for shape, res in shapes.items():
         s = res.get("sections", {})
         sub = _get(s, "fastinfer_subset", "output_tok_s")
-        for key, name in (("fastinfer_throughput", "fastinfer"), ("fastinfer_subset", "fastinfer (baselines' subset)"),
+        for key, name in (("fastinfer_throughput", "fastinfer"),
+                          ("fastinfer_throughput_async", "fastinfer, async scheduling"),
+                          ("fastinfer_subset", "fastinfer (baselines' subset)"),
                           ("transformers_throughput", "transformers batched"),
                           ("compiled_throughput", "torch.compile plain loop, batched")):
             r = s.get(key)
@@ -1307,8 +1338,12 @@ def summary(doc: dict) -> str:
         rows.append([shape, "decode b1 tok/s", fmt(_get(s, "fastinfer_decode", "tok_s")),
                      fmt(_get(s, "transformers_decode", "tok_s")), fmt(_get(s, "compiled_decode", "tok_s")),
                      f"fastinfer at {_pct(fi)} of peak BW" if fi else ""])
+        rows.append([shape, "decode b1 tok/s, async scheduling", fmt(_get(s, "fastinfer_decode_async", "tok_s")),
+                     "", "", ""])
         rows.append([shape, f"mixed out tok/s ({_get(s, 'fastinfer_throughput', 'requests') or '-'} req)",
                      fmt(_get(s, "fastinfer_throughput", "output_tok_s")), "", "", ""])
+        rows.append([shape, "mixed out tok/s, async scheduling",
+                     fmt(_get(s, "fastinfer_throughput_async", "output_tok_s")), "", "", ""])
         rows.append([shape, f"subset out tok/s ({_get(s, 'fastinfer_subset', 'requests') or '-'} req)",
                      fmt(_get(s, "fastinfer_subset", "output_tok_s")),
                      fmt(_get(s, "transformers_throughput", "output_tok_s")),

@@ -19,26 +19,29 @@ def tiny_llama(tmp_path_factory, hf_smollm_tokenizer):
     return load_model(folder, torch.float32, CPU)
 
 
-def random_params(rng: random.Random) -> SamplingParams:
-    if rng.random() < 0.5:
+def random_params(rng: random.Random, greedy_share: float) -> SamplingParams:
+    if rng.random() < greedy_share:
         return SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.0, ignore_eos=True)
     return SamplingParams(n=rng.randint(1, 3), max_tokens=rng.randint(1, 40), temperature=1.0,
                           top_p=0.9, seed=rng.randint(0, 1000), ignore_eos=True)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed):
+@pytest.mark.parametrize("seed,async_scheduling", [(0, False), (1, False), (2, False), (3, True), (5, True)])
+def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_scheduling):
+    """With async scheduling, most requests are greedy, so that most steps are launched before
+    the host reads the previous step's tokens."""
     rng = random.Random(seed)
     # 10 blocks of 16 tokens: far fewer than the workload needs, so preemption is routine
     engine = make_engine(tiny_llama, kv_cache_memory=10 * 2 * 2 * 16 * 2 * 16 * 4, max_model_len=160,
-                         max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=256)
+                         max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=256,
+                         async_scheduling=async_scheduling)
     assert engine.stats()["kv_blocks_total"] == 10
     submitted, aborted, finals = {}, set(), {}
     for _ in range(150):
         op = rng.random()
         if op < 0.3:
             prompt = [rng.randrange(1, 5000) for _ in range(rng.randint(1, 60))]
-            params = random_params(rng)
+            params = random_params(rng, 0.8 if async_scheduling else 0.5)
             try:
                 rid = engine.add_request(prompt, params)
             except InvalidRequestError:

@@ -93,20 +93,29 @@ def test_capture_sizes():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no GPU)")
-def test_decode_graph_buffers_and_padding_match_eager(tiny_gqa, reference_tokens, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_decode_graph_buffers_and_padding_match_eager(tiny_gqa, reference_tokens, monkeypatch, async_scheduling):
     """The CUDA-graph path without the capture (``emulate``): decode steps go through the static
     buffers, padded to the next captured size with rows of no context and slot -1, on the Triton
-    kernels; the tokens equal the eager engine's (which equal the reference backend's)."""
+    kernels; the tokens equal the eager engine's (which equal the reference backend's). With
+    async scheduling, the previous step's tokens reach the static ids buffer on the device."""
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    engine = new_engine(tiny_gqa, max_num_seqs=6)
+    engine = new_engine(tiny_gqa, max_num_seqs=6, async_scheduling=async_scheduling)
     assert engine.runner.capture_graphs(6, engine.max_model_len, emulate=True)
     graphs = engine.runner.graphs
     assert graphs.sizes == [1, 2, 4, 6]
-    replays = []
+    replays, fed = [], []
     real_run = graphs.run
-    monkeypatch.setattr(graphs, "run", lambda hb: replays.append(len(hb.context_lens)) or real_run(hb))
+
+    def run(hb, feed=None):
+        replays.append(len(hb.context_lens))
+        fed.append(feed is not None)
+        return real_run(hb, feed)
+
+    monkeypatch.setattr(graphs, "run", run)
     assert greedy(engine) == reference_tokens
     assert 3 in replays or 4 in replays  # a batch padded to a captured size
+    assert sum(fed) >= (NEW_TOKENS - 2 if async_scheduling else 0) and (async_scheduling or not any(fed))
 
 
 def test_profile_step_runs_the_largest_step_over_a_scratch_cache(tiny_gqa, monkeypatch):
@@ -117,9 +126,9 @@ def test_profile_step_runs_the_largest_step_over_a_scratch_cache(tiny_gqa, monke
     seen = {}
     real_execute = ModelRunner.execute
 
-    def execute(self, inp, all_logits=False):
+    def execute(self, inp, all_logits=False, feed=None):
         seen["tables"], seen["lens"] = inp.block_tables, [len(t) for t in inp.token_ids]
-        return real_execute(self, inp, all_logits)
+        return real_execute(self, inp, all_logits, feed)
 
     monkeypatch.setattr(ModelRunner, "execute", execute)
     for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):

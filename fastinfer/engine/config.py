@@ -59,6 +59,12 @@ class EngineConfig:
     ``enforce_eager``: on a GPU, decode steps are replayed from CUDA graphs captured at start-up
     for batch sizes 1, 2, 4, 8, then every 8 up to ``max_num_seqs`` (a batch is padded to the
     next captured size); True runs every step eagerly.
+    ``async_scheduling``: the host schedules and launches step N+1 before it reads step N's
+    tokens (its sampled ids feed N+1 on the device), then detokenizes and checks stop conditions
+    for step N while the device runs N+1, so a GPU does not sit idle during the host's work.
+    Outputs come one step later; a sequence that stopped at step N computes one more token,
+    which is dropped. Steps that sample with penalties or logprobs, or draw random tokens, run
+    synchronously. The tokens are the same as without it.
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
@@ -80,6 +86,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    async_scheduling: bool = False
     ops_backend: str | None = None
     seed: int = 0
 
@@ -116,7 +123,8 @@ class EngineConfig:
         self._set("ops_backend", check_choice("ops_backend", None if self.ops_backend in (None, "auto")
                                               else self.ops_backend, [None, *BACKENDS]))
         _check_backend(self.ops_backend, self.torch_device())
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
+                     "async_scheduling"):
             self._set(name, check_bool(name, getattr(self, name)))
         self._set("seed", check_seed("seed", self.seed))
         if self.enable_prefix_caching:

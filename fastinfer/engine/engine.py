@@ -19,6 +19,7 @@ from fastinfer.engine.request import Request, Sample
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.kv_cache.cache import KVCache, bytes_per_block
+from fastinfer.ops.metadata import int64_tensor
 from fastinfer.ops import kv
 from fastinfer.model.loader import LoadedModel, load_model, weight_bytes
 from fastinfer.model.runner import ModelRunner, StepInput
@@ -28,10 +29,24 @@ from fastinfer.sampling.params import SamplingParams
 from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
-from fastinfer.scheduler.sequence import Sequence
+from fastinfer.scheduler.sequence import Sequence, SeqStatus
 from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail, format_bytes
 
 _log = logging.getLogger("fastinfer.engine")
+
+PENDING = -1
+"""Stands in a sequence's token ids for a token that a step in flight has sampled and the host
+has not read yet (asynchronous scheduling); no prompt holds it (ids are checked to be >= 0)."""
+
+
+@dataclasses.dataclass(slots=True)
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    rows: list[tuple[Request, Sample, int]]  # each sampled row, and where its token goes in seq.token_ids
+    tokens: torch.Tensor                     # [R] int64 on the device
+    host: torch.Tensor                       # [R] int64 copy on the host (pinned on a GPU)
+    ready: torch.cuda.Event | None           # recorded after the copy to ``host`` (None: CPU)
 
 
 class Engine:
@@ -77,6 +92,10 @@ class Engine:
         self._by_seq: dict[int, tuple[Request, Sample]] = {}
         self._aborted: list[Request] = []
         self._held: dict[str, RequestOutput] = {}  # final outputs ``drain`` kept for their owner
+        self._inflight: _InFlight | None = None  # async_scheduling: the step whose tokens are unread
+        # From the config; a benchmark may switch it between runs on one engine (it takes effect
+        # at the next step, and a step run synchronously first settles the step in flight).
+        self.async_scheduling = config.async_scheduling
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self.num_steps = 0
@@ -313,31 +332,45 @@ class Engine:
             sched = self.scheduler.schedule()
             if sched.scheduled:
                 self.num_steps += 1
-                self._run(sched, touched)
+                if self.async_scheduling:
+                    self._run_async(sched, touched)
+                else:
+                    self._settle_then_run(sched, touched)
+            else:
+                self._resolve(touched)
             return self._emit(touched.values(), finals_only)
         except BaseException:
             self._aborted.extend(r for r in touched.values() if not r.reported_final)
             raise
 
-    def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
+    def _inputs(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, Sample]], StepInput]:
+        """The scheduled rows' requests and samples, and the step's input (marks the requests
+        scheduled)."""
         pairs = [self._by_seq[s.seq.seq_id] for s in sched.scheduled]
         start = time.monotonic()
         for req, _ in pairs:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = start
-        completes = [s.completes for s in sched.scheduled]
         inp = StepInput(
             token_ids=[s.seq.token_ids[s.start:s.start + s.num_tokens] for s in sched.scheduled],
             start_positions=[s.start for s in sched.scheduled],
             block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
-            needs_logits=completes,
+            needs_logits=[s.completes for s in sched.scheduled],
         )
-        logits = self.runner.execute(inp)
+        return pairs, inp
+
+    def _executed(self, sched: SchedulerOutput, pairs, inp: StepInput) -> list[tuple[Request, Sample]]:
+        """Marks the step's tokens computed; returns the rows that sample. Only sequences that
+        reached their last token sample (a prefill chunk does not, and draws nothing from its
+        generator), so chunking never changes a request's tokens."""
         for s in sched.scheduled:
             s.seq.num_computed = s.start + s.num_tokens
-        # Only sequences that reached their last token sample (a prefill chunk does not, and
-        # draws nothing from its generator), so chunking never changes a request's tokens.
-        sampled = [(req, smp) for (req, smp), done in zip(pairs, completes) if done]
+        return [pair for pair, done in zip(pairs, inp.needs_logits) if done]
+
+    def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
+        pairs, inp = self._inputs(sched)
+        logits = self.runner.execute(inp)
+        sampled = self._executed(sched, pairs, inp)
         if not sampled:
             return
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
@@ -348,9 +381,95 @@ class Engine:
             self._append(req, smp, out.token_ids[i], out.logprobs[i], now)
             touched[req.request_id] = req
 
+    # ------------------------------------------------------- asynchronous scheduling
+    def _run_async(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
+        """Launches this step, feeding it on the device the tokens of the step in flight, and
+        only then reads and processes those tokens (see ``EngineConfig.async_scheduling``). A
+        step whose sampling needs the host (penalties, logprobs, random draws) first settles
+        the step in flight and runs as ``_run`` does."""
+        if not all(Sampler.can_defer(self._by_seq[s.seq.seq_id][0].params)
+                   for s in sched.scheduled if s.completes):
+            self._settle_then_run(sched, touched)
+            return
+        prev = self._inflight
+        pairs, inp = self._inputs(sched)
+        logits = self.runner.execute(inp, feed=self._feed(sched, prev))
+        sampled = self._executed(sched, pairs, inp)
+        self._inflight = None
+        if sampled:
+            tokens = self.sampler.sample_on_device(logits)
+            rows = []
+            for req, smp in sampled:
+                rows.append((req, smp, len(smp.seq.token_ids)))
+                smp.seq.token_ids.append(PENDING)
+            if tokens.device.type == "cuda":
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host, ready = tokens, None
+            self._inflight = _InFlight(rows, tokens, host, ready)
+        if prev is not None:
+            self._settle(prev, touched)
+
+    def _settle_then_run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
+        """``_run`` after settling the step in flight (if any): sequences that stopped at that
+        step leave this one (their blocks are free), the others read their real tokens."""
+        if self._inflight is not None:
+            self._resolve(touched)
+            sched.scheduled = [s for s in sched.scheduled if s.seq.status is SeqStatus.RUNNING]
+        if sched.scheduled:
+            self._run(sched, touched)
+
+    def _feed(self, sched: SchedulerOutput, prev: _InFlight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where this step reads tokens that ``prev`` sampled: (positions in the packed batch,
+        the token ids) as device tensors, or None."""
+        if prev is None:
+            return None
+        pending = {smp.seq.seq_id: (row, at) for row, (_, smp, at) in enumerate(prev.rows)}
+        dst, src, offset = [], [], 0
+        for s in sched.scheduled:
+            hit = pending.get(s.seq.seq_id)
+            if hit is not None and s.start <= hit[1] < s.start + s.num_tokens:
+                dst.append(offset + hit[1] - s.start)
+                src.append(hit[0])
+            offset += s.num_tokens
+        if not dst:
+            return None
+        dev = prev.tokens.device
+        return int64_tensor(dst, dev), prev.tokens.index_select(0, int64_tensor(src, dev))
+
+    def _resolve(self, touched: dict[str, Request]) -> None:
+        """Settles the step in flight, if any."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self._settle(prev, touched)
+
+    def _settle(self, prev: _InFlight, touched: dict[str, Request]) -> None:
+        """Reads the tokens of ``prev`` and appends each to its sequence, with the usual
+        checks; a token of a sequence that had already stopped (or was aborted) is dropped."""
+        if prev.ready is not None:
+            prev.ready.synchronize()
+        now = time.monotonic()
+        for (req, smp, at), token in zip(prev.rows, prev.host.tolist()):
+            seq = smp.seq
+            if smp.finish_reason is not None:
+                del seq.token_ids[at:]
+                continue
+            seq.token_ids[at] = token
+            seq.output_token_ids.append(token)
+            self._check_token(req, smp, token, None, now, at + 1)
+            touched[req.request_id] = req
+
     def _append(self, req: Request, smp: Sample, token: int, logprobs, now: float) -> None:
+        smp.seq.append(token)
+        self._check_token(req, smp, token, logprobs, now, smp.seq.num_tokens)
+
+    def _check_token(self, req: Request, smp: Sample, token: int, logprobs, now: float, num_tokens: int) -> None:
+        """After ``token`` joined ``smp``'s sequence (``num_tokens`` long with it): metrics,
+        logprobs, detokenization and the stop conditions."""
         seq, params = smp.seq, req.params
-        seq.append(token)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         if smp.logprobs is not None:
@@ -364,7 +483,7 @@ class Engine:
             if matched is not None:
                 self._finish(smp, "stop", matched)
         if smp.finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
-                                          or seq.num_tokens >= self.max_model_len):
+                                          or num_tokens >= self.max_model_len):
             self._finish(smp, "length", None)
 
     def _finish(self, smp: Sample, reason: str, stop_reason: str | int | None) -> None:

@@ -117,9 +117,10 @@ class DecodeGraphs:
         return (len(inp.token_ids) <= self.sizes[-1] and all(len(t) == 1 for t in inp.token_ids)
                 and (inp.needs_logits is None or all(inp.needs_logits)))
 
-    def run(self, hb: HostBatch) -> torch.Tensor:
+    def run(self, hb: HostBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Replays the graph for this decode step; returns its hidden states ``[B, hidden]``
-        (a view of the graph's output, valid until the next replay)."""
+        (a view of the graph's output, valid until the next replay). ``feed``: token ids on the
+        device that replace the host's at the given rows (see ``ModelRunner.execute``)."""
         B = len(hb.context_lens)
         b = next(s for s in self.sizes if s >= B)
         W = hb.tables.shape[1]
@@ -141,6 +142,8 @@ class DecodeGraphs:
         if self._copied is not None:
             self._copied.record()
         self.ids[:b].copy_(staging[0:b])
+        if feed is not None:
+            self.ids.index_copy_(0, *feed)
         self.positions[:b].copy_(staging[b:2 * b])
         self.slots[:b].copy_(staging[2 * b:3 * b])
         self.context_lens[:b].copy_(staging[3 * b:4 * b])

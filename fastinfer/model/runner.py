@@ -107,14 +107,20 @@ class ModelRunner:
         return PreparedBatch(ids, pos, meta, last)
 
     @torch.inference_mode()
-    def execute(self, inp: StepInput, all_logits: bool = False) -> torch.Tensor:
+    def execute(self, inp: StepInput, all_logits: bool = False,
+                feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Runs one step. Returns float32 logits ``[B', vocab]`` of the last position of each
-        sequence that ``needs_logits`` (``[T, vocab]`` for every position when ``all_logits``)."""
+        sequence that ``needs_logits`` (``[T, vocab]`` for every position when ``all_logits``).
+        ``feed``: (positions in the packed batch, token ids), device tensors whose ids replace
+        the host's at those positions: tokens a step still in flight has sampled (asynchronous
+        scheduling), read by this step on the device with no host sync."""
         with forcing(self.ops_backend):
             if self.graphs is not None and not all_logits and self.graphs.takes(inp):
-                hidden = self.graphs.run(self.pack(inp))
+                hidden = self.graphs.run(self.pack(inp), feed)
             else:
                 batch = self.prepare(inp)
+                if feed is not None:
+                    batch.token_ids.index_copy_(0, *feed)
                 hidden = self.model(batch.token_ids, batch.positions, self.kv_layers, batch.meta)
                 if not all_logits:
                     hidden = hidden.index_select(0, batch.last_index)

@@ -86,6 +86,17 @@ class Sampler:
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
 
+    @staticmethod
+    def can_defer(params: SamplingParams) -> bool:
+        """Whether a row's token may stay on the device for now (``sample_on_device``): greedy,
+        with no penalty (which would read the tokens so far) and no logprobs."""
+        return params.greedy and params.logprobs is None and not needs_penalties(params)
+
+    def sample_on_device(self, logits: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B]`` int64 on the logits' device, with no host sync, for rows that all
+        pass ``can_defer``: the same argmax as ``__call__`` gives them."""
+        return logits.float().argmax(-1)
+
     def _sample_random(self, work: torch.Tensor, idx: list[int], rows: Sequence[SamplingRow],
                        k: int | None) -> torch.Tensor:
         """Token ids [R] drawn for ``rows`` (rows ``idx`` of the penalised logits ``work``)."""
