@@ -81,11 +81,11 @@ def test_token_id_prompts_accept_numpy(llm):
 def test_an_interrupted_generate_aborts_its_requests(llm, monkeypatch):
     real_step, calls = llm.engine.step, []
 
-    def step_then_interrupt():
+    def step_then_interrupt(**kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the run
-        return real_step()
+        return real_step(**kwargs)
 
     monkeypatch.setattr(llm.engine, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
