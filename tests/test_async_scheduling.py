@@ -31,18 +31,20 @@ def host_params(i: int) -> SamplingParams:
     return SamplingParams(max_tokens=6 + 5 * i, **kinds[i % len(kinds)])
 
 
-def run(loaded, params, abort_after: dict[str, int] | None = None, **options):
-    """Final outputs (by prompt index) and the engine, stepping until idle; checks one final
-    output per request."""
+def run(loaded, params, abort_after: dict[str, int] | None = None, each_step=None, drain=False, **options):
+    """Final outputs (by prompt index) and the engine, stepping until idle (``each_step(engine,
+    step)`` before each step; or ``drain``); checks one final output per request."""
     engine = make_engine(loaded, **{"kv_cache_memory": "64MiB", "max_num_batched_tokens": 48,
                                     "max_num_seqs": 4, **options})
     ids = [engine.add_request(p, params(i)) for i, p in enumerate(PROMPTS)]
-    finals, steps = {}, 0
+    finals, steps = (engine.drain() if drain else {}), 0
     while engine.has_unfinished():
         steps += 1
         for rid, at in (abort_after or {}).items():
             if steps == at:
                 engine.abort(ids[int(rid)])
+        if each_step is not None:
+            each_step(engine, steps)
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in finals, "two final outputs"
@@ -68,19 +70,75 @@ def fed_steps(monkeypatch):
     return fed
 
 
-@pytest.mark.parametrize("params", [greedy_params, host_params], ids=["greedy", "host-sampled"])
-def test_same_outputs_as_synchronous_scheduling(smollm, params, fed_steps):
-    sync, _ = run(smollm, params)
+@pytest.mark.parametrize("params,options", [(greedy_params, {}), (host_params, {}),
+                                            (greedy_params, {"max_model_len": 24})],
+                         ids=["greedy", "host-sampled", "max-model-len"])
+def test_same_outputs_as_synchronous_scheduling(smollm, params, options, fed_steps):
+    sync, _ = run(smollm, params, **options)
     assert not any(fed_steps)
     fed_steps.clear()
-    asynchronous, engine = run(smollm, params, async_scheduling=True)
+    asynchronous, engine = run(smollm, params, async_scheduling=True, **options)
     assert asynchronous == sync
     finish = {c[2] for outs in sync for c in outs}
     if params is greedy_params:
         assert finish == {"stop", "length"}  # both kinds of ending went through the async path
         assert sum(fed_steps) > 20  # most steps really were fed from the step in flight
+        if options:  # some ended at max_model_len, not at max_tokens
+            assert any(len(c[0]) < 6 + 5 * i and c[2] == "length" for i, outs in enumerate(sync) for c in outs)
+        else:  # and through drain (LLM.generate)
+            assert run(smollm, params, drain=True, async_scheduling=True)[0] == sync
     else:
         assert sum(fed_steps) < len(fed_steps) // 2  # host-sampled rows settle first
+
+
+def test_switched_on_and_off_between_steps(smollm, fed_steps):
+    """As gpu_bench does on one engine: each switch takes effect at the next step."""
+    sync, _ = run(smollm, greedy_params)
+    fed_steps.clear()
+
+    def switch(engine, step):
+        engine.async_scheduling = step % 6 < 3
+
+    assert run(smollm, greedy_params, each_step=switch)[0] == sync
+    assert 0 < sum(fed_steps) < len(fed_steps)
+
+
+def test_an_exception_in_a_step_loses_nothing(smollm, monkeypatch):
+    """A failure while the host settles a step's tokens (here: in the stop checks of the third
+    settled token) propagates; the next steps settle the rest, and every request still ends
+    with one final output, no placeholder in its tokens, and the engine serves on."""
+    from fastinfer.engine.engine import PENDING, Engine
+
+    real_check, calls = Engine._check_token, []
+
+    def check(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real_check(self, *args)
+
+    monkeypatch.setattr(Engine, "_check_token", check)
+    engine = make_engine(smollm, kv_cache_memory="64MiB", max_num_seqs=4, async_scheduling=True)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)) for p in PROMPTS]
+    finals, failed = {}, 0
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except RuntimeError as exc:
+            assert "injected" in str(exc)
+            failed += 1
+            continue
+        for out in outs:
+            if out.finished:
+                assert out.request_id not in finals
+                finals[out.request_id] = out
+    assert failed == 1 and sorted(finals) == sorted(ids)
+    for out in finals.values():
+        tokens = out.outputs[0].token_ids
+        assert PENDING not in tokens and 8 <= len(tokens) <= 9  # the failed check may let one more through
+    assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(engine.drain([rid])[rid].outputs[0].token_ids) == 4
 
 
 def test_preemption_and_abort(smollm, fed_steps):

@@ -27,9 +27,14 @@ def random_params(rng: random.Random, greedy_share: float) -> SamplingParams:
 
 
 @pytest.mark.parametrize("seed,async_scheduling", [(0, False), (1, False), (2, False), (3, True), (5, True)])
-def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_scheduling):
+def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_scheduling, monkeypatch):
     """With async scheduling, most requests are greedy, so that most steps are launched before
     the host reads the previous step's tokens."""
+    from fastinfer.model.runner import ModelRunner
+
+    fed, real_execute = [], ModelRunner.execute
+    monkeypatch.setattr(ModelRunner, "execute", lambda self, inp, all_logits=False, feed=None: fed.append(
+        feed is not None) or real_execute(self, inp, all_logits, feed))
     rng = random.Random(seed)
     # 10 blocks of 16 tokens: far fewer than the workload needs, so preemption is routine
     engine = make_engine(tiny_llama, kv_cache_memory=10 * 2 * 2 * 16 * 2 * 16 * 4, max_model_len=160,
@@ -72,5 +77,6 @@ def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_sch
                 assert c.finish_reason == "length" and len(c.token_ids) == params.max_tokens
     stats = engine.stats()
     assert stats["num_preemptions"] > 0 and aborted  # the run really exercised both paths
+    assert (sum(fed) > 20) if async_scheduling else not any(fed)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     assert stats["num_running"] == stats["num_waiting"] == stats["num_requests"] == 0

@@ -41,12 +41,13 @@ has not read yet (asynchronous scheduling); no prompt holds it (ids are checked 
 
 @dataclasses.dataclass(slots=True)
 class _InFlight:
-    """A launched step whose sampled tokens the host has not read yet."""
+    """A launched step whose sampled tokens the host has not all read yet."""
 
     rows: list[tuple[Request, Sample, int]]  # each sampled row, and where its token goes in seq.token_ids
     tokens: torch.Tensor                     # [R] int64 on the device
     host: torch.Tensor                       # [R] int64 copy on the host (pinned on a GPU)
     ready: torch.cuda.Event | None           # recorded after the copy to ``host`` (None: CPU)
+    settled: int = 0                         # rows already appended to their sequences
 
 
 class Engine:
@@ -92,7 +93,7 @@ class Engine:
         self._by_seq: dict[int, tuple[Request, Sample]] = {}
         self._aborted: list[Request] = []
         self._held: dict[str, RequestOutput] = {}  # final outputs ``drain`` kept for their owner
-        self._inflight: _InFlight | None = None  # async_scheduling: the step whose tokens are unread
+        self._inflight: list[_InFlight] = []  # async_scheduling: launched steps whose tokens are unread
         # From the config; a benchmark may switch it between runs on one engine (it takes effect
         # at the next step, and a step run synchronously first settles the step in flight).
         self.async_scheduling = config.async_scheduling
@@ -242,7 +243,8 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
         gen = seeded_generator(seed, index)
         sid = next(self._seq_ids)
-        seq = Sequence(sid, list(ids), len(ids), arrival=sid)
+        seq = Sequence(sid, list(ids), len(ids), arrival=sid,
+                       stop_at=min(len(ids) + params.max_tokens, self.max_model_len))
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         return Sample(index, seq, detok, gen, StopText(params.stop_list),
                       logprobs=[] if params.logprobs is not None else None)
@@ -386,81 +388,95 @@ class Engine:
         """Launches this step, feeding it on the device the tokens of the step in flight, and
         only then reads and processes those tokens (see ``EngineConfig.async_scheduling``). A
         step whose sampling needs the host (penalties, logprobs, random draws) first settles
-        the step in flight and runs as ``_run`` does."""
+        the step in flight and runs as ``_run`` does.
+
+        A step stays in ``_inflight`` until every row of it is settled, so an exception at any
+        point leaves each placeholder either fed by a later step or settled by one."""
         if not all(Sampler.can_defer(self._by_seq[s.seq.seq_id][0].params)
                    for s in sched.scheduled if s.completes):
             self._settle_then_run(sched, touched)
             return
-        prev = self._inflight
         pairs, inp = self._inputs(sched)
-        logits = self.runner.execute(inp, feed=self._feed(sched, prev))
+        logits = self.runner.execute(inp, feed=self._feed(sched, inp))
         sampled = self._executed(sched, pairs, inp)
-        self._inflight = None
         if sampled:
             tokens = self.sampler.sample_on_device(logits)
-            rows = []
-            for req, smp in sampled:
-                rows.append((req, smp, len(smp.seq.token_ids)))
-                smp.seq.token_ids.append(PENDING)
             if tokens.device.type == "cuda":
                 host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
                 host.copy_(tokens, non_blocking=True)
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(torch.cuda.current_stream(tokens.device))
             else:
                 host, ready = tokens, None
-            self._inflight = _InFlight(rows, tokens, host, ready)
-        if prev is not None:
-            self._settle(prev, touched)
+            rows = [(req, smp, len(smp.seq.token_ids)) for req, smp in sampled]
+            self._inflight.append(_InFlight(rows, tokens, host, ready))
+            for _, smp, _ in rows:
+                smp.seq.token_ids.append(PENDING)
+        self._resolve(touched, keep_last=bool(sampled))
 
     def _settle_then_run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
-        """``_run`` after settling the step in flight (if any): sequences that stopped at that
-        step leave this one (their blocks are free), the others read their real tokens."""
-        if self._inflight is not None:
+        """``_run`` after settling the steps in flight (if any): sequences that stopped at them
+        leave this one (their blocks are free), the others read their real tokens."""
+        if self._inflight:
             self._resolve(touched)
             sched.scheduled = [s for s in sched.scheduled if s.seq.status is SeqStatus.RUNNING]
         if sched.scheduled:
             self._run(sched, touched)
 
-    def _feed(self, sched: SchedulerOutput, prev: _InFlight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where this step reads tokens that ``prev`` sampled: (positions in the packed batch,
-        the token ids) as device tensors, or None."""
-        if prev is None:
-            return None
-        pending = {smp.seq.seq_id: (row, at) for row, (_, smp, at) in enumerate(prev.rows)}
+    def _feed(self, sched: SchedulerOutput, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where this step reads tokens that steps in flight sampled: (positions in the packed
+        batch, the token ids) as device tensors, or None. Every placeholder in ``inp`` must be
+        one of them (else an internal error, before any kernel could read a -1)."""
+        pending = {}
+        for k, entry in enumerate(self._inflight):
+            for row in range(entry.settled, len(entry.rows)):
+                _, smp, at = entry.rows[row]
+                pending[(smp.seq.seq_id, at)] = (k, row)
         dst, src, offset = [], [], 0
         for s in sched.scheduled:
-            hit = pending.get(s.seq.seq_id)
-            if hit is not None and s.start <= hit[1] < s.start + s.num_tokens:
-                dst.append(offset + hit[1] - s.start)
-                src.append(hit[0])
+            if s.seq.token_ids[s.start + s.num_tokens - 1] == PENDING:  # only ever a row's last token
+                dst.append(offset + s.num_tokens - 1)
+                src.append(pending.get((s.seq.seq_id, s.start + s.num_tokens - 1)))
             offset += s.num_tokens
+        if None in src or sum(PENDING in ids for ids in inp.token_ids) != len(dst):
+            raise RuntimeError("internal error: a step would read a token that no step in flight holds")
         if not dst:
             return None
-        dev = prev.tokens.device
-        return int64_tensor(dst, dev), prev.tokens.index_select(0, int64_tensor(src, dev))
+        tokens = [self._inflight[k].tokens for k in sorted({k for k, _ in src})]
+        dev = tokens[0].device
+        if len(tokens) == 1:
+            values = tokens[0].index_select(0, int64_tensor([row for _, row in src], dev))
+        else:  # tokens of an earlier step were not all settled (an exception): gather from each
+            starts = {k: sum(len(e.rows) for e in self._inflight[:k]) for k, _ in src}
+            values = torch.cat([e.tokens for e in self._inflight]).index_select(
+                0, int64_tensor([starts[k] + row for k, row in src], dev))
+        return int64_tensor(dst, dev), values
 
-    def _resolve(self, touched: dict[str, Request]) -> None:
-        """Settles the step in flight, if any."""
-        prev, self._inflight = self._inflight, None
-        if prev is not None:
-            self._settle(prev, touched)
+    def _resolve(self, touched: dict[str, Request], keep_last: bool = False) -> None:
+        """Settles the steps in flight (but the newest one with ``keep_last``), oldest first."""
+        while len(self._inflight) > (1 if keep_last else 0):
+            self._settle(self._inflight[0], touched)
+            self._inflight.pop(0)
 
-    def _settle(self, prev: _InFlight, touched: dict[str, Request]) -> None:
-        """Reads the tokens of ``prev`` and appends each to its sequence, with the usual
+    def _settle(self, entry: _InFlight, touched: dict[str, Request]) -> None:
+        """Reads the tokens of ``entry`` and appends each to its sequence, with the usual
         checks; a token of a sequence that had already stopped (or was aborted) is dropped."""
-        if prev.ready is not None:
-            prev.ready.synchronize()
+        if entry.ready is not None:
+            entry.ready.synchronize()
+        values = entry.host.tolist()
         now = time.monotonic()
-        for (req, smp, at), token in zip(prev.rows, prev.host.tolist()):
+        while entry.settled < len(entry.rows):
+            req, smp, at = entry.rows[entry.settled]
+            token = values[entry.settled]
+            entry.settled += 1
             seq = smp.seq
             if smp.finish_reason is not None:
                 del seq.token_ids[at:]
                 continue
             seq.token_ids[at] = token
             seq.output_token_ids.append(token)
-            self._check_token(req, smp, token, None, now, at + 1)
             touched[req.request_id] = req
+            self._check_token(req, smp, token, None, now, at + 1)
 
     def _append(self, req: Request, smp: Sample, token: int, logprobs, now: float) -> None:
         smp.seq.append(token)

@@ -140,7 +140,7 @@ class DecodeGraphs:
         staging = self._staging[:n]
         staging.copy_(self._host[:n], non_blocking=True)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.runner.device))
         self.ids[:b].copy_(staging[0:b])
         if feed is not None:
             self.ids.index_copy_(0, *feed)

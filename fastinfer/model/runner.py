@@ -18,7 +18,7 @@ from fastinfer._native import native
 from fastinfer.model.llama import LlamaForCausalLM
 from fastinfer.ops.dispatch import forcing
 from fastinfer.ops.kv import CacheLayer
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops.metadata import AttentionMetadata, upload
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,8 @@ class ModelRunner:
         return HostBatch(flat, positions, slots, tables, starts_loc, ends, max(lens), last)
 
     def prepare(self, inp: StepInput) -> PreparedBatch:
-        """Packs the batch and uploads it (to a GPU: all of it in one host-to-device copy)."""
+        """Packs the batch and uploads it (to a GPU: all of it in one host-to-device copy, which
+        does not wait for the steps still running there)."""
         hb = self.pack(inp)
         parts = [hb.token_ids, hb.positions, hb.slots, hb.tables.reshape(-1),
                  np.asarray(hb.query_start_loc, dtype=np.int64), np.asarray(hb.context_lens, dtype=np.int64),
@@ -97,7 +98,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             ids, pos, slots, tables, qsl, ctx, last = (torch.from_numpy(p) for p in parts)
         else:
-            flat = torch.from_numpy(np.concatenate(parts)).to(self.device)
+            flat = upload(torch.from_numpy(np.concatenate(parts)), self.device)
             ids, pos, slots, tables, qsl, ctx, last = flat.split([len(p) for p in parts])
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=hb.query_start_loc, context_lens=hb.context_lens,

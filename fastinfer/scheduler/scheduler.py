@@ -72,7 +72,13 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue:
             seq = queue.popleft()
-            n = self._chunk(seq.num_tokens - seq.num_computed, budget)
+            need = seq.num_tokens - seq.num_computed
+            if need == 1 and seq.num_tokens >= seq.stop_at:
+                # Its last token, still in flight (async scheduling), ends it by length: computing
+                # that token would only give one past its end.
+                kept.append(seq)
+                continue
+            n = self._chunk(need, budget)
             if n == 0:
                 kept.append(seq)  # stays running, waits for the next step
                 continue

@@ -18,7 +18,8 @@ class SeqStatus(enum.Enum):
 class Sequence:
     """Token ids (prompt then output) and how many of them are in the KV cache.
 
-    ``arrival`` orders sequences: lower arrives first and is preempted last.
+    ``arrival`` orders sequences: lower arrives first and is preempted last. ``stop_at``: the
+    length at which it ends by length (prompt + max_tokens, at most max_model_len).
     """
 
     seq_id: int
@@ -28,6 +29,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0
     output_token_ids: list[int] = field(default_factory=list)
+    stop_at: int = 2**62
 
     @property
     def num_tokens(self) -> int:
