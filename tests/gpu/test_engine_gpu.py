@@ -221,6 +221,24 @@ def test_cuda_graphs_give_the_eager_tokens(dtype, model_root):
               against_name="first run")
 
 
+@pytest.mark.skipif(not ON_GPU, reason="overlapping the host with a GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_async_scheduling_gives_the_synchronous_tokens(dtype, model_root):
+    """The 6 prompts (chunked prefill beside decodes), 32 new tokens, CUDA graphs on: with
+    async scheduling each step reads the previous step's tokens on the device, before the host
+    has seen them; the tokens equal the synchronous run's, or part at a float64 near-tie."""
+    ref = reference("tiny", model_root)
+    with engine(ref.folder, dtype) as llm:
+        sync = greedy(llm, ref.prompts)
+    with engine(ref.folder, dtype, async_scheduling=True) as llm:
+        assert llm.engine.runner.graphs is not None
+        overlapped = greedy(llm, ref.prompts)
+        overlapped_again = greedy(llm, ref.prompts)
+    ref.check("fastinfer with async scheduling", overlapped, DTYPES[dtype], against=sync, against_name="sync")
+    ref.check("fastinfer with async scheduling (second run)", overlapped_again, DTYPES[dtype],
+              against=overlapped, against_name="first run")
+
+
 @pytest.mark.skipif(not ON_GPU, reason="GPU memory budgeting")
 def test_memory_budget_holds_a_full_batch(tmp_path):
     """KV blocks after start-up, and the peak of a full batch (chunked prefill at the token
