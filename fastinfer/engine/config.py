@@ -62,8 +62,8 @@ class EngineConfig:
     ``async_scheduling``: the host schedules and launches step N+1 before it reads step N's
     tokens (its sampled ids feed N+1 on the device), then detokenizes and checks stop conditions
     for step N while the device runs N+1, so a GPU does not sit idle during the host's work.
-    Outputs come one step later; a sequence that stopped at step N computes one more token,
-    which is dropped. Steps that sample with penalties or logprobs, or draw random tokens, run
+    Outputs come one step later; a sequence that stopped at step N (a stop token, string or EOS)
+    computes one more token, which is dropped. Steps that sample with penalties or logprobs, or draw random tokens, run
     synchronously. The tokens are the same as without it.
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole

@@ -427,11 +427,12 @@ class Engine:
         """Where this step reads tokens that steps in flight sampled: (positions in the packed
         batch, the token ids) as device tensors, or None. Every placeholder in ``inp`` must be
         one of them (else an internal error, before any kernel could read a -1)."""
-        pending = {}
-        for k, entry in enumerate(self._inflight):
+        pending, base = {}, 0  # (sequence, position) -> index in the in-flight steps' tokens, concatenated
+        for entry in self._inflight:
             for row in range(entry.settled, len(entry.rows)):
                 _, smp, at = entry.rows[row]
-                pending[(smp.seq.seq_id, at)] = (k, row)
+                pending[(smp.seq.seq_id, at)] = base + row
+            base += len(entry.rows)
         dst, src, offset = [], [], 0
         for s in sched.scheduled:
             if s.seq.token_ids[s.start + s.num_tokens - 1] == PENDING:  # only ever a row's last token
@@ -442,15 +443,11 @@ class Engine:
             raise RuntimeError("internal error: a step would read a token that no step in flight holds")
         if not dst:
             return None
-        tokens = [self._inflight[k].tokens for k in sorted({k for k, _ in src})]
-        dev = tokens[0].device
-        if len(tokens) == 1:
-            values = tokens[0].index_select(0, int64_tensor([row for _, row in src], dev))
-        else:  # tokens of an earlier step were not all settled (an exception): gather from each
-            starts = {k: sum(len(e.rows) for e in self._inflight[:k]) for k, _ in src}
-            values = torch.cat([e.tokens for e in self._inflight]).index_select(
-                0, int64_tensor([starts[k] + row for k, row in src], dev))
-        return int64_tensor(dst, dev), values
+        # One in flight but after an exception while settling: then the earlier ones' tokens too.
+        tokens = (self._inflight[0].tokens if len(self._inflight) == 1
+                  else torch.cat([e.tokens for e in self._inflight]))
+        index = int64_tensor(dst + src, tokens.device)  # one upload for both
+        return index[:len(dst)], tokens.index_select(0, index[len(dst):])
 
     def _resolve(self, touched: dict[str, Request], keep_last: bool = False) -> None:
         """Settles the steps in flight (but the newest one with ``keep_last``), oldest first."""
@@ -498,8 +495,7 @@ class Engine:
             matched = smp.text.add(smp.detok.add(token))
             if matched is not None:
                 self._finish(smp, "stop", matched)
-        if smp.finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
-                                          or num_tokens >= self.max_model_len):
+        if smp.finish_reason is None and num_tokens >= seq.stop_at:  # max_tokens, or max_model_len
             self._finish(smp, "length", None)
 
     def _finish(self, smp: Sample, reason: str, stop_reason: str | int | None) -> None:
