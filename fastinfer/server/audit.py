@@ -4,6 +4,7 @@ they may hold private data."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import datetime, timezone
@@ -11,6 +12,8 @@ from typing import Any, TextIO
 
 AUDIT_FIELDS = ("time", "request_id", "endpoint", "key_id", "model", "version", "prompt_tokens", "output_tokens",
                 "ttft", "latency", "finish_reason", "status")
+
+_log = logging.getLogger("fastinfer.server")
 
 
 def utc_timestamp(now: datetime | None = None) -> str:
@@ -72,3 +75,12 @@ class AuditLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def record_quietly(log: AuditLog, **fields: Any) -> None:
+    """Writes an audit line; a failed write (a full disk) is reported, never turned into the
+    request's error."""
+    try:
+        log.record(**fields)
+    except OSError as exc:
+        _log.error("audit log write failed: %s", exc)

@@ -1,8 +1,14 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status
-that OpenAI's clients map to their exception classes."""
+that OpenAI's clients map to their exception classes, and the app's exception handlers that
+answer every refusal, invalid body and bug in that shape (auditing the refused ``/v1`` calls)."""
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fastinfer.server.audit import record_quietly
 
 # status -> OpenAI error type
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -34,3 +40,46 @@ class APIError(Exception):
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answers ``APIError``, invalid bodies (400), Starlette's HTTP errors and any other
+    exception (500) with an OpenAI-shaped body."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        if not getattr(exc, "audited", False):
+            _audit_refusal(request, exc.status, exc.code or "refused")
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:  # a bug: still OpenAI-shaped
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        _audit_refusal(request, 400, "invalid_request")
+        return JSONResponse(error_body(400, f"{param + ': ' if param else ''}{message}{more}", param=param),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+
+def _audit_refusal(request: Request, status: int, reason: str) -> None:
+    """One audit line for an API request refused before it was handled (bad key, draining,
+    invalid body): failed authentication is what an audit log is most for."""
+    # A ServerState, left unannotated: state.py imports the registry, which imports this module.
+    state = request.app.state.server
+    if request.url.path.startswith("/v1/"):
+        record_quietly(state.audit, request_id=None, endpoint=request.url.path, key_id=None, model=None,
+                       version=None, prompt_tokens=0, output_tokens=0, ttft=None, latency=None,
+                       finish_reason=reason, status=status)
