@@ -7,8 +7,8 @@
 //   silu_and_mul(x [.., 2d])            y = dt(silu(x[:d]) * x[d:])
 //   rotary_embedding_(pos, q, k, cs)    q, k rotated in place (rotate-half "neox" layout)
 //
-// Each row is computed alone in an order that depends only on its length (16 lanes of
-// squares over H, then a fixed tree), so results never depend on the batch. The AVX-512 and
+// Each row is computed alone in an order that depends only on its length (the sum of squares
+// in simd.h's 16-lane order), so results never depend on the batch. The AVX-512 and
 // portable paths follow the same order; silu's exp differs between them by a few ulp
 // (a polynomial vs std::exp2), as in the attention kernel.
 #include <ATen/Parallel.h>
@@ -26,7 +26,7 @@
 
 #include "isa.h"
 #include "ops.h"
-#include "simd_math.h"
+#include "simd.h"
 
 namespace fastinfer_cpu {
 namespace {
@@ -41,38 +41,7 @@ inline void store_f(c10::BFloat16* p, int64_t i, float v) { p[i] = c10::BFloat16
 inline float round_to(float v, const float*) { return v; }
 inline float round_to(float v, const c10::BFloat16*) { return static_cast<float>(c10::BFloat16(v)); }
 
-// sum of x[i]^2 in 16 lanes (i mod 16, fma, i ascending), then the tree l+8, l+4, l+2, l+1.
-inline float tree16(const float* p) {
-  float s8[8], s4[4];
-  for (int l = 0; l < 8; ++l) s8[l] = p[l] + p[l + 8];
-  for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-float sum_squares_scalar(const float* x, int64_t n) {
-  float p[16] = {};
-  for (int64_t i = 0; i < n; ++i) p[i % 16] = std::fma(x[i], x[i], p[i % 16]);
-  return tree16(p);
-}
-
 #if FI_X86
-FI_TARGET_AVX512 float sum_squares_avx512(const float* x, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    acc = _mm512_mask3_fmadd_ps(v, v, acc, m);
-  }
-  alignas(64) float p[16];
-  _mm512_store_ps(p, acc);
-  return tree16(p);
-}
-
 // silu(g) * u for 16 values: t = 2^(-|g| log2 e) <= 1; silu = g / (1 + t) for g >= 0 and
 // g t / (1 + t) below.
 FI_TARGET_AVX512 void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n) {
@@ -80,8 +49,7 @@ FI_TARGET_AVX512 void silu_mul_avx512(const float* g, const float* u, float* out
   const __m512 one = _mm512_set1_ps(1.0f);
   int64_t i = 0;
   for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = lanes16(n - i);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
     const __m512 t = exp2_avx512(_mm512_mul_ps(_mm512_abs_ps(gv), c));
     const __mmask16 neg = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
@@ -110,9 +78,9 @@ bool use_avx512() {
 
 float sum_squares(const float* x, int64_t n) {
 #if FI_X86
-  if (use_avx512()) return sum_squares_avx512(x, n);
+  if (use_avx512()) return dot16_avx512(x, x, n);
 #endif
-  return sum_squares_scalar(x, n);
+  return dot16(x, x, n);
 }
 
 void silu_mul(const float* g, const float* u, float* out, int64_t n) {

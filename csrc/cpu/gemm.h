@@ -9,10 +9,7 @@
 //   for k0 = 0, 16, 32, ... < K:  p[l] = fma(x[m, k0 + l], w[n, k0 + l], p[l])  for l in 0..15,
 //       where w is the loader's float32 value of W[n, k] and lanes with k0 + l >= K read
 //       x = w = 0 (the same zero-filled FMA on every path);
-//   then a fixed tree: s8[l] = p[l] + p[l + 8]   (l < 8)
-//                      s4[l] = s8[l] + s8[l + 4] (l < 4)
-//                      s2[l] = s4[l] + s4[l + 2] (l < 2)
-//                      r     = s2[0] + s2[1]
+//   then r = the fixed tree of simd.h over p[0..15];
 //   y[m, n] = r (+ bias[n], one float add).
 // The order depends only on K: never on M, on the row's position, on the tile an output
 // lands in, on the thread count or on the instruction set picked at run time (AVX-512,
@@ -39,6 +36,7 @@
 #include <type_traits>
 
 #include "isa.h"
+#include "simd.h"
 
 namespace fastinfer_cpu {
 namespace gemm {
@@ -74,15 +72,6 @@ inline void store_tile(const Problem<L>& p, int64_t m0, int64_t n0, const float*
 }
 
 inline int64_t group_of(int64_t K, int64_t G) { return G > 0 ? G : K; }
-
-// The contract's fixed tree over 16 lane sums.
-inline float tree16(const float* acc) {
-  float s8[8], s4[4], s2[2];
-  for (int l = 0; l < 8; ++l) s8[l] = acc[l] + acc[l + 8];
-  for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
-  for (int l = 0; l < 2; ++l) s2[l] = s4[l] + s4[l + 2];
-  return s2[0] + s2[1];
-}
 
 // ---------------------------------------------------------------- scalar reference path
 // Portable; emulates the 16 lanes with std::fma (exact single rounding everywhere).
@@ -121,15 +110,6 @@ void block_scalar(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n
 #if FI_X86
 // ---------------------------------------------------------------- AVX2 + FMA path
 // One output = two 8-lane accumulators (lanes 0..7 and 8..15 of the contract).
-
-FI_TARGET_AVX2 inline float reduce16_avx2(__m256 lo, __m256 hi) {
-  const __m256 s8 = _mm256_add_ps(lo, hi);                      // l, l + 8
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8),      // l, l + 4
-                               _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));      // l, l + 2
-  const __m128 r = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x55));  // 0, 1
-  return _mm_cvtss_f32(r);
-}
 
 FI_TARGET_AVX2 inline __m256i tail_mask_avx2(int64_t rem) {  // rem in 1..8 lanes valid
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -209,31 +189,6 @@ void block_avx2(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n_b
 
 // ---------------------------------------------------------------- AVX-512 path
 
-// Reduces 16 accumulators a[0..15] with the contract's tree; lane 4q + j of the result
-// holds the reduction of a[q + 4j].
-FI_TARGET_AVX512 inline __m512 reduce16x16_avx512(const __m512* a) {
-  __m512 c[8];
-  for (int j = 0; j < 8; ++j) {  // l, l + 8
-    const __m512 u = a[2 * j], v = a[2 * j + 1];
-    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
-  }
-  __m512 d[4];
-  for (int j = 0; j < 4; ++j) {  // l, l + 4
-    const __m512 u = c[2 * j], v = c[2 * j + 1];
-    d[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
-  }
-  __m512 e[2];
-  for (int j = 0; j < 2; ++j) {  // l, l + 2
-    const __m512 u = d[2 * j], v = d[2 * j + 1];
-    e[j] = _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xEE));
-  }
-  // 0, 1
-  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
-}
-
-// Accumulator index holding output lane L = r * C + c (see reduce16x16_avx512).
-constexpr int acc_index(int L) { return L / 4 + 4 * (L % 4); }
-
 // R rows x C columns with R * C == 16: 16 zmm accumulators, R + C loads per 16 FMAs.
 // PF: also prefetch the next column strip's weights (first row tile of a strip only).
 template <int R, int C, bool PF, class L>
@@ -263,19 +218,19 @@ FI_TARGET_AVX512 void tile_avx512(const Problem<L>& p, int64_t m0, int64_t n0) {
       for (int c = 0; c < C; ++c) {
         const __m512 wv = p.w.avx512(wc[c], k);
         for (int r = 0; r < R; ++r) {
-          const int i = acc_index(r * C + c);
+          const int i = reduce16x16_slot(r * C + c);
           acc[i] = _mm512_fmadd_ps(xv[r], wv, acc[i]);
         }
       }
     }
     if (k < gend) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (gend - k)) - 1u);
+      const __mmask16 m = lanes16(gend - k);
       __m512 xv[R];
       for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, xr[r] + k);
       for (int c = 0; c < C; ++c) {
         const __m512 wv = p.w.avx512_tail(wc[c], k, m);
         for (int r = 0; r < R; ++r) {
-          const int i = acc_index(r * C + c);
+          const int i = reduce16x16_slot(r * C + c);
           acc[i] = _mm512_fmadd_ps(xv[r], wv, acc[i]);
         }
       }

@@ -18,9 +18,12 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-// Per-function targets of the SIMD code paths (the files build with portable flags).
+// Per-function targets of the SIMD code paths (the files build with portable flags), one per
+// Isa level below: each names the features detect_isa checks for its level.
 #define FI_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FI_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define FI_TARGET_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512dq,avx512bw,avx512vnni,avx2,fma")))
 #endif
 
 namespace fastinfer_cpu {

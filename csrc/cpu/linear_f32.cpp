@@ -13,6 +13,7 @@
 
 #include "gemm.h"
 #include "ops.h"
+#include "simd.h"
 
 namespace fastinfer_cpu {
 namespace {
@@ -64,37 +65,23 @@ struct BF16Rows {
   int64_t group_size() const { return 0; }
   Col col(int64_t n) const { return {w + n * ldw}; }
   void begin_group(Col&, int64_t) const {}
-  static float widen(uint16_t b) {
-    const uint32_t bits = static_cast<uint32_t>(b) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-  float scalar(const Col& c, int64_t k) const { return widen(c.p[k]); }
+  float scalar(const Col& c, int64_t k) const { return widen_bf16(c.p[k]); }
 #if FI_X86
-  FI_TARGET_AVX2 static __m256 widen8(const uint16_t* p) {
-    return _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  }
   FI_TARGET_AVX2 void avx2(const Col& c, int64_t k, __m256& lo, __m256& hi) const {
-    lo = widen8(c.p + k);
-    hi = widen8(c.p + k + 8);
+    lo = widen_bf16_avx2(c.p + k);
+    hi = widen_bf16_avx2(c.p + k + 8);
   }
   FI_TARGET_AVX2 void avx2_tail(const Col& c, int64_t k, __m256i, bool, __m256i, __m256& lo, __m256& hi) const {
     alignas(32) uint16_t buf[16] = {};  // the K tail (< 16 weights) through a zero-padded copy
     std::memcpy(buf, c.p + k, sizeof(uint16_t) * static_cast<size_t>(K - k));
-    lo = widen8(buf);
-    hi = widen8(buf + 8);
+    lo = widen_bf16_avx2(buf);
+    hi = widen_bf16_avx2(buf + 8);
   }
-  FI_TARGET_AVX512 static __m512 widen16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  }
-  FI_TARGET_AVX512 __m512 avx512(const Col& c, int64_t k) const { return widen16(c.p + k); }
+  FI_TARGET_AVX512 __m512 avx512(const Col& c, int64_t k) const { return widen_bf16_avx512(c.p + k); }
   FI_TARGET_AVX512 __m512 avx512_tail(const Col& c, int64_t k, __mmask16) const {
     alignas(32) uint16_t buf[16] = {};
     std::memcpy(buf, c.p + k, sizeof(uint16_t) * static_cast<size_t>(K - k));
-    return widen16(buf);
+    return widen_bf16_avx512(buf);
   }
   FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
     _mm_prefetch(reinterpret_cast<const char*>(c.p + k), _MM_HINT_T0);

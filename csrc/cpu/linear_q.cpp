@@ -47,13 +47,65 @@ inline float e4m3_to_float(uint8_t b) {
   return (b & 0x80u) ? -v : v;
 }
 
-template <int KIND>
-struct QuantRows {
+// W's storage, as every path below reads it.
+struct QuantWeights {
   const uint8_t* codes;  // row n starts at codes + n * row_bytes
   int64_t row_bytes;
-  const float* scales;   // [N, K / G]
-  const float* offsets;  // [N, K / G] or null
+  const float* scales;   // [N, groups]
+  const float* offsets;  // [N, groups] or null
   int64_t groups;        // K / G
+
+  // Row n of W: its codes, its groups' scales and its groups' offsets (null without offsets).
+  const uint8_t* code_row(int64_t n) const { return codes + n * row_bytes; }
+  const float* scale_row(int64_t n) const { return scales + n * groups; }
+  const float* offset_row(int64_t n) const {
+    return offsets != nullptr ? offsets + n * groups : nullptr;
+  }
+};
+
+// ---- The tile scaffold of both AVX-512 paths below (QTileAvx512, AqTileVnni). gemm::run_with
+// splits the product into blocks over the threads and gemm::narrow_blocks walks a block in
+// R x C tiles, calling Kernel::template tile<R, C>(p, m0, n0); the kernel clamps its rows with
+// tile_row, points at its columns with tile_columns and hands its 16-lane accumulators to
+// store_acc. Rows past M and columns past N are clamped onto row M - 1 and column N - 1
+// (computed, never stored), so every stored output goes through the same instructions.
+// Helpers the kernel calls rather than a scaffold calling the kernel: the VNNI kernel's target
+// is wider than AVX-512, so a call into it could not be inlined; and the operands stay plain
+// local arrays because the kernels' register allocation is sensitive to how they arrive (a
+// struct of them measured 5-10% slower).
+template <class W>
+inline int64_t tile_row(const gemm::Problem<W>& p, int64_t m) {
+  return std::min<int64_t>(m, p.M - 1);
+}
+
+// code[c], s[c], o[c]: the codes, group scales and group offsets (null without offsets) of
+// column n0 + c, c < C.
+template <int C, class W>
+inline void tile_columns(const gemm::Problem<W>& p, int64_t n0, const uint8_t** code,
+                         const float** s, const float** o) {
+  // Column blocks are multiples of 16 (gemm::kColAlign): a tile never straddles two blocks.
+  static_assert(gemm::kColAlign % C == 0, "tile width must divide the column block alignment");
+  for (int c = 0; c < C; ++c) {
+    const int64_t n = std::min<int64_t>(n0 + c, p.N - 1);
+    code[c] = p.w.code_row(n);
+    s[c] = p.w.scale_row(n);
+    o[c] = p.w.offset_row(n);
+  }
+}
+
+#if FI_X86
+// Reduces each accumulator of the tile with the contract's tree and stores the outputs.
+template <int R, int C, class W>
+FI_TARGET_AVX512 inline void store_acc(const gemm::Problem<W>& p, int64_t m0, int64_t n0,
+                                       const __m512* acc) {
+  float out[R * C];
+  for (int i = 0; i < R * C; ++i) out[i] = reduce16_avx512(acc[i]);
+  gemm::store_tile<R, C>(p, m0, n0, out);
+}
+#endif
+
+template <int KIND>
+struct QuantRows : QuantWeights {
   int64_t G;
 
   struct Col {
@@ -63,10 +115,7 @@ struct QuantRows {
     float scale, offset;
   };
   int64_t group_size() const { return G; }
-  Col col(int64_t n) const {
-    return {codes + n * row_bytes, scales + n * groups,
-            offsets != nullptr ? offsets + n * groups : nullptr, 0.0f, 0.0f};
-  }
+  Col col(int64_t n) const { return {code_row(n), scale_row(n), offset_row(n), 0.0f, 0.0f}; }
   void begin_group(Col& c, int64_t g) const {
     c.scale = c.s[g];
     c.offset = c.o != nullptr ? c.o[g] : 0.0f;
@@ -166,80 +215,61 @@ struct QuantRows {
 // output still accumulates exactly like the contract (16 lanes, K in order, fma) and is
 // reduced with the same tree, so results equal the other paths bit for bit.
 template <int KIND>
-FI_TARGET_AVX512 inline float reduce16(__m512 a) {
-  return gemm::reduce16_avx2(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-}
-
-template <int R, int C, int KIND>
-FI_TARGET_AVX512 void qtile_avx512(const gemm::Problem<QuantRows<KIND>>& p, int64_t m0, int64_t n0) {
-  // Column blocks are multiples of 16 (gemm::kColAlign): a tile never straddles two blocks.
-  static_assert(gemm::kColAlign % C == 0, "tile width must divide the column block alignment");
-  const QuantRows<KIND>& w = p.w;
-  const float* xr[R];
-  const uint8_t* code[C];
-  const float* srow[C];
-  const float* orow[C];
-  for (int r = 0; r < R; ++r) xr[r] = p.x + std::min<int64_t>(m0 + r, p.M - 1) * p.ldx;
-  for (int c = 0; c < C; ++c) {
-    const int64_t n = std::min<int64_t>(n0 + c, p.N - 1);
-    code[c] = w.codes + n * w.row_bytes;
-    srow[c] = w.scales + n * w.groups;
-    orow[c] = w.offsets != nullptr ? w.offsets + n * w.groups : nullptr;
-  }
-  __m512 acc[R * C];
-  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t G = w.G;
-  for (int64_t g = 0; g < w.groups; ++g) {
-    __m512 s[C], o[C];
-    for (int c = 0; c < C; ++c) {
-      s[c] = _mm512_set1_ps(srow[c][g]);
-      o[c] = orow[c] != nullptr ? _mm512_set1_ps(orow[c][g]) : _mm512_setzero_ps();
-    }
-    const int64_t k_end = (g + 1) * G;
-    if (KIND == kU4) {
-      for (int64_t k = g * G; k < k_end; k += 32) {  // one 16-byte run: inputs k..k+31
-        __m512 x0[R], x1[R];
-        for (int r = 0; r < R; ++r) {
-          x0[r] = _mm512_loadu_ps(xr[r] + k);
-          x1[r] = _mm512_loadu_ps(xr[r] + k + 16);
-        }
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) {
-          const __m512i v = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(code[c] + (k >> 1))));
-          const __m512 w0 = _mm512_fmadd_ps(
-              _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), s[c], o[c]);
-          const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s[c], o[c]);
-          for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(x0[r], w0, acc[r * C + c]);
-          for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(x1[r], w1, acc[r * C + c]);
-        }
-      }
-    } else {
-      for (int64_t k = g * G; k < k_end; k += 16) {
-        __m512 xv[R];
-        for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(xr[r] + k);
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) {
-          const __m512i v = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(code[c] + k)));
-          const __m512 q = KIND == kS8 ? _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24))
-                                       : QuantRows<KIND>::e4m3_avx512(v);
-          const __m512 wv = _mm512_fmadd_ps(q, s[c], o[c]);
-          for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(xv[r], wv, acc[r * C + c]);
-        }
-      }
-    }
-  }
-  float out[R * C];
-  for (int i = 0; i < R * C; ++i) out[i] = reduce16<KIND>(acc[i]);
-  gemm::store_tile<R, C>(p, m0, n0, out);
-}
-
-template <int KIND>
-struct QTiles {
+struct QTileAvx512 {
   template <int R, int C>
-  static void tile(const gemm::Problem<QuantRows<KIND>>& p, int64_t m, int64_t n) {
-    qtile_avx512<R, C, KIND>(p, m, n);
+  FI_TARGET_AVX512 static void tile(const gemm::Problem<QuantRows<KIND>>& p, int64_t m0, int64_t n0) {
+    const QuantRows<KIND>& w = p.w;
+    const float* xr[R];
+    const uint8_t* code[C];
+    const float* srow[C];
+    const float* orow[C];
+    for (int r = 0; r < R; ++r) xr[r] = p.x + tile_row(p, m0 + r) * p.ldx;
+    tile_columns<C>(p, n0, code, srow, orow);
+    __m512 acc[R * C];
+    for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+    const int64_t G = w.G;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      __m512 s[C], o[C];
+      for (int c = 0; c < C; ++c) {
+        s[c] = _mm512_set1_ps(srow[c][g]);
+        o[c] = orow[c] != nullptr ? _mm512_set1_ps(orow[c][g]) : _mm512_setzero_ps();
+      }
+      const int64_t k_end = (g + 1) * G;
+      if (KIND == kU4) {
+        for (int64_t k = g * G; k < k_end; k += 32) {  // one 16-byte run: inputs k..k+31
+          __m512 x0[R], x1[R];
+          for (int r = 0; r < R; ++r) {
+            x0[r] = _mm512_loadu_ps(xr[r] + k);
+            x1[r] = _mm512_loadu_ps(xr[r] + k + 16);
+          }
+#pragma GCC unroll 4
+          for (int c = 0; c < C; ++c) {
+            const __m512i v = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(code[c] + (k >> 1))));
+            const __m512 w0 = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), s[c], o[c]);
+            const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s[c], o[c]);
+            for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(x0[r], w0, acc[r * C + c]);
+            for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(x1[r], w1, acc[r * C + c]);
+          }
+        }
+      } else {
+        for (int64_t k = g * G; k < k_end; k += 16) {
+          __m512 xv[R];
+          for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(xr[r] + k);
+#pragma GCC unroll 4
+          for (int c = 0; c < C; ++c) {
+            const __m512i v = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(code[c] + k)));
+            const __m512 q = KIND == kS8 ? _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24))
+                                         : QuantRows<KIND>::e4m3_avx512(v);
+            const __m512 wv = _mm512_fmadd_ps(q, s[c], o[c]);
+            for (int r = 0; r < R; ++r) acc[r * C + c] = _mm512_fmadd_ps(xv[r], wv, acc[r * C + c]);
+          }
+        }
+      }
+    }
+    store_acc<R, C>(p, m0, n0, acc);
   }
 };
 #endif
@@ -402,13 +432,9 @@ void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRow
   }
 }
 
-struct AqProblem {
+struct AqProblem : QuantWeights {
   const AqTables* t;
   const AqRows* rows;
-  const uint8_t* codes;
-  int64_t row_bytes;
-  const float* scales;
-  const float* offsets;  // may be null
   // gemm::Problem needs a loader type; the activation-quantized blocks read only these fields.
   int64_t group_size() const { return t->G; }
 };
@@ -422,9 +448,9 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
   const AqProblem& w = p.w;
   const AqTables& t = *w.t;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* code = w.codes + n * w.row_bytes;
-    const float* srow = w.scales + n * t.groups;
-    const float* orow = w.offsets != nullptr ? w.offsets + n * t.groups : nullptr;
+    const uint8_t* code = w.code_row(n);
+    const float* srow = w.scale_row(n);
+    const float* orow = w.offset_row(n);
     for (int64_t m = m_begin; m < m_end; ++m) {
       const int8_t* xq = w.rows->xq.data() + m * t.K;
       float acc[16];
@@ -460,128 +486,109 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
           if (orow != nullptr) acc[l] = std::fma(w.rows->u[at + l], orow[g], acc[l]);
         }
       }
-      float out = gemm::tree16(acc);
+      float out = tree16(acc);
       gemm::store_tile<1, 1>(p, m, n, &out);
     }
   }
 }
 
 #if FI_X86
-#define FI_TARGET_VNNI __attribute__((target("avx512f,avx512dq,avx512bw,avx512vnni,avx2,fma")))
-
-FI_TARGET_VNNI inline float reduce16_vnni(__m512 a) {
-  return gemm::reduce16_avx2(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-}
-
 // R rows x C columns; each column's codes are unpacked once per chunk for all R rows.
-template <int R, int C, int KIND, int PF = 3>
-FI_TARGET_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
-  static_assert(gemm::kColAlign % C == 0, "tile width must divide the column block alignment");
-  const AqProblem& w = p.w;
-  const AqTables& t = *w.t;
-  const AqRows& rows = *w.rows;
-  const int8_t* xq[R];
-  const float* dx[R];
-  const float* ur[R];
-  const int32_t* cr[R];
-  for (int r = 0; r < R; ++r) {
-    const int64_t m = std::min<int64_t>(m0 + r, p.M - 1);
-    xq[r] = rows.xq.data() + m * t.K;
-    dx[r] = rows.dx.data() + m * t.nchunks * 16;
-    ur[r] = rows.u.data() + m * t.nchunks * 16;
-    cr[r] = rows.corr.data() + m * t.nchunks * 16;
-  }
-  const uint8_t* code[C];
-  const float* srow[C];
-  const float* orow[C];
-  for (int c = 0; c < C; ++c) {
-    const int64_t n = std::min<int64_t>(n0 + c, p.N - 1);
-    code[c] = w.codes + n * w.row_bytes;
-    srow[c] = w.scales + n * t.groups;
-    orow[c] = w.offsets != nullptr ? w.offsets + n * t.groups : nullptr;
-  }
-  const bool has_off = w.offsets != nullptr;
-  __m512 acc[R * C];
-  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t ch = 0; ch < t.nchunks; ++ch) {
-    const int64_t start = ch * t.chunk;
-    const int nbytes = t.nbytes[ch];
-    const __mmask64 cmask = nbytes >= 64 ? ~0ULL : ((1ULL << nbytes) - 1ULL);
-    const __mmask16 gmask = static_cast<__mmask16>((1u << t.gcnt[ch]) - 1u);
-    const __m512i gidx = _mm512_loadu_si512(t.gidx.data() + ch * 16);
-    const int64_t g0 = t.g0[ch];
-    if (PF > 0) {  // the weights PF tiles ahead, chunk by chunk: hide DRAM latency on decode
-      const int64_t ahead = n0 + PF * C;
-      if (ahead + C <= p.N) {
-        const int64_t cb = start / (KIND == kU4 ? 2 : 1);
-        for (int c = 0; c < C; ++c) {
-          const uint8_t* q = w.codes + (ahead + c) * w.row_bytes + cb;
-          for (int b = 0; b < nbytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(q + b), _MM_HINT_T0);
-        }
-        {
+template <int KIND>
+struct AqTileVnni {
+  template <int R, int C, int PF = 3>
+  FI_TARGET_AVX512_VNNI static void tile(const AqGemm& p, int64_t m0, int64_t n0) {
+    const AqProblem& w = p.w;
+    const AqTables& t = *w.t;
+    const AqRows& rows = *w.rows;
+    const int8_t* xq[R];
+    const float* dx[R];
+    const float* ur[R];
+    const int32_t* cr[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = tile_row(p, m0 + r);
+      xq[r] = rows.xq.data() + m * t.K;
+      dx[r] = rows.dx.data() + m * t.nchunks * 16;
+      ur[r] = rows.u.data() + m * t.nchunks * 16;
+      cr[r] = rows.corr.data() + m * t.nchunks * 16;
+    }
+    const uint8_t* code[C];
+    const float* srow[C];
+    const float* orow[C];
+    tile_columns<C>(p, n0, code, srow, orow);
+    const bool has_off = w.offsets != nullptr;
+    __m512 acc[R * C];
+    for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t ch = 0; ch < t.nchunks; ++ch) {
+      const int64_t start = ch * t.chunk;
+      const int nbytes = t.nbytes[ch];
+      const __mmask64 cmask = nbytes >= 64 ? ~0ULL : ((1ULL << nbytes) - 1ULL);
+      const __mmask16 gmask = static_cast<__mmask16>((1u << t.gcnt[ch]) - 1u);
+      const __m512i gidx = _mm512_loadu_si512(t.gidx.data() + ch * 16);
+      const int64_t g0 = t.g0[ch];
+      if (PF > 0) {  // the weights PF tiles ahead, chunk by chunk: hide DRAM latency on decode
+        const int64_t ahead = n0 + PF * C;
+        if (ahead + C <= p.N) {
+          const int64_t cb = start / (KIND == kU4 ? 2 : 1);
           for (int c = 0; c < C; ++c) {
-            _mm_prefetch(reinterpret_cast<const char*>(w.scales + (ahead + c) * t.groups + g0), _MM_HINT_T0);
-            if (has_off)
-              _mm_prefetch(reinterpret_cast<const char*>(w.offsets + (ahead + c) * t.groups + g0), _MM_HINT_T0);
+            const uint8_t* q = w.code_row(ahead + c) + cb;
+            for (int b = 0; b < nbytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(q + b), _MM_HINT_T0);
+          }
+          {
+            for (int c = 0; c < C; ++c) {
+              _mm_prefetch(reinterpret_cast<const char*>(w.scale_row(ahead + c) + g0), _MM_HINT_T0);
+              if (has_off)
+                _mm_prefetch(reinterpret_cast<const char*>(w.offset_row(ahead + c) + g0), _MM_HINT_T0);
+            }
+          }
+        }
+      }
+      __m512i lo[C], hi[C];
+      __m512 s[C], o[C];
+      for (int c = 0; c < C; ++c) {
+        const __m512i v = _mm512_maskz_loadu_epi8(cmask, code[c] + start / (KIND == kU4 ? 2 : 1));
+        if (KIND == kU4) {
+          lo[c] = _mm512_and_si512(v, nib);
+          hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        } else {
+          lo[c] = _mm512_xor_si512(v, bias);  // s8 code + 128, an unsigned byte
+        }
+        s[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, srow[c] + g0));
+        o[c] = has_off ? _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, orow[c] + g0))
+                       : _mm512_setzero_ps();
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 DX = _mm512_loadu_ps(dx[r] + ch * 16);
+        const __m512 U = _mm512_loadu_ps(ur[r] + ch * 16);
+        if (KIND == kU4) {
+          const int half = nbytes;  // a chunk's low-nibble inputs, then its high-nibble ones
+          const __m512i xl = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
+          const __m512i xh = _mm512_maskz_loadu_epi8(cmask, xq[r] + start + half);
+          for (int c = 0; c < C; ++c) {
+            const __m512i I = _mm512_dpbusd_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xl), hi[c], xh);
+            const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
+            __m512& a = acc[r * C + c];
+            a = _mm512_fmadd_ps(T, s[c], a);
+            if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
+          }
+        } else {
+          const __m512i xv = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
+          const __m512i corr = _mm512_loadu_si512(cr[r] + ch * 16);
+          for (int c = 0; c < C; ++c) {
+            const __m512i I =
+                _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xv), corr);
+            const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
+            __m512& a = acc[r * C + c];
+            a = _mm512_fmadd_ps(T, s[c], a);
+            if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
           }
         }
       }
     }
-    __m512i lo[C], hi[C];
-    __m512 s[C], o[C];
-    for (int c = 0; c < C; ++c) {
-      const __m512i v = _mm512_maskz_loadu_epi8(cmask, code[c] + start / (KIND == kU4 ? 2 : 1));
-      if (KIND == kU4) {
-        lo[c] = _mm512_and_si512(v, nib);
-        hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-      } else {
-        lo[c] = _mm512_xor_si512(v, bias);  // s8 code + 128, an unsigned byte
-      }
-      s[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, srow[c] + g0));
-      o[c] = has_off ? _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, orow[c] + g0))
-                     : _mm512_setzero_ps();
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 DX = _mm512_loadu_ps(dx[r] + ch * 16);
-      const __m512 U = _mm512_loadu_ps(ur[r] + ch * 16);
-      if (KIND == kU4) {
-        const int half = nbytes;  // a chunk's low-nibble inputs, then its high-nibble ones
-        const __m512i xl = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
-        const __m512i xh = _mm512_maskz_loadu_epi8(cmask, xq[r] + start + half);
-        for (int c = 0; c < C; ++c) {
-          const __m512i I = _mm512_dpbusd_epi32(
-              _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xl), hi[c], xh);
-          const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
-          __m512& a = acc[r * C + c];
-          a = _mm512_fmadd_ps(T, s[c], a);
-          if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
-        }
-      } else {
-        const __m512i xv = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
-        const __m512i corr = _mm512_loadu_si512(cr[r] + ch * 16);
-        for (int c = 0; c < C; ++c) {
-          const __m512i I =
-              _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xv), corr);
-          const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
-          __m512& a = acc[r * C + c];
-          a = _mm512_fmadd_ps(T, s[c], a);
-          if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
-        }
-      }
-    }
-  }
-  float out[R * C];
-  for (int i = 0; i < R * C; ++i) out[i] = reduce16_vnni(acc[i]);
-  gemm::store_tile<R, C>(p, m0, n0, out);
-}
-
-template <int KIND>
-struct AqTiles {
-  template <int R, int C>
-  static void tile(const AqGemm& p, int64_t m, int64_t n) {
-    aq_tile_vnni<R, C, KIND>(p, m, n);
+    store_acc<R, C>(p, m0, n0, acc);
   }
 };
 #endif
@@ -601,7 +608,7 @@ void pc_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
   const AqProblem& w = p.w;
   const AqTables& t = *w.t;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* code = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+    const int8_t* code = reinterpret_cast<const int8_t*>(w.code_row(n));
     for (int64_t m = m_begin; m < m_end; ++m) {
       const int8_t* xq = w.rows->xq.data() + m * t.K;
       float acc[16] = {};
@@ -614,7 +621,7 @@ void pc_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
           acc[l] = std::fma(static_cast<float>(dot), DX[l], acc[l]);
         }
       }
-      float out = gemm::tree16(acc) * w.scales[n];
+      float out = tree16(acc) * w.scales[n];
       gemm::store_tile<1, 1>(p, m, n, &out);
     }
   }
@@ -624,14 +631,14 @@ void pc_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
 // Rows m0..m0+R-1 and columns n0..n0+C-1, all inside the problem (the block walk sends tails
 // to narrower tiles, so that no pointer is clamped and the row pointers are one base + stride).
 template <int R, int C, int PF = 3>
-FI_TARGET_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
+FI_TARGET_AVX512_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
   const AqProblem& w = p.w;
   const AqTables& t = *w.t;
   const int64_t K = t.K, rs = t.nchunks * 16, cb = w.row_bytes;
   const int8_t* xq = w.rows->xq.data() + m0 * K;
   const float* dx = w.rows->dx.data() + m0 * rs;
   const int32_t* cr = w.rows->corr.data() + m0 * rs;
-  const uint8_t* code = w.codes + n0 * cb;
+  const uint8_t* code = w.code_row(n0);
   const bool ahead = PF > 0 && n0 + (PF + 1) * C <= p.N;
   __m512 acc[R * C];
   for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
@@ -658,7 +665,7 @@ FI_TARGET_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
   }
   float out[R * C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[r * C + c] = reduce16_vnni(acc[r * C + c]) * w.scales[n0 + c];
+    for (int c = 0; c < C; ++c) out[r * C + c] = reduce16_avx512(acc[r * C + c]) * w.scales[n0 + c];
   gemm::store_tile<R, C>(p, m0, n0, out);
 }
 
@@ -700,13 +707,13 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
   const AqTables& tables = *found;
   thread_local AqRows rows;  // reused: no allocation per call once warm
   aq_prepare(tables, x, ldx, M, rows);
-  const AqGemm p = gemm::make_problem(x, ldx, AqProblem{&tables, &rows, codes, row_bytes, scales, offsets},
-                                      bias, y, M, N, K);
+  const AqProblem w{{codes, row_bytes, scales, offsets, tables.groups}, &tables, &rows};
+  const AqGemm p = gemm::make_problem(x, ldx, w, bias, y, M, N, K);
   const bool pc = per_channel(KIND, tables.groups, offsets);
   gemm::BlockFn<AqProblem> fn = pc ? pc_block_scalar : aq_block_scalar<KIND>;
 #if FI_X86
   if (current_isa() >= Isa::kAvx512Vnni)
-    fn = pc ? pc_blocks_vnni : gemm::narrow_blocks<AqTiles<KIND>, AqProblem>;
+    fn = pc ? pc_blocks_vnni : gemm::narrow_blocks<AqTileVnni<KIND>, AqProblem>;
 #endif
   gemm::run_with(p, fn);
 }
@@ -715,10 +722,10 @@ template <int KIND>
 void run_kind(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
               const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
               int64_t M, int64_t N, int64_t K) {
-  const auto p = gemm::make_problem(x, ldx, QuantRows<KIND>{codes, row_bytes, scales, offsets, K / G, G},
-                                    bias, y, M, N, K);
+  const QuantRows<KIND> w{{codes, row_bytes, scales, offsets, K / G}, G};
+  const auto p = gemm::make_problem(x, ldx, w, bias, y, M, N, K);
 #if FI_X86
-  gemm::run(p, gemm::narrow_blocks<QTiles<KIND>, QuantRows<KIND>>);
+  gemm::run(p, gemm::narrow_blocks<QTileAvx512<KIND>, QuantRows<KIND>>);
 #else
   gemm::run(p);
 #endif

@@ -15,8 +15,7 @@
 //   qs = q * (scale * log2(e))                     (float32, one rounding per element)
 //   keys are visited in tiles of 16 at absolute positions [16t, 16t + 16), t = 0, 1, ...;
 //   a row skips the keys past its position (never read when past the sequence's length).
-//   score of key c: 16 lane partial sums over d mod 16 (fma, d ascending), then the tree
-//       s8[l] = p[l] + p[l+8], s4 = s8[l] + s8[l+4], s2 = s4[l] + s4[l+2], s = s2[0] + s2[1]
+//   score of key c: dot(qs, k_c) in simd.h's 16-lane order (lanes over d mod 16, then its tree)
 //   per tile: m' = max(m, max_c s_c); alpha = 2^(m - m'); p_c = 2^(s_c - m');
 //       l = l * alpha + sum_c p_c (a fixed horizontal sum); acc = acc * alpha, then
 //       acc = fma(p_c, v_c, acc) for the tile's keys in ascending order;
@@ -40,15 +39,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "isa.h"
 #include "kv_format.h"
 #include "ops.h"
-#include "simd_math.h"
-
+#include "simd.h"
 
 namespace fastinfer_cpu {
 namespace {
@@ -71,16 +68,6 @@ struct TileArgs {
 };
 
 // ---------------------------------------------------------------- portable path
-inline float dot_lanes_scalar(const float* q, const float* k, int64_t D) {
-  float p[16] = {};
-  for (int64_t d0 = 0; d0 < D; d0 += 16)
-    for (int l = 0; l < 16; ++l) p[l] = std::fma(q[d0 + l], k[d0 + l], p[l]);
-  float s8[8], s4[4];
-  for (int l = 0; l < 8; ++l) s8[l] = p[l] + p[l + 8];
-  for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
 void tile_scalar(const TileArgs& a) {
   const int64_t D = a.D;
   float s[kTile], p[kTile];
@@ -88,7 +75,7 @@ void tile_scalar(const TileArgs& a) {
     const int nv = a.valid[r];
     float tmax = kNegInf;
     for (int c = 0; c < nv; ++c) {
-      s[c] = dot_lanes_scalar(a.q[r], a.k[c], D);
+      s[c] = dot16(a.q[r], a.k[c], D);
       tmax = std::max(tmax, s[c]);
     }
     const float m_new = std::max(a.m[r], tmax);
@@ -110,34 +97,11 @@ void tile_scalar(const TileArgs& a) {
 }
 
 void bf16_to_f32_scalar(const uint16_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(float));
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen_bf16(src[i]);
 }
 
 #if FI_X86
 // ---------------------------------------------------------------- AVX-512 path
-
-// a[i] holds the 16 lane partials of key (i % 4) * 4 + i / 4; returns the 16 scores in key
-// order, each reduced with the contract's tree (lanes l + 8, then l + 4, l + 2, l + 1).
-FI_TARGET_AVX512 inline __m512 reduce_scores(const __m512* a) {
-  __m512 c[8], d[4], e[2];
-  for (int j = 0; j < 8; ++j) {  // s8: quarters (0,1) + (2,3) of a[2j] and of a[2j+1]
-    const __m512 u = a[2 * j], v = a[2 * j + 1];
-    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x44), _mm512_shuffle_f32x4(u, v, 0xEE));
-  }
-  for (int j = 0; j < 4; ++j) {  // s4: quarter k of d[j] belongs to a[4j + k]
-    const __m512 u = c[2 * j], v = c[2 * j + 1];
-    d[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
-  }
-  for (int j = 0; j < 2; ++j) {  // s2
-    const __m512 u = d[2 * j], v = d[2 * j + 1];
-    e[j] = _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xEE));
-  }
-  // lane 4k + j <- a[k + 4j]
-  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
-}
 
 // acc[d0 .. d0 + 16 NV) = acc * alpha, then += p_c * v_c for c < nv, in key order.
 template <int NV>
@@ -164,8 +128,9 @@ FI_TARGET_AVX512 void pv_row(float* acc, const float* p, int nv, const float* co
 
 FI_TARGET_AVX512 void tile_avx512(const TileArgs& a) {
   const int64_t D = a.D;
-  const float* k[kTile];  // k[i]: the key whose partials accumulate in acc register i
-  for (int i = 0; i < kTile; ++i) k[i] = a.k[(i % 4) * 4 + i / 4];
+  // k[i]: the key whose partials accumulate in register i, so the scores come out in key order
+  const float* k[kTile];
+  for (int i = 0; i < kTile; ++i) k[i] = a.k[reduce16x16_slot(i)];
   alignas(64) float p[kTile];
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* q = a.q[r];
@@ -177,8 +142,8 @@ FI_TARGET_AVX512 void tile_avx512(const TileArgs& a) {
         part[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[i] + d0), part[i]);
     }
     const int nv = a.valid[r];
-    const __mmask16 live = static_cast<__mmask16>((1u << nv) - 1u);
-    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), live, reduce_scores(part));
+    const __m512 s =
+        _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), lanes16(nv), reduce16x16_avx512(part));
     const float m_old = a.m[r];
     const float m_new = std::max(m_old, _mm512_reduce_max_ps(s));
     const __m512 pv = exp2_avx512(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
@@ -193,10 +158,7 @@ FI_TARGET_AVX512 void tile_avx512(const TileArgs& a) {
 
 FI_TARGET_AVX512 void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, widen_bf16_avx512(src + i));
   bf16_to_f32_scalar(src + i, dst + i, n - i);
 }
 #endif  // FI_X86
