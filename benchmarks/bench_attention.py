@@ -16,8 +16,9 @@ import time
 import torch
 from timing import parse_native_args, times_ms  # benchmarks/timing.py (run as a script from anywhere)
 
-from fastinfer.ops import cpu_native, reference
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops import reference
+from fastinfer.ops.backends import cpu_native
+from fastinfer.common.metadata import AttentionMetadata
 
 DECODE = [(b, n) for b in (1, 8, 32) for n in (128, 512, 2048)]  # (batch, context length)
 PREFILL = [128, 512, 2048]

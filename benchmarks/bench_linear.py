@@ -15,7 +15,7 @@ import torch
 from timing import parse_native_args, times_ms  # benchmarks/timing.py (run as a script from anywhere)
 import torch.nn.functional as F
 
-from fastinfer.ops import cpu_native
+from fastinfer.ops.backends import cpu_native
 
 MODEL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
 BATCHES = [1, 8, 32, 128, 512]

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from fastinfer.ops import cpu_native
+from fastinfer.ops.backends import cpu_native
 
 
 def times_ms(fns, repeats: int, warmup: int = 3) -> list[list[float]]:

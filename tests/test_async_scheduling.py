@@ -107,9 +107,10 @@ def test_an_exception_in_a_step_loses_nothing(smollm, monkeypatch):
     """A failure while the host settles a step's tokens (here: in the stop checks of the third
     settled token) propagates; the next steps settle the rest, and every request still ends
     with one final output, no placeholder in its tokens, and the engine serves on."""
-    from fastinfer.engine.engine import PENDING, Engine
+    from fastinfer.engine.engine import PENDING
+    from fastinfer.engine.output_processor import OutputProcessor
 
-    real_check, calls = Engine._check_token, []
+    real_check, calls = OutputProcessor.accept, []
 
     def check(self, *args):
         calls.append(1)
@@ -117,7 +118,7 @@ def test_an_exception_in_a_step_loses_nothing(smollm, monkeypatch):
             raise RuntimeError("injected")
         return real_check(self, *args)
 
-    monkeypatch.setattr(Engine, "_check_token", check)
+    monkeypatch.setattr(OutputProcessor, "accept", check)
     engine = make_engine(smollm, kv_cache_memory="64MiB", max_num_seqs=4, async_scheduling=True)
     ids = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)) for p in PROMPTS]
     finals, failed = {}, 0

@@ -98,11 +98,13 @@ def test_an_interrupted_generate_aborts_its_requests(llm, monkeypatch):
     assert llm.stats()["num_steps"] - steps_before == 4
 
 
-@pytest.mark.parametrize("where,at_call", [("_append", 1), ("_append", 4), ("_emit", 1), ("_emit", 3)])
-def test_an_interrupt_inside_a_step_neither_hangs_nor_leaks(llm, monkeypatch, where, at_call):
+@pytest.mark.parametrize("owner,where,at_call", [("engine", "_append", 1), ("engine", "_append", 4),
+                                                  ("outputs", "emit", 1), ("outputs", "emit", 3)])
+def test_an_interrupt_inside_a_step_neither_hangs_nor_leaks(llm, monkeypatch, owner, where, at_call):
     # one request finishes at its 2nd token, so an interrupt can land after it ended but
     # before its final output was emitted
-    real, calls = getattr(llm.engine, where), []
+    target = llm.engine if owner == "engine" else llm.engine.outputs
+    real, calls = getattr(target, where), []
 
     def interrupt_once(*args):
         calls.append(1)
@@ -112,7 +114,7 @@ def test_an_interrupt_inside_a_step_neither_hangs_nor_leaks(llm, monkeypatch, wh
             raise AssertionError("the engine kept stepping after the interrupt")
         return real(*args)
 
-    monkeypatch.setattr(llm.engine, where, interrupt_once)
+    monkeypatch.setattr(target, where, interrupt_once)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(["Short", "Longer one"], [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
                                                SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)],
@@ -201,7 +203,7 @@ def test_a_failed_kv_allocation_is_a_config_error(tiny_folder, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr("fastinfer.engine.engine.KVCache", no_memory)
+    monkeypatch.setattr("fastinfer.engine.memory.KVCache", no_memory)
     with pytest.raises(ConfigError, match=r"cannot allocate the KV cache \(\d+ blocks of \d+ bytes\) on cpu") as info:
         make_engine(loaded, kv_cache_memory="4MiB")
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)

@@ -11,6 +11,7 @@ import torch
 
 from fastinfer import EngineConfig, SamplingParams, ops
 from fastinfer.engine.engine import Engine
+from fastinfer.engine.memory import profile_step
 from fastinfer.errors import ConfigError
 from fastinfer.model.runner import ModelRunner
 from fastinfer.ops import dispatch, reference
@@ -50,12 +51,13 @@ def test_select_takes_the_forced_backend_where_it_applies(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     assert dispatch.select("rms_norm", x, w, 1e-5) is reference.rms_norm
     with dispatch.forcing("cpu"):  # the engine's field wins over the environment
-        assert ops.forced_backend() == "cpu_native"
-        want = next(i.fn for i in ops.implementations("rms_norm") if i.applies(x, w, 1e-5))
+        assert dispatch.forced_backend() == "cpu_native"
+        want = next(i.fn for i in ops.implementations("rms_norm")
+                    if i.backend in ("cpu_native", "reference") and i.applies(x, w, 1e-5))
         assert dispatch.select("rms_norm", x, w, 1e-5) is want
     monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="FASTINFER_OPS_BACKEND must be one of reference, triton, cpu, cuda"):
-        ops.forced_backend()
+        dispatch.forced_backend()
     with pytest.raises(ConfigError, match="FASTINFER_OPS_BACKEND"):
         EngineConfig(device="cpu")
 
@@ -135,10 +137,32 @@ def test_profile_step_runs_the_largest_step_over_a_scratch_cache(tiny_gqa, monke
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 1000)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 1500)
-    peak = engine._profile_step([40, 17, 1])
+    peak = profile_step(engine.config, engine.loaded, engine.device, engine.kv_dtype, [40, 17, 1])
     vocab = engine.loaded.config.vocab_size
     assert peak == 500 + 3 * 3 * vocab * 4
     assert seen["lens"] == [40, 17, 1]
     bs = engine.config.block_size
     assert [len(t) for t in seen["tables"]] == [-(-40 // bs), -(-17 // bs), 1]
     assert sorted(b for t in seen["tables"] for b in t) == list(range(sum(len(t) for t in seen["tables"])))
+
+
+def test_dispatch_skips_fused_ops_under_another_backend_and_waits_to_be_forced(monkeypatch):
+    """A fused implementation (the native decoder_layers) is skipped while another backend is
+    forced, so the reference runs the layers op by op on it; an implementation registered with
+    ``only_if_forced`` (Triton's interpreter on CPU tensors) is taken there only when forced."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_REGISTRY", {})
+    dispatch.register("fused_demo", "reference", lambda: "reference")
+    dispatch.register("fused_demo", "cpu_native", lambda: "fused", fused=True)
+    assert dispatch.select("fused_demo")() == "fused"
+    with dispatch.forcing("cpu"):
+        assert dispatch.select("fused_demo")() == "fused"
+    for other in ("triton", "reference"):
+        with dispatch.forcing(other):
+            assert dispatch.select("fused_demo")() == "reference"
+    dispatch.register("interp_demo", "reference", lambda where: "reference")
+    dispatch.register("interp_demo", "triton", lambda where: "triton", only_if_forced=lambda where: where == "cpu")
+    assert dispatch.select("interp_demo", "cpu")("cpu") == "reference"
+    assert dispatch.select("interp_demo", "cuda")("cuda") == "triton"
+    with dispatch.forcing("triton"):
+        assert dispatch.select("interp_demo", "cpu")("cpu") == "triton"

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from fastinfer.bench.workload import corpus_text
+
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 TOKENIZER_VOCAB = 4096
 """Entries of the trained tokenizer (BOS = 0, EOS = 1); the real shapes keep their own larger
@@ -102,33 +104,9 @@ def weight_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return (config.num_hidden_layers * per_layer + config.vocab_size * h) * dtype_bytes
 
 
-def _corpus() -> str:
-    """English prose for the tokenizer: CPython's language reference (``pydoc_data``), or the
-    standard library's docstrings where a distribution leaves ``pydoc_data`` out."""
-    try:
-        import pydoc_data.topics as topics
-
-        return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-    except ImportError:
-        import collections
-        import inspect
-        import json as json_mod
-        import os as os_mod
-        import re
-        import string
-
-        docs = []
-        for mod in (os_mod, re, json_mod, collections, inspect, string, argparse):
-            for _, obj in sorted(vars(mod).items()):
-                doc = getattr(obj, "__doc__", None)
-                if isinstance(doc, str):
-                    docs.append(doc)
-        return "\n\n".join(docs)
-
-
 def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
     """A byte-level BPE ``tokenizers.Tokenizer`` trained (deterministically, ~0.2 s) on
-    :func:`_corpus`, BOS id 0 and EOS id 1, BOS prepended by its post-processor."""
+    :func:`~fastinfer.bench.workload.corpus_text`, BOS id 0 and EOS id 1, BOS prepended by its post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -136,7 +114,7 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = _corpus()
+    text = corpus_text()
     tok.train_from_iterator([text[i:i + 4096] for i in range(0, len(text), 4096)], trainer)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, 0), (EOS, 1)])

@@ -70,21 +70,37 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _git(cwd: str, *args: str) -> str | None:
+    """``git args`` run in ``cwd``: its output, or None when git fails or is absent."""
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _package_dir() -> str:
+    import fastinfer
+
+    return os.path.dirname(os.path.abspath(fastinfer.__file__))
+
+
 def _git_sha(package_dir: str) -> str | None:
     """HEAD of the checkout that holds the package, or None when the package is not inside its
     own checkout (an installed wheel, even one inside some other repository, has no sha)."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True,
-                                 timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    top = git("rev-parse", "--show-toplevel")
+    top = _git(package_dir, "rev-parse", "--show-toplevel")
     if top is None or os.path.realpath(top) != os.path.realpath(os.path.dirname(package_dir)):
         return None
-    return git("rev-parse", "HEAD")
+    return _git(package_dir, "rev-parse", "HEAD")
+
+
+def checkout_dirty() -> bool:
+    """True when the fastinfer checkout has uncommitted changes to tracked files (False when
+    there are none, or when fastinfer is not inside its own checkout)."""
+    package_dir = _package_dir()
+    if _git_sha(package_dir) is None:
+        return False
+    return bool(_git(package_dir, "status", "--porcelain", "--untracked-files=no"))
 
 
 def collect_env(threads: int | None = None) -> dict[str, Any]:
@@ -102,7 +118,7 @@ def collect_env(threads: int | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "gpu": gpu,
-        "git_sha": _git_sha(os.path.dirname(os.path.abspath(fastinfer.__file__))),
+        "git_sha": _git_sha(_package_dir()),
         "threads": threads if threads is not None else torch.get_num_threads(),
     }
 

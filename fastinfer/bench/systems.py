@@ -13,7 +13,7 @@ from fastinfer.bench.memory import PeakMemory
 from fastinfer.engine.engine import Engine
 from fastinfer.kv_cache.cache import KVCache
 from fastinfer.model.llama import LlamaForCausalLM
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.metadata import AttentionMetadata
 from fastinfer.sampling.params import SamplingParams
 
 Progress = Callable[[int], None]
@@ -64,6 +64,29 @@ def _noop(_: int) -> None:
     pass
 
 
+Serve = Callable[[list[list[int]], list[int], float], list[RequestRecord]]
+"""Serves a chunk of requests (prompts, output lengths) that all arrived at the given time
+(``time.monotonic()``); returns one record per request, in order."""
+
+
+def timed_run(name: str, device: torch.device | str, prompts: list[list[int]], output_lens: list[int],
+              serve: Serve, progress: Progress = _noop, chunk: int | None = 1) -> SystemRun:
+    """The timed loop every system shares: all requests arrive at the start; ``serve`` gets
+    them ``chunk`` at a time (all at once when ``chunk`` is None) under one wall clock and one
+    peak-memory watch, and ``progress(k)`` follows each chunk of k. Raises unless every request
+    generated exactly the tokens it was asked for."""
+    step = chunk or max(len(prompts), 1)
+    records: list[RequestRecord] = []
+    with PeakMemory(device) as mem:
+        start, arrival = time.perf_counter(), time.monotonic()
+        for b in range(0, len(prompts), step):
+            done = serve(prompts[b:b + step], output_lens[b:b + step], arrival)
+            records += done
+            progress(len(done))
+        total = time.perf_counter() - start
+    return SystemRun(name, total, records, mem.peak_mb).check(output_lens)
+
+
 class FastinferSystem:
     """fastinfer's engine: every request submitted at once, continuous batching."""
 
@@ -73,21 +96,17 @@ class FastinferSystem:
         self.engine = engine
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
-        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
-        with PeakMemory(self.engine.device) as mem:
-            start = time.perf_counter()
-            mono0 = time.monotonic()
-            ids = [self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-                   for p, n in zip(prompts, output_lens)]
-            finals = self.engine.drain(on_final=lambda _: progress(1))
-            total = time.perf_counter() - start
-        records = []
-        for rid in ids:
-            out = finals[rid]
-            m = out.metrics
-            records.append(RequestRecord(mono0, m.first_token_time, m.finished_time,
-                                         len(out.outputs[0].token_ids)))
-        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
+        """Serves every request (all arriving now); ``progress(1)`` as each one finishes."""
+        return timed_run(self.name, self.engine.device, prompts, output_lens,
+                         lambda ps, ns, arrival: self._serve(ps, ns, arrival, progress), chunk=None)
+
+    def _serve(self, prompts: list[list[int]], output_lens: list[int], arrival: float,
+               progress: Progress) -> list[RequestRecord]:
+        ids = [self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+               for p, n in zip(prompts, output_lens)]
+        finals = self.engine.drain(on_final=lambda _: progress(1))
+        return [RequestRecord(arrival, finals[rid].metrics.first_token_time, finals[rid].metrics.finished_time,
+                              len(finals[rid].outputs[0].token_ids)) for rid in ids]
 
 
 class _StepClock:
@@ -112,21 +131,17 @@ class TransformersSystem:
 
     name = "transformers"
 
-    def __init__(self, model, device: torch.device) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model, device: torch.device, cache_implementation: str | None = None) -> None:
+        self.model, self.device, self.cache = model, device, cache_implementation
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
-        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
-        records = []
-        with PeakMemory(self.device) as mem:
-            start, arrival = time.perf_counter(), time.monotonic()
-            for p, n in zip(prompts, output_lens):
-                clock = _StepClock()
-                hf_generate(self.model, torch.tensor([p], device=self.device), None, n, clock)
-                records.append(RequestRecord(arrival, clock.times[0], clock.times[-1], len(clock.times)))
-                progress(1)
-            total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
+        """Serves every request (all arriving now); ``progress(1)`` after each."""
+        return timed_run(self.name, self.device, prompts, output_lens, self._serve, progress)
+
+    def _serve(self, prompts: list[list[int]], output_lens: list[int], arrival: float) -> list[RequestRecord]:
+        clock = _StepClock()
+        hf_generate(self.model, torch.tensor(prompts, device=self.device), None, output_lens[0], clock, self.cache)
+        return [RequestRecord(arrival, clock.times[0], clock.times[-1], len(clock.times))]
 
 
 class TransformersBatchedSystem:
@@ -135,25 +150,22 @@ class TransformersBatchedSystem:
 
     name = "transformers-batched"
 
-    def __init__(self, model, device: torch.device, batch_size: int = 8, pad_token_id: int = 0) -> None:
+    def __init__(self, model, device: torch.device, batch_size: int = 8, pad_token_id: int = 0,
+                 cache_implementation: str | None = None) -> None:
         self.model, self.device, self.batch_size, self.pad = model, device, batch_size, pad_token_id
+        self.cache = cache_implementation
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
-        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
-        records: list[RequestRecord] = []
-        with PeakMemory(self.device) as mem:
-            start, arrival = time.perf_counter(), time.monotonic()
-            for b in range(0, len(prompts), self.batch_size):
-                batch, lens = prompts[b:b + self.batch_size], output_lens[b:b + self.batch_size]
-                ids, mask = self._left_pad(batch)
-                clock = _StepClock()
-                hf_generate(self.model, ids, mask, max(lens), clock)
-                # request of n tokens is done at step n (when the batch got that far)
-                records += [RequestRecord(arrival, clock.times[0], clock.times[min(n, len(clock.times)) - 1],
-                                          min(n, len(clock.times))) for n in lens]
-                progress(len(batch))
-            total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
+        """Serves every request (all arriving now); ``progress(k)`` after each batch of k."""
+        return timed_run(self.name, self.device, prompts, output_lens, self._serve, progress, self.batch_size)
+
+    def _serve(self, batch: list[list[int]], lens: list[int], arrival: float) -> list[RequestRecord]:
+        ids, mask = self._left_pad(batch)
+        clock = _StepClock()
+        hf_generate(self.model, ids, mask, max(lens), clock, self.cache)
+        # request of n tokens is done at step n (when the batch got that far)
+        return [RequestRecord(arrival, clock.times[0], clock.times[min(n, len(clock.times)) - 1],
+                              min(n, len(clock.times))) for n in lens]
 
     def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in batch)
@@ -167,12 +179,15 @@ class TransformersBatchedSystem:
 
 @torch.inference_mode()
 def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int,
-                streamer=None) -> torch.Tensor:
+                streamer=None, cache_implementation: str | None = None) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens per row (EOS does not stop it);
-    ``ids [B, L]`` (left-padded when ``mask`` is given). Returns prompt and new tokens."""
+    ``ids [B, L]`` (left-padded when ``mask`` is given); ``cache_implementation`` is passed on
+    when given (``"static"``; default: transformers' dynamic cache). Returns prompt and new
+    tokens."""
+    extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
     return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
                           do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          eos_token_id=None, pad_token_id=0, streamer=streamer)
+                          eos_token_id=None, pad_token_id=0, streamer=streamer, **extra)
 
 
 class TorchNaiveSystem:
@@ -186,16 +201,12 @@ class TorchNaiveSystem:
         self.model, self.device, self.dtype = model, device, dtype
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
-        """Serves every request (all arriving now); ``progress(k)`` after k more finish."""
-        records = []
-        with PeakMemory(self.device) as mem:
-            start, arrival = time.perf_counter(), time.monotonic()
-            for p, n in zip(prompts, output_lens):
-                times = self._generate(p, n)
-                records.append(RequestRecord(arrival, times[0], times[-1], len(times)))
-                progress(1)
-            total = time.perf_counter() - start
-        return SystemRun(self.name, total, records, mem.peak_mb).check(output_lens)
+        """Serves every request (all arriving now); ``progress(1)`` after each."""
+        return timed_run(self.name, self.device, prompts, output_lens, self._serve, progress)
+
+    def _serve(self, prompts: list[list[int]], output_lens: list[int], arrival: float) -> list[RequestRecord]:
+        times = self._generate(prompts[0], output_lens[0])
+        return [RequestRecord(arrival, times[0], times[-1], len(times))]
 
     @torch.inference_mode()
     def _generate(self, prompt: list[int], n: int) -> list[float]:
@@ -204,8 +215,7 @@ class TorchNaiveSystem:
         tokens, pos, times = torch.tensor(prompt, device=self.device), 0, []
         for _ in range(n):
             end = pos + tokens.numel()
-            meta = AttentionMetadata(torch.arange(pos, end, device=self.device), [0, end - pos], [end],
-                                     torch.zeros(1, 1, dtype=torch.long, device=self.device), end - pos)
+            meta = AttentionMetadata.one_sequence(pos, end, self.device)
             hidden = self.model(tokens, torch.arange(pos, end, device=self.device), cache.layers, meta)
             tokens = self.model.compute_logits(hidden[-1:]).argmax(-1)
             times.append(time.monotonic())

@@ -1,5 +1,6 @@
 """Deterministic benchmark workloads: prompts cut from real English text (CPython's language
-reference, shipped with every Python) with lengths drawn under a seed."""
+reference, shipped with most Pythons; else the standard library's docstrings) with lengths
+drawn under a seed."""
 from __future__ import annotations
 
 import random
@@ -20,12 +21,51 @@ class Workload:
         return [len(p) for p in self.prompts]
 
 
-def corpus_token_ids(tokenizer, min_tokens: int) -> list[int]:
-    """At least ``min_tokens`` token ids of English prose (repeated when the text is short)."""
-    import pydoc_data.topics as topics
+PYDOC_DATA = "pydoc_data"
+DOCSTRINGS = "standard library docstrings (no pydoc_data here)"
 
-    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-    ids = tokenizer.encode(text)
+
+def corpus_source() -> str:
+    """Which text :func:`corpus_text` gives on this Python: ``PYDOC_DATA`` or ``DOCSTRINGS``."""
+    try:
+        import pydoc_data.topics  # noqa: F401
+    except ImportError:
+        return DOCSTRINGS
+    return PYDOC_DATA
+
+
+def corpus_text() -> str:
+    """English prose: CPython's language reference (``pydoc_data``), or the standard library's
+    docstrings where a distribution leaves ``pydoc_data`` out."""
+    try:
+        import pydoc_data.topics as topics
+    except ImportError:
+        return _docstrings()
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _docstrings() -> str:
+    import argparse
+    import collections
+    import inspect
+    import json
+    import os
+    import re
+    import string
+
+    docs = []
+    for mod in (os, re, json, collections, inspect, string, argparse):
+        for _, obj in sorted(vars(mod).items()):
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                docs.append(doc)
+    return "\n\n".join(docs)
+
+
+def corpus_token_ids(tokenizer, min_tokens: int) -> list[int]:
+    """At least ``min_tokens`` token ids of English prose (:func:`corpus_text`, repeated when
+    the text is short)."""
+    ids = tokenizer.encode(corpus_text())
     while len(ids) < min_tokens:
         ids = ids + ids
     return ids

@@ -68,7 +68,7 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     the quantization fields of ``EngineConfig`` (``QUANT_FIELDS``), on every command that loads
     a model."""
     from fastinfer.engine.config import QUANT_METHODS, QUANTIZATIONS
-    from fastinfer.ops.kv import KV_ALIASES, KV_CACHE_DTYPES
+    from fastinfer.common.kv_format import KV_ALIASES, KV_CACHE_DTYPES
 
     p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q is not None],
                    help="default: keep a GGUF file's quantized blocks, a float model in float; "

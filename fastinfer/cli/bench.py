@@ -1,5 +1,6 @@
 """``fastinfer bench``: throughput, latency and prefix benchmarks of fastinfer beside PyTorch
-baselines measured in the same run, ``serve`` (a request-rate sweep of the server), and
+baselines measured in the same run, ``serve`` (a request-rate sweep of the server), ``gpu``
+(random-weight models of real shapes on a GPU, with kernel and bandwidth figures), and
 ``compare`` for CI regression gates."""
 from __future__ import annotations
 
@@ -73,12 +74,21 @@ def add_bench_parser(sub) -> None:
                      help="turn on the prefix cache (when the engine has one)")
     _serve_args(bsub.add_parser("serve", help="request-rate sweep: the OpenAI server, the in-process engine "
                                                "and llama-server; TTFT/TPOT percentiles, goodput"))
+    _gpu_parser(bsub)
     cmp_ = bsub.add_parser("compare", help="compare two result files; exit 1 on regression, 2 on bad input")
     cmp_.add_argument("base")
     cmp_.add_argument("new")
     cmp_.add_argument("--threshold", default="5%")
     cmp_.add_argument("--metrics", nargs="+", default=None)
     cmp_.add_argument("--on", choices=["absolute", "ratios"], default="absolute")
+
+
+def _gpu_parser(bsub) -> None:
+    from fastinfer.bench.gpu import DESCRIPTION, EPILOG, add_gpu_args
+
+    gpu = bsub.add_parser("gpu", help="random-weight Llama shapes on a GPU against transformers and torch.compile",
+                          description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_gpu_args(gpu)
 
 
 def rate_list(text: str) -> list[float]:
@@ -138,6 +148,10 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"fastinfer bench compare: {exc}", file=sys.stderr)
             return 2
         return main_compare(args.base, args.new, threshold, args.metrics, args.on)
+    if args.bench_command == "gpu":
+        from fastinfer.bench.gpu import run_gpu_bench
+
+        return run_gpu_bench(args)
     _apply_quick(args)
     if args.bench_command == "serve":
         from fastinfer.bench.serve_driver import run_serve_benchmark

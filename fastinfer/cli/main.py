@@ -153,7 +153,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``fastinfer quantize``: quantizes once and writes a folder that ``LLM(folder)`` loads."""
     from fastinfer.engine.config import QUANT_FIELDS, EngineConfig
     from fastinfer.errors import InvalidArgumentError
-    from fastinfer.model.export import quantize_to_folder
+    from fastinfer.model.loader import read_weights
+    from fastinfer.quant.folder import save_quantized
 
     if args.quantization not in ("int8", "int4", "fp8"):
         raise InvalidArgumentError(f"--quantization must be int8, int4 or fp8 to write a quantized folder, got "
@@ -164,8 +165,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                    "kv_cache_dtype")
     config = EngineConfig(model=args.model, device="cpu",  # checks the settings; writing needs no GPU
                           **{f: getattr(args, f) for f in QUANT_FIELDS})
-    source = quantize_to_folder(config.model, args.out, config.quantization, config.quant_group_size,
-                                config.quant_method)
+    source, cfg, weights, tokenizer = read_weights(config.model, config.quantization, config.quant_group_size,
+                                                   config.quant_method)
+    settings = {"quantization": config.quantization, "quant_group_size": config.quant_group_size,
+                "method": config.quant_method, "source": os.path.basename(source)}
+    save_quantized(args.out, cfg, weights, tokenizer, settings)
     print(f"wrote {args.out} ({config.quantization}, group {config.quant_group_size}, {config.quant_method}) "
           f"from {source}")
     return 0

@@ -57,3 +57,11 @@ class AttentionMetadata:
         if self.context_lens_tensor is None:
             object.__setattr__(self, "context_lens_tensor",
                                int64_tensor(self.context_lens, dev))
+
+    @classmethod
+    def one_sequence(cls, start: int, end: int, device: torch.device | str = "cpu") -> AttentionMetadata:
+        """The metadata of one sequence stored contiguously in block 0 (a block as long as the
+        sequence), computing positions ``start..end-1``: slot ``p`` holds position ``p``. For
+        loops that run the model outside the engine (calibration, a plain decode baseline)."""
+        slots = torch.arange(start, end, device=device)
+        return cls(slots, [0, end - start], [end], torch.zeros(1, 1, dtype=torch.long, device=device), end - start)

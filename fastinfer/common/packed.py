@@ -32,19 +32,40 @@ from torch import nn
 
 KINDS = ("u4", "s8", "e4m3")
 
-_generation = [0]
+
+class WeightsVersion:
+    """Counts the replacements of one model's weights: a :class:`PackedWeight`'s codes, scales
+    or offsets, a ``Linear``'s or ``RMSNorm``'s weight or bias (set or deleted), or any of them
+    moved or cast (``_apply``). The model hands its one instance to each such module
+    (:func:`share_version`); what it derives from the weights (the native decoder plan) is
+    rebuilt when ``value`` changes. In-place updates keep the tensors and need no signal."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
 
 
-def weights_generation() -> int:
-    """A number that changes whenever a layer's weight is replaced: a :class:`PackedWeight`'s
-    codes, scales or offsets, a ``Linear``'s or ``RMSNorm``'s weight or bias (set or deleted),
-    or any of them moved or cast (``_apply``). What is derived from the weights (the native
-    decoder plan) is rebuilt when it changes; in-place updates keep the tensors and need no signal."""
-    return _generation[0]
+def weights_changed(module: nn.Module) -> None:
+    """Tells ``module``'s model (through its :class:`WeightsVersion`, if it has one) that a
+    weight of ``module`` was replaced."""
+    version = module.__dict__.get("_weights_version")
+    if version is not None:
+        version.bump()
 
 
-def bump_weights_generation() -> None:
-    _generation[0] += 1
+def share_version(module: nn.Module, version: WeightsVersion) -> None:
+    """Makes ``module`` report its weight changes to ``version`` (and a packed weight held as its
+    ``weight``, too)."""
+    module.__dict__["_weights_version"] = version
+    weight = module.__dict__.get("_modules", {}).get("weight")
+    if isinstance(weight, PackedWeight):
+        weight.__dict__["_weights_version"] = version
+
+
 _CODE_DTYPES = {"u4": torch.uint8, "s8": torch.int8, "e4m3": torch.float8_e4m3fn}
 _GROUP_MULTIPLE = {"u4": 32, "s8": 16, "e4m3": 16}
 
@@ -89,14 +110,14 @@ class PackedWeight(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_tensors", None)
-        bump_weights_generation()
+        weights_changed(self)
         return super()._apply(fn, recurse)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in ("codes", "scales", "offsets"):
             self.__dict__.pop("_tensors", None)
-            bump_weights_generation()
+            weights_changed(self)
 
     @property
     def shape(self) -> tuple[int, int]:

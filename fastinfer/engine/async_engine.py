@@ -123,7 +123,6 @@ class AsyncEngine:
         self._drain_waiters: list[concurrent.futures.Future] = []
         self._stop_waiter: concurrent.futures.Future | None = None
         self._more_stop_waiters: list[concurrent.futures.Future] = []  # concurrent shutdown() calls
-        self._pending_tokens = 0
         self._closed = False  # the loop has exited: posts are answered at once
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="fastinfer-engine", daemon=True)
@@ -293,19 +292,21 @@ class AsyncEngine:
         if self._stop_waiter is not None:
             accepted.set_exception(EngineShutdownError("the engine is shutting down and takes no new request"))
             return
+        admitted: list[int] = []  # what ``_admit`` accepted: the request's prefill tokens
         try:
-            self.engine.add_request(prompt, params, rid, admit=self._admit)
+            self.engine.add_request(prompt, params, rid, admit=lambda n: admitted.append(self._admit(n)))
         except Exception as exc:  # bad input or a full queue: refused, nothing changed
             accepted.set_exception(exc)
             return
         self._streams[rid] = stream
-        tokens = self._pending_tokens
+        tokens = admitted[0]
         self._queued[rid] = tokens
         self._queued_tokens += tokens
         accepted.set_result(rid)
 
-    def _admit(self, tokens: int) -> None:
-        """Refuses a request that would overflow the queue (a first one always fits)."""
+    def _admit(self, tokens: int) -> int:
+        """Refuses a request of ``tokens`` prefill tokens that would overflow the queue (a first
+        one always fits); returns ``tokens`` when it fits."""
         if self.max_queued_requests is not None and len(self._queued) >= self.max_queued_requests:
             raise EngineOverloadedError(f"the queue is full: {len(self._queued)} requests wait to start "
                                         f"(max_queued_requests={self.max_queued_requests})")
@@ -313,7 +314,7 @@ class AsyncEngine:
                 self._queued_tokens + tokens > self.max_queued_tokens:
             raise EngineOverloadedError(f"the queue is full: {self._queued_tokens} prompt tokens wait to start and "
                                         f"this request adds {tokens} (max_queued_tokens={self.max_queued_tokens})")
-        self._pending_tokens = tokens
+        return tokens
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hands each output to its stream: one ``call_soon_threadsafe`` per event loop."""

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
+from fastinfer.common.kv_format import KV_ALIASES, KV_CACHE_DTYPES, code_dtype
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
-from fastinfer.ops import cuda_native
-from fastinfer.ops.dispatch import BACKENDS, ENV_VAR, check_backend
-from fastinfer.ops.kv import KV_ALIASES, KV_CACHE_DTYPES
+from fastinfer.ops.backends import cuda_native
+from fastinfer.ops.dispatch import BACKENDS, requested_backend
 from fastinfer.quant.rtn import check_group_size
 from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
                                   check_str, parse_bytes, parse_device)
@@ -51,7 +51,7 @@ class EngineConfig:
     ``fastinfer quantize``).
     ``kv_cache_dtype``: ``"auto"`` stores keys and values in the model's dtype; ``"int8"`` and
     ``"fp8"`` (alias ``"fp8_e4m3"``) store codes with a float32 scale per token and kv head
-    (``fastinfer.ops.kv``), about half a bfloat16 cache.
+    (``fastinfer.common.kv_format``), about half a bfloat16 cache.
     ``ops_backend``: None (or ``"auto"``) lets ``fastinfer.ops`` pick the fastest kernel for each
     call (``FASTINFER_OPS_BACKEND`` may force one); ``"reference"``, ``"triton"``, ``"cpu"`` or
     ``"cuda"`` forces that backend wherever it has a kernel that applies (the reference covers
@@ -159,6 +159,10 @@ class EngineConfig:
             return torch.float32 if self.torch_device().type == "cpu" else torch.bfloat16
         return _DTYPES[self.dtype]
 
+    def kv_torch_dtype(self) -> torch.dtype:
+        """The KV cache tensors' element type: the model's dtype, or int8 / fp8 codes."""
+        return code_dtype(self.kv_cache_dtype, self.torch_dtype())
+
     def token_budget(self, max_model_len: int) -> int:
         """Tokens per step: the configured budget (without chunked prefill it must hold one
         whole prompt)."""
@@ -174,10 +178,9 @@ class EngineConfig:
 def _check_backend(ops_backend: str | None, device: torch.device) -> None:
     """A forced backend (the field, else ``FASTINFER_OPS_BACKEND``) that can run on ``device``."""
     try:
-        name = ops_backend or check_backend(os.environ.get(ENV_VAR))
+        name, where = requested_backend(ops_backend)
     except ValueError as exc:
         raise ConfigError(str(exc), "ops_backend") from exc
-    where = "ops_backend" if ops_backend else ENV_VAR
     if name == "cuda" and device.type != "cuda":
         raise ConfigError(f"{where}='cuda' needs device='cuda' (the device is {device})", "ops_backend")
     if name == "cuda" and not cuda_native.built():

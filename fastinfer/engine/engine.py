@@ -1,5 +1,7 @@
-"""``Engine``: the one engine core. ``step()`` runs schedule -> prepare -> forward -> sample ->
-update once; ``LLM`` and (later) ``AsyncEngine`` drive it."""
+"""``Engine``: the one engine core. ``step()`` runs DESIGN.md's loop once: schedule, launch the
+step on the runner, accept its tokens in the output processor, emit; ``LLM`` and
+``AsyncEngine`` drive it. It holds no tensor and imports no torch: device work is the
+runner's, memory profiling ``engine/memory.py``'s."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,19 +12,17 @@ import random
 import time
 from collections.abc import Callable
 
-import torch
-
 from fastinfer.engine.config import EngineConfig
-from fastinfer.engine.memory import kv_cache_budget
+from fastinfer.engine.memory import allocate_kv_cache, profile_activations
+from fastinfer.engine.output_processor import OutputProcessor
 from fastinfer.engine.outputs import RequestMetrics, RequestOutput
 from fastinfer.engine.request import Request, Sample
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
 from fastinfer.kv_cache.block_manager import BlockManager
-from fastinfer.kv_cache.cache import KVCache, bytes_per_block
-from fastinfer.ops.metadata import int64_tensor
-from fastinfer.ops import kv
+from fastinfer.kv_cache.cache import bytes_per_block
 from fastinfer.model.loader import LoadedModel, load_model, weight_bytes
 from fastinfer.model.runner import ModelRunner, StepInput
+from fastinfer.model.step import Feed, StepFuture
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
 from fastinfer.sampling.generator import seeded_generator
 from fastinfer.sampling.params import SamplingParams
@@ -30,7 +30,7 @@ from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
-from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail, format_bytes
+from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail
 
 _log = logging.getLogger("fastinfer.engine")
 
@@ -44,9 +44,7 @@ class _InFlight:
     """A launched step whose sampled tokens the host has not all read yet."""
 
     rows: list[tuple[Request, Sample, int]]  # each sampled row, and where its token goes in seq.token_ids
-    tokens: torch.Tensor                     # [R] int64 on the device
-    host: torch.Tensor                       # [R] int64 copy on the host (pinned on a GPU)
-    ready: torch.cuda.Event | None           # recorded after the copy to ``host`` (None: CPU)
+    future: StepFuture                       # its tokens, on the device until read
     settled: int = 0                         # rows already appended to their sequences
 
 
@@ -68,26 +66,25 @@ class Engine:
             fail("loaded", "a LoadedModel (from fastinfer.model.loader.load_model) or None", loaded,
                  wrong_type=True)
         self.config = config
-        self.device = config.torch_device()
-        self.dtype = config.torch_dtype()
-        self.kv_dtype = kv.code_dtype(config.kv_cache_dtype, self.dtype)
+        self.device, self.dtype, self.kv_dtype = config.torch_device(), config.torch_dtype(), config.kv_torch_dtype()
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.quantization,
                                            config.quant_group_size, config.quant_method)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
-        self.activation_bytes = self._profile_activations()
-        self.kv_cache = self._allocate_kv_cache()
-        num_blocks = self.kv_cache.num_blocks
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.activation_bytes = profile_activations(config, self.loaded, self.device, self.kv_dtype,
+                                                    self.max_model_len)
+        self.kv_cache = allocate_kv_cache(config, self.loaded, self.device, self.kv_dtype, self.activation_bytes,
+                                          self.max_model_len)
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len),
                                    chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device,
-                                  config.ops_backend)
-        if self.device.type == "cuda" and not config.enforce_eager:
+                                  config.ops_backend, Sampler())
+        if not config.enforce_eager:  # the runner captures where it can (a GPU)
             self.runner.capture_graphs(config.max_num_seqs, self.max_model_len)
-        self.sampler = Sampler()
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
+        self.outputs = OutputProcessor(self.eos_token_ids, self.scheduler.finish, self._forget)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, Sample]] = {}
@@ -110,66 +107,6 @@ class Engine:
             raise ConfigError(f"max_model_len ({wanted}) exceeds the model's context length ({model_limit})",
                               "max_model_len")
         return wanted or model_limit
-
-    def _profile_activations(self) -> int:
-        """On a GPU whose KV cache is sized by ``gpu_memory_utilization``: the memory the steps
-        need beside the weights and the cache, measured by running them once over a small
-        scratch cache. That is the peak of the largest step the scheduler will form
-        (``max_num_batched_tokens`` tokens over ``max_num_seqs`` sequences, each one's logits,
-        and the sampler's scratch), plus, with CUDA graphs, the peak of a decode step of
-        ``max_num_seqs`` sequences (the graphs' memory pool keeps about that much for good).
-        0 elsewhere."""
-        cfg = self.config
-        if self.device.type != "cuda" or cfg.kv_cache_memory is not None:
-            return 0
-        budget = min(cfg.token_budget(self.max_model_len), cfg.max_num_seqs * (self.max_model_len - 1))
-        n = max(1, min(cfg.max_num_seqs, budget))
-        peak = self._profile_step([budget // n + (1 if i < budget % n else 0) for i in range(n)])
-        graphs = 0 if cfg.enforce_eager else self._profile_step([1] * cfg.max_num_seqs)
-        _log.info("profiled a step of %d tokens over %d sequences: peak activation memory %s; CUDA graphs' pool "
-                  "about %s", budget, n, format_bytes(peak), format_bytes(graphs))
-        return peak + graphs
-
-    def _profile_step(self, lens: list[int]) -> int:
-        """Peak bytes allocated while one step of sequences of ``lens`` tokens (from position 0)
-        runs, its logits are computed, and the sampler's three ``[B, vocab]`` float32 buffers."""
-        mcfg, bs, cfg = self.loaded.config, self.config.block_size, self.config
-        tables, next_block = [], 0
-        for length in lens:
-            need = -(-length // bs)
-            tables.append(list(range(next_block, next_block + need)))
-            next_block += need
-        torch.cuda.synchronize(self.device)
-        scratch = KVCache(mcfg.num_layers, next_block, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype, self.device)
-        runner = ModelRunner(self.loaded.model, scratch.layers, bs, self.device, cfg.ops_backend)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        logits = runner.execute(StepInput([[0] * m for m in lens], [0] * len(lens), tables))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before + 3 * logits.numel() * 4
-        del logits, runner, scratch
-        torch.cuda.empty_cache()
-        return peak
-
-    def _allocate_kv_cache(self) -> KVCache:
-        """The cache tensors, as many blocks as the budget holds (at least one)."""
-        mcfg, bs = self.loaded.config, self.config.block_size
-        per_block = bytes_per_block(mcfg.num_layers, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype)
-        num_blocks = kv_cache_budget(self.config, self.device, self.activation_bytes) // per_block
-        if num_blocks < 1:
-            raise ConfigError(f"kv_cache_memory holds no block: one block of {bs} tokens needs {per_block} "
-                              "bytes", "kv_cache_memory")
-        try:
-            cache = KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, self.kv_dtype,
-                            self.device)
-            _log.info("KV cache on %s: %d blocks of %d tokens = %d tokens (%s; %.1f sequences of max_model_len %d)",
-                      self.device, num_blocks, bs, num_blocks * bs, format_bytes(cache.nbytes),
-                      num_blocks * bs / self.max_model_len, self.max_model_len)
-            return cache
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            raise ConfigError(f"cannot allocate the KV cache ({num_blocks} blocks of {per_block} bytes) on "
-                              f"{self.device}: {exc}; lower kv_cache_memory or gpu_memory_utilization",
-                              "kv_cache_memory") from exc
 
     # ----------------------------------------------------------------- submission
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -260,8 +197,7 @@ class Engine:
         ended_now = not req.finished
         for s in req.samples:
             if s.finish_reason is None:
-                s.finish_reason = "abort"
-                self.scheduler.finish(s.seq)
+                self.outputs.finish(s, "abort", None)
         if ended_now:
             req.metrics.finished_time = time.monotonic()
         if req not in self._aborted:
@@ -340,14 +276,14 @@ class Engine:
                     self._settle_then_run(sched, touched)
             else:
                 self._resolve(touched)
-            return self._emit(touched.values(), finals_only)
+            return self.outputs.emit(touched.values(), finals_only)
         except BaseException:
             self._aborted.extend(r for r in touched.values() if not r.reported_final)
             raise
 
     def _inputs(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, Sample]], StepInput]:
-        """The scheduled rows' requests and samples, and the step's input (marks the requests
-        scheduled)."""
+        """The requests and samples of the rows that sample (in order), and the step's input
+        (marks the requests scheduled)."""
         pairs = [self._by_seq[s.seq.seq_id] for s in sched.scheduled]
         start = time.monotonic()
         for req, _ in pairs:
@@ -359,28 +295,25 @@ class Engine:
             block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
             needs_logits=[s.completes for s in sched.scheduled],
         )
-        return pairs, inp
+        return [pair for pair, done in zip(pairs, inp.needs_logits) if done], inp
 
-    def _executed(self, sched: SchedulerOutput, pairs, inp: StepInput) -> list[tuple[Request, Sample]]:
-        """Marks the step's tokens computed; returns the rows that sample. Only sequences that
-        reached their last token sample (a prefill chunk does not, and draws nothing from its
-        generator), so chunking never changes a request's tokens."""
+    def _executed(self, sched: SchedulerOutput) -> None:
+        """Marks the step's tokens computed."""
         for s in sched.scheduled:
             s.seq.num_computed = s.start + s.num_tokens
-        return [pair for pair, done in zip(pairs, inp.needs_logits) if done]
 
     def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
-        pairs, inp = self._inputs(sched)
-        logits = self.runner.execute(inp)
-        sampled = self._executed(sched, pairs, inp)
-        if not sampled:
-            return
+        """Runs the step and reads its tokens at once. Only sequences that reached their last
+        token sample (a prefill chunk does not, and draws nothing from its generator), so
+        chunking never changes a request's tokens."""
+        sampled, inp = self._inputs(sched)
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
                 for req, smp in sampled]
-        out = self.sampler(logits, rows)
+        future = self.runner.launch(inp, rows)
+        self._executed(sched)
         now = time.monotonic()
-        for i, (req, smp) in enumerate(sampled):
-            self._append(req, smp, out.token_ids[i], out.logprobs[i], now)
+        for (req, smp), token, logprobs in zip(sampled, future.token_ids(), future.logprobs):
+            self._append(req, smp, token, logprobs, now)
             touched[req.request_id] = req
 
     # ------------------------------------------------------- asynchronous scheduling
@@ -396,20 +329,13 @@ class Engine:
                    for s in sched.scheduled if s.completes):
             self._settle_then_run(sched, touched)
             return
-        pairs, inp = self._inputs(sched)
-        logits = self.runner.execute(inp, feed=self._feed(sched, inp))
-        sampled = self._executed(sched, pairs, inp)
+        sampled, inp = self._inputs(sched)
+        feed = self._feed(sched, inp)
+        future = self.runner.launch(inp, feed=feed)
+        self._executed(sched)
         if sampled:
-            tokens = self.sampler.sample_on_device(logits)
-            if tokens.device.type == "cuda":
-                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                host.copy_(tokens, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(torch.cuda.current_stream(tokens.device))
-            else:
-                host, ready = tokens, None
             rows = [(req, smp, len(smp.seq.token_ids)) for req, smp in sampled]
-            self._inflight.append(_InFlight(rows, tokens, host, ready))
+            self._inflight.append(_InFlight(rows, future))
             for _, smp, _ in rows:
                 smp.seq.token_ids.append(PENDING)
         self._resolve(touched, keep_last=bool(sampled))
@@ -423,10 +349,10 @@ class Engine:
         if sched.scheduled:
             self._run(sched, touched)
 
-    def _feed(self, sched: SchedulerOutput, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where this step reads tokens that steps in flight sampled: (positions in the packed
-        batch, the token ids) as device tensors, or None. Every placeholder in ``inp`` must be
-        one of them (else an internal error, before any kernel could read a -1)."""
+    def _feed(self, sched: SchedulerOutput, inp: StepInput) -> Feed | None:
+        """Where this step reads tokens that steps in flight sampled, or None. Every placeholder
+        in ``inp`` must be one of them (else an internal error, before any kernel could read a
+        -1)."""
         pending, base = {}, 0  # (sequence, position) -> index in the in-flight steps' tokens, concatenated
         for entry in self._inflight:
             for row in range(entry.settled, len(entry.rows)):
@@ -441,13 +367,8 @@ class Engine:
             offset += s.num_tokens
         if None in src or sum(PENDING in ids for ids in inp.token_ids) != len(dst):
             raise RuntimeError("internal error: a step would read a token that no step in flight holds")
-        if not dst:
-            return None
         # One in flight but after an exception while settling: then the earlier ones' tokens too.
-        tokens = (self._inflight[0].tokens if len(self._inflight) == 1
-                  else torch.cat([e.tokens for e in self._inflight]))
-        index = int64_tensor(dst + src, tokens.device)  # one upload for both
-        return index[:len(dst)], tokens.index_select(0, index[len(dst):])
+        return Feed(dst, src, [e.future for e in self._inflight]) if dst else None
 
     def _resolve(self, touched: dict[str, Request], keep_last: bool = False) -> None:
         """Settles the steps in flight (but the newest one with ``keep_last``), oldest first."""
@@ -458,9 +379,7 @@ class Engine:
     def _settle(self, entry: _InFlight, touched: dict[str, Request]) -> None:
         """Reads the tokens of ``entry`` and appends each to its sequence, with the usual
         checks; a token of a sequence that had already stopped (or was aborted) is dropped."""
-        if entry.ready is not None:
-            entry.ready.synchronize()
-        values = entry.host.tolist()
+        values = entry.future.token_ids()
         now = time.monotonic()
         while entry.settled < len(entry.rows):
             req, smp, at = entry.rows[entry.settled]
@@ -473,48 +392,14 @@ class Engine:
             seq.token_ids[at] = token
             seq.output_token_ids.append(token)
             touched[req.request_id] = req
-            self._check_token(req, smp, token, None, now, at + 1)
+            self.outputs.accept(req, smp, token, None, now, at + 1)
 
     def _append(self, req: Request, smp: Sample, token: int, logprobs, now: float) -> None:
         smp.seq.append(token)
-        self._check_token(req, smp, token, logprobs, now, smp.seq.num_tokens)
+        self.outputs.accept(req, smp, token, logprobs, now, smp.seq.num_tokens)
 
-    def _check_token(self, req: Request, smp: Sample, token: int, logprobs, now: float, num_tokens: int) -> None:
-        """After ``token`` joined ``smp``'s sequence (``num_tokens`` long with it): metrics,
-        logprobs, detokenization and the stop conditions."""
-        seq, params = smp.seq, req.params
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        if smp.logprobs is not None:
-            smp.logprobs.append(logprobs)
-        if token in params.stop_token_ids:
-            self._finish(smp, "stop", token)
-        elif token in self.eos_token_ids and not params.ignore_eos:
-            self._finish(smp, "stop", None)
-        else:
-            matched = smp.text.add(smp.detok.add(token))
-            if matched is not None:
-                self._finish(smp, "stop", matched)
-        if smp.finish_reason is None and num_tokens >= seq.stop_at:  # max_tokens, or max_model_len
-            self._finish(smp, "length", None)
-
-    def _finish(self, smp: Sample, reason: str, stop_reason: str | int | None) -> None:
-        smp.finish_reason, smp.stop_reason = reason, stop_reason
-        self.scheduler.finish(smp.seq)
-
-    def _emit(self, touched, finals_only: bool = False) -> list[RequestOutput]:
-        outputs = []
-        now = time.monotonic()
-        for req in touched:
-            if req.reported_final or (finals_only and not req.finished):
-                continue
-            if req.finished:
-                req.metrics.finished_time = req.metrics.finished_time or now
-                self._requests.pop(req.request_id, None)
-                for s in req.samples:
-                    self._by_seq.pop(s.seq.seq_id, None)
-                req.reported_final = True  # last: an interrupt before it leaves the request to re-report
-            out = req.output()
-            if out is not None:
-                outputs.append(out)
-        return outputs
+    def _forget(self, req: Request) -> None:
+        """Drops a request whose final output is built."""
+        self._requests.pop(req.request_id, None)
+        for s in req.samples:
+            self._by_seq.pop(s.seq.seq_id, None)

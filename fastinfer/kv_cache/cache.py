@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from fastinfer.ops import kv
-from fastinfer.ops.kv import CacheLayer
+from fastinfer.common import kv_format as kv
+from fastinfer.common.kv_format import CacheLayer
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -15,7 +15,7 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 
 
 class KVCache:
-    """Per-layer :class:`~fastinfer.ops.kv.CacheLayer`: ``k``, ``v`` ``[num_blocks, block_size,
+    """Per-layer :class:`~fastinfer.common.kv_format.CacheLayer`: ``k``, ``v`` ``[num_blocks, block_size,
     num_kv_heads, head_dim]`` of ``dtype`` (the model's float type, or int8 / float8_e4m3fn
     codes, which add ``k_scale``, ``v_scale`` ``[num_blocks, block_size, num_kv_heads]``
     float32), all views of one preallocated tensor per element type."""

@@ -7,8 +7,8 @@ from torch import nn
 from fastinfer import ops
 from fastinfer.layers.linear import Linear
 from fastinfer.layers.rotary import RotaryEmbedding
-from fastinfer.ops.kv import CacheLayer
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.kv_format import CacheLayer
+from fastinfer.common.metadata import AttentionMetadata
 
 
 class Attention(nn.Module):

@@ -6,25 +6,30 @@ import torch
 from torch import nn
 
 from fastinfer import ops
-from fastinfer.ops.packed import bump_weights_generation
+from fastinfer.common.packed import share_version, weights_changed
 
 
 class TracksWeights:
-    """Mixin for modules whose ``weight`` / ``bias`` others cache (see
-    :func:`fastinfer.ops.packed.weights_generation`)."""
+    """Mixin for modules whose ``weight`` / ``bias`` a model derives state from: replacing,
+    deleting, moving or casting them bumps the model's
+    :class:`~fastinfer.common.packed.WeightsVersion`, which the model shares with the module
+    (and, when one is put in place, with a packed weight)."""
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in ("weight", "bias"):
-            bump_weights_generation()
+            version = self.__dict__.get("_weights_version")
+            if version is not None:
+                share_version(self, version)
+                version.bump()
 
     def __delattr__(self, name):
         super().__delattr__(name)
         if name in ("weight", "bias"):
-            bump_weights_generation()
+            weights_changed(self)
 
     def _apply(self, fn, recurse=True):
-        bump_weights_generation()
+        weights_changed(self)
         return super()._apply(fn, recurse)
 
 

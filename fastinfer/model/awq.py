@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from fastinfer.model.config import ModelConfig
-from fastinfer.ops.kv import CacheLayer
-from fastinfer.ops.metadata import AttentionMetadata
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.kv_format import CacheLayer
+from fastinfer.common.metadata import AttentionMetadata
+from fastinfer.common.packed import PackedWeight
 from fastinfer.quant import awq
 from fastinfer.quant.rtn import dequantize, fake_int4_groups, quantize_int8, resolve_group_size
 
@@ -82,7 +82,7 @@ def _calibrate(cfg: ModelConfig, weights: dict, ids: list[int], seq_len: int, ro
             caches = [CacheLayer(torch.empty(1, n, cfg.num_kv_heads, cfg.head_dim),
                                  torch.empty(1, n, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
             pos = torch.arange(n)
-            meta = AttentionMetadata(pos, [0, n], [n], torch.zeros(1, 1, dtype=torch.long), n)
+            meta = AttentionMetadata.one_sequence(0, n)
             model(torch.tensor(w), pos, caches, meta)
     finally:
         for h in hooks:

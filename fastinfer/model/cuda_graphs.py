@@ -9,25 +9,27 @@ the buffers (one host-to-device copy), padded to the next captured size with row
 no context and no cache slot (the kernels skip them), and replayed.
 
 The captured kernels read only the buffers' contents, never host values, which is why the
-attention kernels size their grids from static shapes alone. Ops whose chosen backend cannot
-be captured (the reference attention loops over sequences in Python; the reference cache write
-cannot skip a padded slot) leave the runner eager.
+attention kernels size their grids from static shapes alone. The runner captures only when the
+decode path's ops take a backend that can be captured (``ModelRunner._capturable``); what is
+captured is the forward callable it hands in, ``forward(ids, positions, meta) -> hidden``.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fastinfer.ops import reference
-from fastinfer.ops.dispatch import select
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
-    from fastinfer.model.runner import HostBatch, ModelRunner, StepInput
+    from fastinfer.model.runner import HostBatch, StepInput
+
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+"""``forward(token_ids [B], positions [B], meta) -> hidden [B, H]``: the model over its cache."""
 
 _log = logging.getLogger("fastinfer.engine")
 
@@ -39,11 +41,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """The captured graphs of one runner and their static buffers."""
+    """The captured graphs of one model's forward and their static buffers."""
 
-    def __init__(self, runner: ModelRunner, sizes: list[int], width: int, emulate: bool = False) -> None:
-        self.runner, self.sizes, self.width, self.emulate = runner, sizes, width, emulate
-        dev, bmax = runner.device, sizes[-1]
+    def __init__(self, forward: Forward, device: torch.device, sizes: list[int], width: int,
+                 emulate: bool = False) -> None:
+        self.forward, self.device, self.sizes, self.width, self.emulate = forward, device, sizes, width, emulate
+        dev, bmax = device, sizes[-1]
         self.ids = torch.zeros(bmax, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(bmax, dtype=torch.int64, device=dev)
         self.slots = torch.full((bmax,), -1, dtype=torch.int64, device=dev)
@@ -64,53 +67,32 @@ class DecodeGraphs:
                                  self.query_start_loc[:b + 1], self.context_lens[:b])
 
     @classmethod
-    def capture(cls, runner: ModelRunner, max_num_seqs: int, max_model_len: int,
-                emulate: bool = False) -> DecodeGraphs | None:
-        """Captures every size; None where graphs cannot be used (see the module docstring).
-        ``emulate`` (for tests on a CPU) captures nothing: a "replay" runs the model eagerly on
-        the static buffers, padding included, which checks everything but the capture."""
-        if (runner.device.type != "cuda" and not emulate) or not runner.kv_layers:
-            return None
-        width = -(-max_model_len // runner.block_size)
-        self = cls(runner, capture_sizes(max_num_seqs), width, emulate)
-        if not self._capturable():
-            _log.info("CUDA graphs off: an op of the decode path takes a backend that cannot be captured")
-            return None
+    def capture(cls, forward: Forward, device: torch.device, block_size: int, max_num_seqs: int,
+                max_model_len: int, emulate: bool = False) -> DecodeGraphs:
+        """Captures ``forward`` at every size. ``emulate`` (for tests on a CPU) captures
+        nothing: a "replay" runs ``forward`` eagerly on the static buffers, padding included,
+        which checks everything but the capture."""
+        self = cls(forward, device, capture_sizes(max_num_seqs), -(-max_model_len // block_size), emulate)
         if emulate:
             return self
         start = time.perf_counter()
-        model, layers = runner.model, runner.kv_layers
         pool = None
-        stream = torch.cuda.Stream(runner.device)
-        stream.wait_stream(torch.cuda.current_stream(runner.device))
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for b in reversed(self.sizes):  # the largest first: later graphs reuse its memory
                 meta = self.meta(b)
-                model(self.ids[:b], self.positions[:b], layers, meta)  # warm-up (compiles kernels)
+                forward(self.ids[:b], self.positions[:b], meta)  # warm-up (compiles kernels)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[b] = model(self.ids[:b], self.positions[:b], layers, meta)
+                    self.outputs[b] = forward(self.ids[:b], self.positions[:b], meta)
                 pool = graph.pool()
                 self.graphs[b] = graph
-        torch.cuda.current_stream(runner.device).wait_stream(stream)
-        torch.cuda.synchronize(runner.device)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
         _log.info("captured %d CUDA graphs of decode steps (batch sizes %d..%d) in %.1f s", len(self.sizes),
                   self.sizes[0], self.sizes[-1], time.perf_counter() - start)
         return self
-
-    def _capturable(self) -> bool:
-        """True when the decode path's attention and cache write take a backend that can be
-        captured (not the reference)."""
-        layer = self.runner.kv_layers[0]
-        model = self.runner.model
-        attn = model.layers[0].self_attn
-        q = torch.zeros(1, attn.num_heads, attn.head_dim, dtype=model.norm.weight.dtype, device=self.runner.device)
-        kv_row = torch.zeros(1, attn.num_kv_heads, attn.head_dim, dtype=q.dtype, device=q.device)
-        meta = self.meta(1)
-        cache_write = select("reshape_and_cache", kv_row, kv_row, layer.k, layer.v, meta.slot_mapping,
-                             layer.k_scale, layer.v_scale)
-        attention = select("paged_attention", q, layer.k, layer.v, meta, attn.scale, layer.k_scale, layer.v_scale)
-        return cache_write is not reference.reshape_and_cache and attention is not reference.paged_attention
 
     def takes(self, inp: StepInput) -> bool:
         """True for a decode step (one token per sequence, each sampled) that a graph covers."""
@@ -140,7 +122,7 @@ class DecodeGraphs:
         staging = self._staging[:n]
         staging.copy_(self._host[:n], non_blocking=True)
         if self._copied is not None:
-            self._copied.record(torch.cuda.current_stream(self.runner.device))
+            self._copied.record(torch.cuda.current_stream(self.device))
         self.ids[:b].copy_(staging[0:b])
         if feed is not None:
             self.ids.index_copy_(0, *feed)
@@ -149,7 +131,7 @@ class DecodeGraphs:
         self.context_lens[:b].copy_(staging[3 * b:4 * b])
         self.tables[:b, :W].copy_(staging[4 * b:n].view(b, W))
         if self.emulate:
-            return self.runner.model(self.ids[:b], self.positions[:b], self.runner.kv_layers, self.meta(b))[:B]
+            return self.forward(self.ids[:b], self.positions[:b], self.meta(b))[:B]
         self.graphs[b].replay()
         return self.outputs[b][:B]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fastinfer.errors import ModelLoadError
-from fastinfer.ops.packed import PackedWeight, permute_rows
+from fastinfer.common.packed import PackedWeight, permute_rows
 from fastinfer.quant.gguf_blocks import KEPT_TYPES, to_packed
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q5_0", "Q5_1",

@@ -11,13 +11,14 @@ from torch import nn
 from fastinfer import ops
 from fastinfer.layers.attention import Attention
 from fastinfer.layers.embedding import Embedding
-from fastinfer.ops.packed import weights_generation
+from fastinfer.common.packed import WeightsVersion, share_version
 from fastinfer.layers.mlp import GatedMLP
+from fastinfer.layers.linear import TracksWeights
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
 from fastinfer.model.config import ModelConfig
-from fastinfer.ops.kv import CacheLayer
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.kv_format import CacheLayer
+from fastinfer.common.metadata import AttentionMetadata
 
 
 class DecoderLayer(nn.Module):
@@ -69,14 +70,19 @@ class LlamaForCausalLM(nn.Module):
         self._plan, self._plan_key = None, None
         # Forward hooks on a layer or its modules need the module loop: checked at each step.
         self._hook_modules = list(self.layers.modules())
+        # Bumped whenever a layer's weight is replaced or moved: the plan is then rebuilt.
+        self.weights_version = WeightsVersion()
+        for module in self._hook_modules:
+            if isinstance(module, TracksWeights):
+                share_version(module, self.weights_version)
 
     def decoder_plan(self):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
         them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
-        or moved (``weights_generation``) or the rotary table is."""
-        if not self.fused_layers or _hooked(self._hook_modules) or ops.forced_backend() not in (None, "cpu_native"):
-            return None  # (a forced backend other than the native CPU one runs each op on its own)
-        key = (weights_generation(), self.norm.weight.dtype, self.layers[0].self_attn.rotary.cos_sin.data_ptr()
+        or moved (``weights_version``) or the rotary table is."""
+        if not self.fused_layers or _hooked(self._hook_modules):
+            return None
+        key = (self.weights_version.value, self.norm.weight.dtype, self.layers[0].self_attn.rotary.cos_sin.data_ptr()
                if len(self.layers) else 0)
         if self._plan_key != key:
             cfg, attn = self.config, self.layers[0].self_attn if len(self.layers) else None

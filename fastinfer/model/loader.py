@@ -8,16 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
+from fastinfer.common.packed import PackedWeight
 from fastinfer.errors import ConfigError, InvalidArgumentError, ModelLoadError
 from fastinfer.model import gguf_loader
 from fastinfer.model.awq import apply_awq
 from fastinfer.model.config import ModelConfig
-from fastinfer.model.export import packed_weights, quantization_config
 from fastinfer.model.llama import LlamaForCausalLM
-from fastinfer.model.quantize import SCHEMES, quantize_weights
 from fastinfer.model.registry import resolve_model_path
 from fastinfer.model.tokenizer import Tokenizer
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.quant.folder import packed_weights, quantization_config
+from fastinfer.quant.policy import SCHEMES, quantize_weights
 
 
 @dataclass(slots=True)

@@ -1,24 +1,36 @@
 """``ModelRunner``: the one bridge between scheduled sequences and tensors.
 
 It flattens a step's sequences into one packed batch (no padding), builds the attention
-metadata once for all layers (device tensors, uploaded once per step), runs the model and
-returns the logits of each sequence's last scheduled position.
+metadata once for all layers (device tensors, uploaded once per step), runs the model,
+samples, and hands the engine a :class:`StepFuture` of the sampled tokens. Everything the
+engine loop needs from a device goes through here: uploads, events, feeding tokens of a step
+still in flight into the next one (asynchronous scheduling), and CUDA graphs.
 
 On a GPU, decode steps (one new token per sequence) replay CUDA graphs captured at start-up
 (:class:`~fastinfer.model.cuda_graphs.DecodeGraphs`) unless ``enforce_eager``.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fastinfer._native import native
+from fastinfer.common.kv_format import CacheLayer
+from fastinfer.common.metadata import AttentionMetadata, int64_tensor, upload
+from fastinfer.model.cuda_graphs import DecodeGraphs
 from fastinfer.model.llama import LlamaForCausalLM
-from fastinfer.ops.dispatch import forcing
-from fastinfer.ops.kv import CacheLayer
-from fastinfer.ops.metadata import AttentionMetadata, upload
+from fastinfer.model.step import Feed, StepFuture
+from fastinfer.ops import reference
+from fastinfer.ops.dispatch import forcing, select
+
+if TYPE_CHECKING:  # sampling sits above model/ (DESIGN.md): the engine hands its sampler in
+    from fastinfer.sampling.sampler import Sampler, SamplingRow
+
+_log = logging.getLogger("fastinfer.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +72,17 @@ class HostBatch:
 
 class ModelRunner:
     """Runs ``model`` over a paged KV cache: ``kv_layers`` holds each layer's
-    :class:`~fastinfer.ops.kv.CacheLayer` (keys, values and, quantized, their scales).
+    :class:`~fastinfer.common.kv_format.CacheLayer` (keys, values and, quantized, their scales).
     ``ops_backend`` forces a backend of ``fastinfer.ops`` during this runner's steps (None:
     the usual choice, or ``FASTINFER_OPS_BACKEND``)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_layers: list[CacheLayer], block_size: int,
-                 device: torch.device, ops_backend: str | None = None) -> None:
+                 device: torch.device, ops_backend: str | None = None, sampler: Sampler | None = None) -> None:
         self.model, self.kv_layers, self.block_size, self.device = model, kv_layers, block_size, device
         self.ops_backend = ops_backend
         self.num_slots = kv_layers[0].k.shape[0] * block_size if kv_layers else 0
-        self.graphs = None  # DecodeGraphs, once captured
+        self.graphs: DecodeGraphs | None = None  # once captured
+        self.sampler = sampler  # what ``launch`` samples with (None: the runner only executes)
 
     def pack(self, inp: StepInput) -> HostBatch:
         """The step's host arrays: ids, positions, slot mapping, block tables, lengths."""
@@ -127,12 +140,58 @@ class ModelRunner:
                     hidden = hidden.index_select(0, batch.last_index)
             return self.model.compute_logits(hidden)
 
+    def launch(self, inp: StepInput, rows: list[SamplingRow] | None = None, feed: Feed | None = None) -> StepFuture:
+        """Runs one step and samples a token for each sequence that ``needs_logits``, in order:
+        with ``rows`` (one per such sequence) on the host's terms (random draws, penalties,
+        logprobs), the future then done; without (every row passes ``Sampler.can_defer``) on
+        the device, where the tokens stay until the host asks (:meth:`StepFuture.token_ids`),
+        so the next step can be launched first and ``feed`` them on the device."""
+        logits = self.execute(inp, feed=self._feed(feed))
+        if logits.shape[0] == 0:
+            return StepFuture.done([], [])
+        if rows is not None:
+            out = self.sampler(logits, rows)
+            return StepFuture.done(out.token_ids, out.logprobs)
+        return StepFuture.on_device(self.sampler.sample_on_device(logits))
+
+    @staticmethod
+    def _feed(feed: Feed | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``feed`` as device tensors: (positions in the packed batch, the token ids), gathered
+        from the in-flight steps' tokens with one upload for both index lists."""
+        if feed is None or not feed.positions:
+            return None
+        futures = feed.futures
+        tokens = futures[0].tokens if len(futures) == 1 else torch.cat([f.tokens for f in futures])
+        n = len(feed.positions)
+        index = int64_tensor(feed.positions + feed.sources, tokens.device)
+        return index[:n], tokens.index_select(0, index[n:])
+
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, emulate: bool = False) -> bool:
         """Captures CUDA graphs of decode steps (see :mod:`fastinfer.model.cuda_graphs`); False
         where they cannot be used (not a GPU, or an op of the decode path would take a backend
         that cannot be captured)."""
-        from fastinfer.model.cuda_graphs import DecodeGraphs
-
+        if (self.device.type != "cuda" and not emulate) or not self.kv_layers:
+            return False
         with forcing(self.ops_backend):
-            self.graphs = DecodeGraphs.capture(self, max_num_seqs, max_model_len, emulate)
-        return self.graphs is not None
+            if not self._capturable():
+                _log.info("CUDA graphs off: an op of the decode path takes a backend that cannot be captured")
+                return False
+            layers = self.kv_layers
+            self.graphs = DecodeGraphs.capture(lambda ids, pos, meta: self.model(ids, pos, layers, meta),
+                                               self.device, self.block_size, max_num_seqs, max_model_len, emulate)
+        return True
+
+    def _capturable(self) -> bool:
+        """True when the decode path's attention and cache write take a backend that can be
+        captured (not the reference: it loops over sequences in Python and cannot skip a
+        padded slot)."""
+        layer, model = self.kv_layers[0], self.model
+        attn = model.layers[0].self_attn
+        q = torch.zeros(1, attn.num_heads, attn.head_dim, dtype=model.norm.weight.dtype, device=self.device)
+        kv_row = torch.zeros(1, attn.num_kv_heads, attn.head_dim, dtype=q.dtype, device=q.device)
+        meta = AttentionMetadata(torch.full((1,), -1, dtype=torch.int64, device=q.device), [0, 1], [1],
+                                 torch.zeros(1, 1, dtype=torch.int64, device=q.device), 1)
+        cache_write = select("reshape_and_cache", kv_row, kv_row, layer.k, layer.v, meta.slot_mapping,
+                             layer.k_scale, layer.v_scale)
+        attention = select("paged_attention", q, layer.k, layer.v, meta, attn.scale, layer.k_scale, layer.v_scale)
+        return cache_write is not reference.reshape_and_cache and attention is not reference.paged_attention

@@ -9,7 +9,7 @@ import re
 import torch
 from torch import nn
 
-from fastinfer.ops.packed import PackedWeight, concat_rows
+from fastinfer.common.packed import PackedWeight, concat_rows
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _FUSED = {

@@ -6,10 +6,12 @@ whose ``applies(*args)`` is true. Tests iterate ``implementations(op)`` to check
 available backend against the reference.
 
 A backend can be forced (``FASTINFER_OPS_BACKEND=reference|triton|cpu|cuda``, or
-``EngineConfig(ops_backend=...)``, which the engine sets around each step with
+``EngineConfig(ops_backend=...)``, which the model runner sets around each step with
 :func:`forcing`): ``select`` then takes that backend's implementation of an op wherever it
 applies to the inputs, and otherwise the usual order (so the reference still covers what a
-backend lacks).
+backend lacks), less the fused implementations of other backends. This module is the only one
+that reads which backend is forced: a backend that must wait to be forced (Triton's interpreter
+on the CPU) says so when it registers.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Impl:
     backend: str
     applies: Callable[..., bool]
     fn: Callable[..., Any]
+    only_if_forced: Callable[..., bool] | None = None  # where true, taken only when forced
+    fused: bool = False  # made of other ops: skipped while another backend is forced
 
 
 _REGISTRY: dict[str, list[Impl]] = {}
@@ -52,6 +56,16 @@ def check_backend(name: str | None, what: str = ENV_VAR) -> str | None:
     return name
 
 
+def requested_backend(name: str | None) -> tuple[str | None, str]:
+    """The backend that ``name`` (an ``ops_backend`` setting) forces or, when it forces none,
+    ``FASTINFER_OPS_BACKEND``; with where it came from (``"ops_backend"`` or the variable's
+    name). An unknown name raises ``ValueError``."""
+    checked = check_backend(name, "ops_backend") if name is not None else None
+    if checked is not None:
+        return checked, "ops_backend"
+    return check_backend(os.environ.get(ENV_VAR)), ENV_VAR
+
+
 def _registry_name(name: str | None) -> str | None:
     return None if name is None else _ALIASES.get(name, name)
 
@@ -68,8 +82,7 @@ def forcing(name: str | None) -> Iterator[None]:
     """Forces backend ``name`` (None: leave it to ``FASTINFER_OPS_BACKEND``) inside the block.
     The choice is resolved once, on entry (the engine enters once per step), so ``select``
     does not read the environment for every op."""
-    checked = check_backend(name, "ops_backend")
-    token = _FORCED.set(_registry_name(checked if checked is not None else check_backend(os.environ.get(ENV_VAR))))
+    token = _FORCED.set(_registry_name(requested_backend(name)[0]))
     try:
         yield
     finally:
@@ -77,11 +90,16 @@ def forcing(name: str | None) -> Iterator[None]:
 
 
 def register(op: str, backend: str, fn: Callable[..., Any],
-             applies: Callable[..., bool] = lambda *a, **k: True) -> None:
-    """Adds ``fn`` as ``backend``'s implementation of ``op``, ahead of earlier ones."""
+             applies: Callable[..., bool] = lambda *a, **k: True,
+             only_if_forced: Callable[..., bool] | None = None, fused: bool = False) -> None:
+    """Adds ``fn`` as ``backend``'s implementation of ``op``, ahead of earlier ones. Where
+    ``only_if_forced(*args)`` is true, it is taken only while ``backend`` is forced (Triton's
+    interpreter on CPU tensors: correct, but far slower than the other backends). A ``fused``
+    implementation does the work of several ops in one call; while another backend is forced
+    it is skipped, so that the reference runs those ops one by one on the forced backend."""
     impls = _REGISTRY.setdefault(op, [])
     impls[:] = [i for i in impls if i.backend != backend]
-    impls.insert(0, Impl(backend, applies, fn))
+    impls.insert(0, Impl(backend, applies, fn, only_if_forced, fused))
 
 
 def implementations(op: str) -> list[Impl]:
@@ -103,6 +121,9 @@ def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         if forced == "reference":
             return impls[-1].fn
     for impl in impls:
+        if (impl.fused and forced is not None) or (impl.only_if_forced is not None
+                                                   and impl.only_if_forced(*args, **kwargs)):
+            continue
         if impl.applies(*args, **kwargs):
             return impl.fn
     raise RuntimeError(f"no implementation of {op!r} applies")  # the reference always applies

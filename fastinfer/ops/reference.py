@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastinfer.ops import kv
-from fastinfer.ops.metadata import AttentionMetadata
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common import kv_format as kv
+from fastinfer.common.metadata import AttentionMetadata
+from fastinfer.common.packed import PackedWeight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,7 +85,7 @@ def reshape_and_cache(
     """Writes ``key/value [T, Hkv, D]`` into the paged caches ``[num_blocks, block_size, Hkv, D]``
     at flat slots ``slot_mapping [T]`` (int64, ``block * block_size + offset``). A quantized
     cache (int8 or float8_e4m3fn, with ``k_scale/v_scale [num_blocks, block_size, Hkv]``
-    float32) gets each (token, head) row quantized as :func:`fastinfer.ops.kv.quantize` says."""
+    float32) gets each (token, head) row quantized as :func:`fastinfer.common.kv_format.quantize` says."""
     nb, bs, hkv, d = k_cache.shape
     for x, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         if kv.is_quantized(cache.dtype):

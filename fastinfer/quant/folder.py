@@ -1,5 +1,5 @@
-"""``fastinfer quantize``: writes a model quantized once, as a Hugging Face-style folder that
-``LLM(folder)`` loads directly (no second quantization).
+"""The quantized-folder format: a model quantized once (by ``fastinfer quantize``), as a Hugging
+Face-style folder that ``LLM(folder)`` loads directly (no second quantization).
 
 The folder holds ``model.safetensors`` (float tensors under their Hugging Face names; each
 packed weight as ``<name>.codes``, ``<name>.scales`` and, when it has offsets,
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fastinfer.errors import ModelLoadError
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 
 FORMAT = "fastinfer"
 FORMAT_VERSION = 1
@@ -45,19 +45,6 @@ def save_quantized(out_dir: str, cfg, weights: dict[str, torch.Tensor | PackedWe
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tokenizer.save(out_dir)
-
-
-def quantize_to_folder(model: str, out_dir: str, quantization: str, quant_group_size: int | str = 32,
-                       quant_method: str = "rtn") -> str:
-    """Reads ``model``, quantizes it with ``quantization`` (int8, int4 or fp8) and writes the
-    folder; returns the source path."""
-    from fastinfer.model.loader import read_weights
-
-    path, cfg, weights, tok = read_weights(model, quantization, quant_group_size, quant_method)
-    settings = {"quantization": quantization, "quant_group_size": quant_group_size, "method": quant_method,
-                "source": os.path.basename(path)}
-    save_quantized(out_dir, cfg, weights, tok, settings)
-    return path
 
 
 def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 from fastinfer.quant.pack import from_numpy
 
 QK_K = 256

@@ -1,11 +1,11 @@
-"""Builds :class:`~fastinfer.ops.packed.PackedWeight` objects from unpacked codes: the one
+"""Builds :class:`~fastinfer.common.packed.PackedWeight` objects from unpacked codes: the one
 place that knows how codes are packed into the kernels' layout."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 from fastinfer.quant.rtn import QuantizedWeight
 
 

@@ -17,7 +17,7 @@ import re
 import torch
 
 from fastinfer.errors import InvalidArgumentError
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 from fastinfer.quant.pack import pack
 from fastinfer.quant.rtn import quantize_fp8, quantize_int4, quantize_int8, resolve_group_size
 

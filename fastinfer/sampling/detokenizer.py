@@ -30,14 +30,14 @@ _COMPACT_AFTER = 256
 class IncrementalDetokenizer:
     """Detokenizes the tokens of one sequence as they are generated.
 
-    ``add(token_id)`` returns only the new text; ``text`` is everything generated so far (the
-    prompt excluded). The deltas concatenate to ``tokenizer.decode(generated_ids)`` whenever the
-    generated text does not end in an incomplete character (for SentencePiece-style tokenizers
-    the first delta keeps the space that separates it from the prompt, as in vLLM).
+    ``add(token_id)`` returns only the new text; the detokenizer keeps no text of its own
+    (whoever needs the whole text, the stop-string matcher, joins the deltas once). The deltas
+    concatenate to ``tokenizer.decode(generated_ids)`` whenever the generated text does not end
+    in an incomplete character (for SentencePiece-style tokenizers the first delta keeps the
+    space that separates it from the prompt, as in vLLM).
     """
 
-    __slots__ = ("_tokenizer", "_skip_special", "_ids", "_prefix_offset", "_read_offset",
-                 "_num_generated", "_pieces", "_text_cache")
+    __slots__ = ("_tokenizer", "_skip_special", "_ids", "_prefix_offset", "_read_offset", "_num_generated")
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
@@ -47,8 +47,6 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._num_generated = 0
-        self._pieces: list[str] = []
-        self._text_cache: str | None = ""
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes (possibly ``""``)."""
@@ -69,18 +67,7 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
             self._compact()
-        if delta:
-            self._pieces.append(delta)
-            self._text_cache = None
         return delta
-
-    @property
-    def text(self) -> str:
-        """All text generated so far, the prompt excluded."""
-        if self._text_cache is None:
-            self._text_cache = "".join(self._pieces)
-            self._pieces = [self._text_cache]
-        return self._text_cache
 
     @property
     def num_generated_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.metadata import AttentionMetadata
 
 
 def paged_batch(seqs, h, hkv, d, bs, dtype=torch.float32, device="cpu", seed=0, spare_blocks=3, values=None):

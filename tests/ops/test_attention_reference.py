@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastinfer import ops
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.metadata import AttentionMetadata
 
 H, HKV, D, BS, NUM_BLOCKS = 6, 2, 16, 16, 40
 

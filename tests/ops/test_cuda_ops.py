@@ -16,8 +16,9 @@ import shutil
 import pytest
 import torch
 
-from fastinfer.ops import cuda_native, reference
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops import reference
+from fastinfer.ops.backends import cuda_native
+from fastinfer.common.metadata import AttentionMetadata
 
 TOOLCHAIN = bool(torch.version.cuda) and shutil.which("nvcc") is not None and os.path.isdir(
     os.environ.get("CUDA_HOME", "/usr/local/cuda"))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastinfer import ops
-from fastinfer.ops import cpu_native, dispatch
+from fastinfer.ops import dispatch
+from fastinfer.ops.backends import cpu_native
 from fastinfer.model.loader import load_model
 from fastinfer.model.runner import StepInput
 
@@ -142,7 +143,7 @@ def test_plan_follows_replaced_packed_buffers(tiny_folder):
 
 def test_fused_decoder_on_gguf_blocks(smollm_path, monkeypatch):
     """The default model computing on its Q4_1 / Q8_0 blocks, both input modes."""
-    from fastinfer.model.quantize import set_input_quantization
+    from fastinfer.quant.policy import set_input_quantization
     loaded = load_model(smollm_path, torch.float32, CPU, "gguf")
     for quantize_inputs in (True, False):
         set_input_quantization(loaded.model, quantize_inputs)

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from fastinfer import ops
-from fastinfer.ops import cpu_native, kv, reference
+from fastinfer.common import kv_format as kv
+from fastinfer.ops import reference
+from fastinfer.ops.backends import cpu_native
 
 from .native_helpers import isa_cap
 from .test_attention_reference import dense_attention

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastinfer.ops import cpu_native
+from fastinfer.ops.backends import cpu_native
 
 from .native_helpers import isa_cap, threads
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastinfer.ops import cpu_native, reference
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops import reference
+from fastinfer.ops.backends import cpu_native
+from fastinfer.common.metadata import AttentionMetadata
 
 from .attention_helpers import paged_batch
 from .native_helpers import isa_cap, threads

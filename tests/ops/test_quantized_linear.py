@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fastinfer import ops
-from fastinfer.ops import cpu_native, reference
-from fastinfer.ops.packed import PackedWeight, concat_rows, regroup
+from fastinfer.ops import reference
+from fastinfer.ops.backends import cpu_native
+from fastinfer.common.packed import PackedWeight, concat_rows, regroup
 from fastinfer.quant.pack import pack, pack_codes
 from fastinfer.quant.rtn import quantize_fp8, quantize_int4, quantize_int8
 

@@ -15,7 +15,8 @@ import torch
 
 from fastinfer import ops
 from fastinfer.layers.rotary import RotaryEmbedding
-from fastinfer.ops import cpu_native, reference
+from fastinfer.ops import reference
+from fastinfer.ops.backends import cpu_native
 
 from .native_helpers import isa_cap
 

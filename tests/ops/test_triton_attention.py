@@ -89,7 +89,7 @@ def test_decode_of_a_padded_row_gives_zeros():
 
 @on_cpu
 def test_int8_cache():
-    from fastinfer.ops import kv
+    from fastinfer.common import kv_format as kv
 
     q, kc, vc, meta = paged_batch([(40, 1), (17, 1), (33, 9)][:2], 4, 1, 64, 16)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
@@ -102,8 +102,8 @@ def test_int8_cache():
 def test_applies_only_when_forced_on_the_cpu():
     q, kc, vc, meta = paged_batch([(5, 1)], 2, 2, 64, 16)
     args = (q, kc, vc, meta, 0.125)
-    if not GPU:
-        assert not triton_attention.paged_attention_applies(*args)
+    if not GPU:  # the dispatch point takes the interpreter only while the triton backend is forced
+        assert dispatch.select("paged_attention", *args, None, None) is not triton_attention.paged_attention
         with dispatch.forcing("triton"):
             assert triton_attention.paged_attention_applies(*args)
             assert dispatch.select("paged_attention", *args, None, None) is triton_attention.paged_attention

@@ -25,6 +25,7 @@ Tolerances (``ulp`` = 2**-10 for float16, 2**-7 for bfloat16, relative):
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -33,8 +34,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
 triton = pytest.importorskip("triton")
 
-from fastinfer.ops import kv, reference  # noqa: E402
-from fastinfer.ops.dispatch import forcing  # noqa: E402
+from fastinfer.common import kv_format as kv  # noqa: E402
+from fastinfer.ops import reference  # noqa: E402
+from fastinfer.ops.dispatch import forcing, select  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETING and not torch.cuda.is_available():
@@ -366,6 +368,12 @@ def test_applies_predicates():
             assert fn(*args), fn.__name__
         for fn, args in bad:
             assert not fn(*args), fn.__name__
-    if dev == "cpu":  # the interpreter is taken only when the triton backend is forced
-        with forcing("reference"):
-            assert not any(fn(*args) for fn, args in good)
+    if dev == "cpu":  # the dispatch point takes the interpreter only while the triton backend is forced
+        for fn, args in good:
+            op = fn.__name__.removesuffix("_applies")
+            kernel = getattr(sys.modules[fn.__module__], op)
+            with forcing("triton"):
+                assert select(op, *args) is kernel, op
+            for other in ("reference", None):
+                with forcing(other):
+                    assert select(op, *args) is not kernel, (op, other)

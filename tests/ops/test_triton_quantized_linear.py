@@ -88,7 +88,7 @@ def test_every_e4m3_code_decodes_exactly():
     codes = torch.arange(256, dtype=torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # drop the two NaN codes
     n = codes.numel()
-    from fastinfer.ops.packed import PackedWeight
+    from fastinfer.common.packed import PackedWeight
 
     w = PackedWeight("e4m3", n, 16, 16, codes.view(torch.float8_e4m3fn).repeat_interleave(16).view(n, 16).contiguous(),
                      torch.ones(n, 1)).to(DEVICE)

@@ -14,9 +14,9 @@ from fastinfer.errors import ConfigError
 from fastinfer.model.awq import apply_awq
 from fastinfer.model.llama import LlamaForCausalLM
 from fastinfer.model.loader import LoadedModel, read_weights
-from fastinfer.model.quantize import quantize_weights
-from fastinfer.ops.kv import CacheLayer
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.quant.policy import quantize_weights
+from fastinfer.common.kv_format import CacheLayer
+from fastinfer.common.metadata import AttentionMetadata
 from fastinfer.quant import awq
 from fastinfer.quant.rtn import dequantize, fake_int4_groups, quantize_int4
 

@@ -11,7 +11,7 @@ import torch
 from fastinfer.cli.main import main
 from fastinfer.errors import ConfigError, ModelLoadError
 from fastinfer.model.loader import load_model
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 
 from ..conftest import CPU, make_engine
 from ..test_batch_invariance import varied_prompts

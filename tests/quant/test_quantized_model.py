@@ -10,8 +10,8 @@ from fastinfer import EngineConfig, SamplingParams
 from fastinfer.engine.config import _check_fp8
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidArgumentError
 from fastinfer.model.loader import load_model
-from fastinfer.model.quantize import set_input_quantization
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.quant.policy import set_input_quantization
+from fastinfer.common.packed import PackedWeight
 
 from ..conftest import CPU, make_engine, run_to_completion, save_tiny_model
 from ..test_batch_invariance import varied_prompts

@@ -16,7 +16,7 @@ with GQA; the semantics are those of :func:`fastinfer.ops.reference.paged_attent
   A sequence of length 0 (a padded row of a captured batch) gives zeros.
 
 Caches are float (the model's dtype) or int8 codes with a float32 scale per (token, kv head)
-(:mod:`fastinfer.ops.kv`), dequantized as ``float(code) * scale``. Math in float32: float32
+(:mod:`fastinfer.common.kv_format`), dequantized as ``float(code) * scale``. Math in float32: float32
 inputs are multiplied in IEEE float32; float16 / bfloat16 products use the tensor cores with
 float32 accumulation, the probabilities rounded to the value dtype before the ``P @ V`` product
 (as FlashAttention does). Under the interpreter 16-bit inputs are upcast to float32 first.
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastinfer.kernels.triton.common import FLOAT_DTYPES, interpreting, runs_here
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.metadata import AttentionMetadata
 
 
 @triton.jit

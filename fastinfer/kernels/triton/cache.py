@@ -8,7 +8,7 @@ of the qkv tensor); their last dim must be contiguous, the caches contiguous.
 
 - Float caches (float32 / float16 / bfloat16): the rows as they are, or cast to the cache's dtype
   (round to nearest even, as ``Tensor.to``).
-- int8 caches: per (token, head) row, as :func:`fastinfer.ops.kv.quantize`, in the same IEEE
+- int8 caches: per (token, head) row, as :func:`fastinfer.common.kv_format.quantize`, in the same IEEE
   float32 operations: ``scale = amax / 127``, ``code = round_half_even(clamp(x / scale, ±127))``
   (``x / 1`` for a zero row: scale 0, codes 0); codes and scales bit-identical to the reference.
 - fp8 (float8_e4m3fn) caches: ``scale = amax / 448``, ``code = e4m3(clamp(x / scale, ±448))``,
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastinfer.kernels.triton.common import FLOAT_DTYPES, interpreting, num_warps, rounded, runs_here
-from fastinfer.ops import kv
+from fastinfer.common import kv_format as kv
 
 _KIND_FLOAT, _KIND_INT8, _KIND_FP8 = 0, 1, 2
 

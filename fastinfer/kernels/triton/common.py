@@ -3,9 +3,8 @@ kernels take, rounding float32 to the output type, and warps per program.
 
 On a GPU a Triton kernel runs on CUDA tensors. On a CPU it runs only under the interpreter
 (``TRITON_INTERPRET=1``, set before the first kernel is compiled), which is how the test suite
-checks every kernel against the reference; there it is taken only when the ``triton`` backend
-is forced (``FASTINFER_OPS_BACKEND=triton`` or ``EngineConfig(ops_backend="triton")``), since
-the interpreter is far slower than any other backend.
+checks every kernel against the reference (the dispatch point takes it there only when the
+``triton`` backend is forced: ``fastinfer.ops.backends.triton``).
 """
 from __future__ import annotations
 
@@ -14,8 +13,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from fastinfer.ops.dispatch import forced_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,13 +24,13 @@ def interpreting() -> bool:
 
 def runs_here(*tensors: torch.Tensor) -> bool:
     """True when a Triton kernel may take these tensors: all on one CUDA device, or all on the
-    CPU under the interpreter with the ``triton`` backend forced."""
+    CPU under the interpreter."""
     dev = tensors[0].device
     if any(t.device != dev for t in tensors):
         return False
     if dev.type == "cuda":
         return not interpreting()
-    return dev.type == "cpu" and interpreting() and forced_backend() == "triton"
+    return dev.type == "cpu" and interpreting()
 
 
 @triton.jit

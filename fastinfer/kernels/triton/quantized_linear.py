@@ -1,6 +1,6 @@
 """Triton kernels of ``ops.quantized_linear`` (GPU; checked on the CPU under ``TRITON_INTERPRET=1``).
 
-``y [M, N] = x [M, K] @ dequantize(W).T + bias`` for a :class:`~fastinfer.ops.packed.PackedWeight`
+``y [M, N] = x [M, K] @ dequantize(W).T + bias`` for a :class:`~fastinfer.common.packed.PackedWeight`
 ``W``. The weights are dequantized in registers, tile by tile, inside the GEMM/GEMV (one
 kernel for every M: a decode step's GEMV is the M <= 16 case of the same tiles); the float
 matrix is never built in memory.
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 
 _KIND = {"u4": 0, "s8": 1, "e4m3": 2}
 

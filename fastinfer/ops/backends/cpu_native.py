@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastinfer.ops import kv
-from fastinfer.ops.metadata import AttentionMetadata, int64_tensor
+from fastinfer.common import kv_format as kv
+from fastinfer.common.metadata import AttentionMetadata, int64_tensor
 
-from fastinfer.ops.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight
 
 __all__ = ["DecoderPlan", "available", "decoder_layers", "decoder_layers_applies", "decoder_plan", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
            "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies", "rms_norm",
@@ -120,18 +120,16 @@ def _cpu_has_vnni() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _linear_q_op():
-    """``torch.ops.fastinfer_cpu.linear_q.default``, resolved once (None in an old build)."""
-    if not _load() or not hasattr(torch.ops.fastinfer_cpu, "linear_q"):
-        return None
+    """``torch.ops.fastinfer_cpu.linear_q.default``, resolved once."""
+    _require()
     return torch.ops.fastinfer_cpu.linear_q.default
 
 
 def linear_q_applies(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> bool:
-    """True when :func:`linear_q` takes these inputs: the extension has the op, x and the
-    weight are on the CPU, x is float32, bfloat16 or float16, and the weight's groups are whole
-    multiples of the kernel's chunk (32 inputs for u4, 16 otherwise)."""
-    return (x.is_cpu and x.dtype in _LINEAR_Q_DTYPES and weight.tensors[0].is_cpu and weight.native_applies()
-            and _linear_q_op() is not None)
+    """True when :func:`linear_q` takes these inputs: x and the weight are on the CPU, x is
+    float32, bfloat16 or float16, and the weight's groups are whole multiples of the kernel's
+    chunk (32 inputs for u4, 16 otherwise)."""
+    return x.is_cpu and x.dtype in _LINEAR_Q_DTYPES and weight.tensors[0].is_cpu and weight.native_applies()
 
 
 def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
@@ -156,9 +154,6 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     from each other by the inputs' quantization error, at most ``dx / 2`` per input).
     """
     op = _linear_q_op()
-    if op is None:
-        _require()
-        raise RuntimeError("fastinfer._C_cpu has no linear_q: rebuild it (scripts/setup.sh)")
     codes, scales, offsets = weight.tensors
     if quantize_inputs is None:  # int8 inputs have VNNI and scalar tiles only: float inputs elsewhere
         quantize_inputs = weight.quantize_inputs and _cpu_has_vnni()
@@ -186,24 +181,12 @@ def _paged_attention_op():
 _ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
-def _has_paged_attention() -> bool:
-    """False for an extension built before the op existed (rebuild to get it)."""
-    return _load() and hasattr(torch.ops.fastinfer_cpu, "paged_attention")
-
-
 def _cache_dtype_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          k_scale: torch.Tensor | None) -> bool:
     """The caches hold q's dtype, or int8 / fp8 codes with their scales."""
     if kv.is_quantized(k_cache.dtype):
-        return v_cache.dtype == k_cache.dtype and k_scale is not None and _has_quantized_cache()
+        return v_cache.dtype == k_cache.dtype and k_scale is not None
     return k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
-
-
-@functools.lru_cache(maxsize=1)
-def _has_quantized_cache() -> bool:
-    """False for an extension built before quantized caches (rebuild to get them)."""
-    return _load() and hasattr(torch.ops.fastinfer_cpu, "reshape_and_cache")
 
 
 def paged_attention_applies(
@@ -215,7 +198,7 @@ def paged_attention_applies(
     to 256, and the caches are contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype or
     quantized (int8 / float8_e4m3fn with float32 scales)."""
     return (
-        q.is_cpu and q.dtype in _ATTENTION_DTYPES and _has_paged_attention()
+        q.is_cpu and q.dtype in _ATTENTION_DTYPES
         and _cache_dtype_applies(q, k_cache, v_cache, k_scale) and k_cache.is_cpu and v_cache.is_cpu
         and q.dim() == 3 and k_cache.dim() == 4 and q.shape[2] % 16 == 0 and 16 <= q.shape[2] <= 256
         and k_cache.shape[3] == q.shape[2] and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -233,7 +216,7 @@ def paged_attention(
         q: ``[T, H, D]`` float32 or bfloat16 CPU tensor, any strides (copied only when its last
             dim is strided). D: a multiple of 16.
         k_cache, v_cache: contiguous ``[num_blocks, block_size, Hkv, D]`` in q's dtype, or int8 /
-            float8_e4m3fn codes read as ``float(code) * scale`` (``fastinfer.ops.kv``);
+            float8_e4m3fn codes read as ``float(code) * scale`` (``fastinfer.common.kv_format``);
             ``H % Hkv == 0`` (query head h reads kv head ``h // (H // Hkv)``).
         k_scale, v_scale: float32 ``[num_blocks, block_size, Hkv]``, for quantized caches.
         meta: ``query_start_loc`` (B+1 ints), ``context_lens`` (B ints) and ``block_tables``
@@ -270,7 +253,7 @@ def reshape_and_cache_applies(key, value, k_cache, v_cache, slot_mapping, k_scal
     """True when :func:`reshape_and_cache` takes these inputs: CPU tensors, key/value float32,
     bfloat16 or float16 with a contiguous last dim, caches float32, bfloat16 or quantized."""
     return (
-        key.is_cpu and k_cache.is_cpu and _has_quantized_cache() and key.dtype in _CACHE_WRITE_DTYPES and value.dtype in _CACHE_WRITE_DTYPES
+        key.is_cpu and k_cache.is_cpu and key.dtype in _CACHE_WRITE_DTYPES and value.dtype in _CACHE_WRITE_DTYPES
         and kv.is_quantized(k_cache.dtype) == (k_scale is not None)
         and (k_cache.dtype in _ATTENTION_DTYPES or kv.is_quantized(k_cache.dtype)) and v_cache.dtype == k_cache.dtype
         and key.dim() == 3 and value.dim() == 3 and key.stride(-1) == 1 and value.stride(-1) == 1
@@ -295,16 +278,14 @@ _ROW_DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.lru_cache(maxsize=1)
 def _row_ops():
-    """``(rms_norm, add_rms_norm, silu_and_mul, rotary_embedding_)`` overloads, or None for
-    an extension built before them (rebuild to get them)."""
-    if not _load() or not hasattr(torch.ops.fastinfer_cpu, "add_rms_norm"):
-        return None
+    """``(rms_norm, add_rms_norm, silu_and_mul, rotary_embedding_)`` overloads, resolved once."""
+    _require()
     ns = torch.ops.fastinfer_cpu
     return ns.rms_norm.default, ns.add_rms_norm.default, ns.silu_and_mul.default, ns.rotary_embedding_.default
 
 
 def _rows_apply(x: torch.Tensor) -> bool:
-    return x.is_cpu and x.dtype in _ROW_DTYPES and x.dim() >= 1 and _row_ops() is not None
+    return x.is_cpu and x.dtype in _ROW_DTYPES and x.dim() >= 1
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -349,7 +330,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary_embedding_applies(positions, q, k, cos_sin) -> bool:
     return (q.is_cpu and q.dtype in _ROW_DTYPES and k.dtype in _ROW_DTYPES and q.dim() == 3 and k.dim() == 3
             and q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.dtype == torch.float32
-            and positions.dtype == torch.int64 and _row_ops() is not None)
+            and positions.dtype == torch.int64)
 
 
 def rotary_embedding(positions, q, k, cos_sin):
@@ -395,9 +376,8 @@ class DecoderPlan:
 
 @functools.lru_cache(maxsize=1)
 def _decoder_op():
-    """``torch.ops.fastinfer_cpu.decoder_layers.default`` (None in a build without it)."""
-    if not _load() or not hasattr(torch.ops.fastinfer_cpu, "decoder_layers"):
-        return None
+    """``torch.ops.fastinfer_cpu.decoder_layers.default``, resolved once."""
+    _require()
     return torch.ops.fastinfer_cpu.decoder_layers.default
 
 
@@ -408,7 +388,7 @@ def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim
     kernels take (then the layers run one op at a time): every tensor on the CPU, the model in
     float32 or bfloat16, dense weights contiguous in the model's dtype, packed weights that
     :func:`linear_q` takes, and a head dim the attention kernel takes (a multiple of 16 up to 256)."""
-    if (_decoder_op() is None or _row_ops() is None or dtype not in _ROW_DTYPES or head_dim % 16
+    if (not _load() or dtype not in _ROW_DTYPES or head_dim % 16
             or not 16 <= head_dim <= 256 or cos_sin.dtype != torch.float32 or not cos_sin.is_cpu
             or not cos_sin.is_contiguous() or cos_sin.shape[1] != head_dim):
         return None
@@ -420,7 +400,7 @@ def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim
             return None
         if isinstance(weight, PackedWeight):
             codes, s, o = weight.tensors
-            if not codes.is_cpu or not weight.native_applies() or _linear_q_op() is None:
+            if not codes.is_cpu or not weight.native_applies():
                 return None
             weights.append(codes), scales.append(s), offsets.append(o), kinds.append(_KIND_INDEX[weight.kind])
             groups.append(weight.group_size), packed.append(weight)
@@ -464,3 +444,31 @@ def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches,
         plan.head_dim, plan.eps, plan.norms, plan.weights, plan.scales, plan.offsets, plan.biases, plan.kinds,
         plan.group_sizes, qi, [c.k for c in kv_caches], [c.v for c in kv_caches],
         [c.k_scale for c in kv_caches], [c.v_scale for c in kv_caches])
+
+
+def _f32_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias=None) -> bool:
+    return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def register_ops(register) -> None:
+    """Registers this backend's ops with ``register(op, backend, fn, applies)`` (the dispatch
+    point's) where the extension is built. Every kernel here reduces in a fixed order per
+    output, so each is batch-invariant like the reference."""
+    if not available():
+        return
+    # The native linear's fixed reduction order per output element keeps results independent of
+    # the batch (BUILD_NOTES.md, Numerics; oneDNN's bfloat16 matmul changes rows with the batch
+    # from M = 128 at K = 1536): the default float32 and bfloat16 CPU path.
+    register("linear", "cpu_native", linear_f32, _f32_linear_applies)
+    register("paged_attention", "cpu_native", paged_attention, paged_attention_applies)
+    # int8 inputs and exact int8 dot products (VNNI), or weights dequantized in registers.
+    register("quantized_linear", "cpu_native", linear_q, linear_q_applies)
+    # Row-wise, a fixed order per row.
+    for fn, applies in ((rms_norm, rms_norm_applies), (add_rms_norm, add_rms_norm_applies),
+                        (silu_and_mul, silu_and_mul_applies), (rotary_embedding, rotary_embedding_applies)):
+        register(fn.__name__, "cpu_native", fn, applies)
+    # Same casts and per-row quantization as the reference, bit for bit.
+    register("reshape_and_cache", "cpu_native", reshape_and_cache, reshape_and_cache_applies)
+    # The layers' native kernels in one call: the same results as the reference's layer loop
+    # over the ops above, without ~100 us of Python per layer.
+    register("decoder_layers", "cpu_native", decoder_layers, decoder_layers_applies, fused=True)

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.common.metadata import AttentionMetadata
 
 __all__ = ["CHECK_SLOTS", "DECODE_HEAD_DIMS", "MAX_DECODE_WIDTH", "available", "built", "paged_attention", "paged_attention_applies",
            "paged_decode_attention", "reshape_and_cache"]
@@ -132,3 +132,23 @@ def paged_attention(
     if tables.dim() == 2 and tables.stride(-1) != 1:
         tables = tables.contiguous()
     return torch.ops.fastinfer_cuda.paged_decode_attention(q, k_cache, v_cache, tables, ctx, float(scale))
+
+
+def _cache_write_applies(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> bool:
+    return (key.is_cuda and k_scale is None and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
+            and key.stride(-1) == 1 and value.stride(-1) == 1)
+
+
+def _cache_write(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    # The runner checks a step's slots on the host as it builds them (ModelRunner.pack), so no
+    # host sync per layer here; the kernel never writes outside the cache whatever the slots.
+    reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, check_slots=False)
+
+
+def register_ops(register) -> None:
+    """Registers the CUDA C++ kernels (ahead of Triton where both apply) with the dispatch
+    point's ``register`` where they are built and a GPU is present."""
+    if not available():
+        return
+    register("reshape_and_cache", "cuda", _cache_write, _cache_write_applies)
+    register("paged_attention", "cuda", paged_attention, paged_attention_applies)
