@@ -1,7 +1,7 @@
 // Writes a step's keys and values into the paged KV cache on the CPU (the native backend of
 // ops.reshape_and_cache): float32 / bfloat16 / float16 rows in, float32 or bfloat16 caches
 // (a cast) or quantized caches (int8 or fp8 e4m3 codes plus a float32 scale per token and kv
-// head, quantized exactly as fastinfer/ops/kv.py says; kv_format.h).
+// head, quantized exactly as fastinfer/common/kv_format.py says; kv_format.h).
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

@@ -1,4 +1,4 @@
-// Element formats of the paged KV cache (fastinfer/ops/kv.py is the contract): float32 or
+// Element formats of the paged KV cache (fastinfer/common/kv_format.py is the contract): float32 or
 // bfloat16 rows, or quantized rows -- int8 or fp8 e4m3fn codes with one float32 scale per
 // (token, kv head). Quantizing and dequantizing here use the same float32 operations as the
 // torch reference, so every backend writes and reads the same bits.

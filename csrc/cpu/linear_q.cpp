@@ -1,6 +1,6 @@
 // Batch-invariant linear on quantized weights for the CPU: y = x @ dequant(W).T + bias.
 //
-// W [N, K] is held in fastinfer's one quantized layout (fastinfer/ops/packed.py): integer or
+// W [N, K] is held in fastinfer's one quantized layout (fastinfer/common/packed.py): integer or
 // fp8 codes in groups of G inputs along K, each group with a float32 scale and an optional
 // float32 offset. The weight a code stands for is
 //     w[n, k] = fma(code[n, k], scale[n, k / G], offset[n, k / G])   (offset 0 when absent)

@@ -1,6 +1,6 @@
 // The CPU ops of fastinfer._C_cpu as C++ functions, for kernels that chain them without a trip
 // through Python (decoder.cpp). Each is also registered as torch.ops.fastinfer_cpu.<name>; the
-// contracts are documented where they are defined and on their Python wrappers (ops/cpu_native.py).
+// contracts are documented where they are defined and on their Python wrappers (ops/backends/cpu_native.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -73,7 +73,7 @@ def environment(device: str) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a missing package is a fact to report
             env[mod] = f"unavailable ({type(exc).__name__})"
     try:
-        from fastinfer.ops import cuda_native
+        from fastinfer.ops.backends import cuda_native
 
         env["fastinfer"], env["fastinfer_cuda_extension"] = base["fastinfer"], cuda_native.built()
     except Exception as exc:  # noqa: BLE001

@@ -43,10 +43,14 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """The captured graphs of one model's forward and their static buffers."""
 
-    def __init__(self, forward: Forward, device: torch.device, sizes: list[int], width: int,
-                 emulate: bool = False) -> None:
-        self.forward, self.device, self.sizes, self.width, self.emulate = forward, device, sizes, width, emulate
-        dev, bmax = device, sizes[-1]
+    def __init__(self, forward: Forward, device: torch.device, block_size: int, max_num_seqs: int,
+                 max_model_len: int, emulate: bool = False) -> None:
+        """The static buffers for every captured size (``capture`` then records the graphs).
+        ``emulate`` (for tests on a CPU) captures nothing: a "replay" runs ``forward`` eagerly
+        on the static buffers, padding included, which checks everything but the capture."""
+        self.forward, self.device, self.emulate = forward, device, emulate
+        self.sizes, self.width = capture_sizes(max_num_seqs), -(-max_model_len // block_size)
+        dev, bmax, width = device, self.sizes[-1], self.width
         self.ids = torch.zeros(bmax, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(bmax, dtype=torch.int64, device=dev)
         self.slots = torch.full((bmax,), -1, dtype=torch.int64, device=dev)
@@ -66,15 +70,11 @@ class DecodeGraphs:
         return AttentionMetadata(self.slots[:b], list(range(b + 1)), [1] * b, self.tables[:b], 1,
                                  self.query_start_loc[:b + 1], self.context_lens[:b])
 
-    @classmethod
-    def capture(cls, forward: Forward, device: torch.device, block_size: int, max_num_seqs: int,
-                max_model_len: int, emulate: bool = False) -> DecodeGraphs:
-        """Captures ``forward`` at every size. ``emulate`` (for tests on a CPU) captures
-        nothing: a "replay" runs ``forward`` eagerly on the static buffers, padding included,
-        which checks everything but the capture."""
-        self = cls(forward, device, capture_sizes(max_num_seqs), -(-max_model_len // block_size), emulate)
-        if emulate:
-            return self
+    def capture(self) -> None:
+        """Captures ``forward`` at every size (nothing when emulating)."""
+        if self.emulate:
+            return
+        forward, device = self.forward, self.device
         start = time.perf_counter()
         pool = None
         stream = torch.cuda.Stream(device)
@@ -92,7 +92,6 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         _log.info("captured %d CUDA graphs of decode steps (batch sizes %d..%d) in %.1f s", len(self.sizes),
                   self.sizes[0], self.sizes[-1], time.perf_counter() - start)
-        return self
 
     def takes(self, inp: StepInput) -> bool:
         """True for a decode step (one token per sequence, each sampled) that a graph covers."""

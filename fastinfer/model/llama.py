@@ -68,13 +68,21 @@ class LlamaForCausalLM(nn.Module):
         # detected at each step).
         self.fused_layers = True
         self._plan, self._plan_key = None, None
-        # Forward hooks on a layer or its modules need the module loop: checked at each step.
-        self._hook_modules = list(self.layers.modules())
         # Bumped whenever a layer's weight is replaced or moved: the plan is then rebuilt.
         self.weights_version = WeightsVersion()
+        # Forward hooks on a layer or its modules need the module loop: checked at each step.
+        self._hook_modules: list[nn.Module] = []
+        self.track_weights()
+
+    def track_weights(self) -> None:
+        """Shares the model's :class:`WeightsVersion` with every module of its layers, and bumps
+        it. Replacing a weight needs no call; putting a new module in place of a layer's does
+        (it tracks its weights from then on)."""
+        self._hook_modules = list(self.layers.modules())
         for module in self._hook_modules:
             if isinstance(module, TracksWeights):
                 share_version(module, self.weights_version)
+        self.weights_version.bump()
 
     def decoder_plan(self):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take

@@ -172,25 +172,25 @@ class ModelRunner:
         that cannot be captured)."""
         if (self.device.type != "cuda" and not emulate) or not self.kv_layers:
             return False
+        layers = self.kv_layers
+        graphs = DecodeGraphs(lambda ids, pos, meta: self.model(ids, pos, layers, meta), self.device,
+                              self.block_size, max_num_seqs, max_model_len, emulate)
         with forcing(self.ops_backend):
-            if not self._capturable():
+            if not self._capturable(graphs.meta(1)):
                 _log.info("CUDA graphs off: an op of the decode path takes a backend that cannot be captured")
                 return False
-            layers = self.kv_layers
-            self.graphs = DecodeGraphs.capture(lambda ids, pos, meta: self.model(ids, pos, layers, meta),
-                                               self.device, self.block_size, max_num_seqs, max_model_len, emulate)
+            graphs.capture()
+        self.graphs = graphs
         return True
 
-    def _capturable(self) -> bool:
+    def _capturable(self, meta: AttentionMetadata) -> bool:
         """True when the decode path's attention and cache write take a backend that can be
-        captured (not the reference: it loops over sequences in Python and cannot skip a
-        padded slot)."""
+        captured for the graphs' metadata ``meta`` (block tables as wide as ``max_model_len``):
+        not the reference, which loops over sequences in Python and cannot skip a padded slot."""
         layer, model = self.kv_layers[0], self.model
         attn = model.layers[0].self_attn
         q = torch.zeros(1, attn.num_heads, attn.head_dim, dtype=model.norm.weight.dtype, device=self.device)
         kv_row = torch.zeros(1, attn.num_kv_heads, attn.head_dim, dtype=q.dtype, device=q.device)
-        meta = AttentionMetadata(torch.full((1,), -1, dtype=torch.int64, device=q.device), [0, 1], [1],
-                                 torch.zeros(1, 1, dtype=torch.int64, device=q.device), 1)
         cache_write = select("reshape_and_cache", kv_row, kv_row, layer.k, layer.v, meta.slot_mapping,
                              layer.k_scale, layer.v_scale)
         attention = select("paged_attention", q, layer.k, layer.v, meta, attn.scale, layer.k_scale, layer.v_scale)

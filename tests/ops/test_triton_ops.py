@@ -202,7 +202,7 @@ def run_both(key, value, slots, cache_dtype, nb=5, bs=4):
 
     The reference runs on the CPU: on CUDA tensors torch computes ``amax / 127`` (a tensor divided
     by a Python number) as ``amax * float(1 / 127)``, which is sometimes one ulp off the IEEE
-    quotient that ``ops/kv.py`` specifies and the CPU backends compute; the kernel computes the
+    quotient that ``common/kv_format.py`` specifies and the CPU backends compute; the kernel computes the
     quotient."""
     t, hkv, d = key.shape
     got = make_cache(nb, bs, hkv, d, cache_dtype, key.device, 7)

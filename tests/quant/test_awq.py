@@ -64,9 +64,8 @@ def float_logits(cfg, weights, ids):
     n = len(ids)
     caches = [CacheLayer(torch.empty(1, n, cfg.num_kv_heads, cfg.head_dim),
                          torch.empty(1, n, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
-    pos = torch.arange(n)
-    meta = AttentionMetadata(pos, [0, n], [n], torch.zeros(1, 1, dtype=torch.long), n)
-    return model.compute_logits(model(torch.tensor(ids), pos, caches, meta))
+    meta = AttentionMetadata.one_sequence(0, n)
+    return model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
 
 
 @pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 4)], ids=["llama-gqa", "qwen2-mha-bias"])
