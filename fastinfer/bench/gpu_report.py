@@ -91,21 +91,31 @@ def _header(doc: dict) -> list[str]:
     ]
 
 
-def _decode_table(doc: dict) -> list[str]:
-    rows = [["shape", "system", "tok/s", "ms/token", "TTFT ms", "% data-sheet peak", "% measured copy", "fastinfer x"]]
+def _system_rows(doc: dict, systems, measured: str, width: int, cells) -> list[list[str]]:
+    """One row per shape and system that ran: ``[shape, name, *cells(sections, key, result)]``
+    where the result has ``measured``, else the reason it has not (a failure or a skip)."""
+    rows = []
     for shape, res in doc.get("shapes", {}).items():
         s = res.get("sections", {})
-        fi = _get(s, "fastinfer_decode", "tok_s")
-        for key, name in DECODE_SYSTEMS:
+        for key, name in systems:
             r = s.get(key)
             if r is None:
                 continue
-            if "tok_s" not in r:
-                rows.append([shape, name, _why(r), "", "", "", "", ""])
-                continue
-            ratio = "" if key.startswith("fastinfer_decode") or not fi else f"{fi / r['tok_s']:.2f}x"
-            rows.append([shape, name, fmt(r["tok_s"]), fmt(r["ms_per_token"]), fmt(r.get("ttft_ms")),
-                         _pct(r.get("fraction_of_table_peak")), _pct(r.get("fraction_of_measured_copy")), ratio])
+            rows.append([shape, name, *cells(s, key, r)] if measured in r
+                        else [shape, name, _why(r)] + [""] * (width - 3))
+    return rows
+
+
+def _decode_cells(s: dict, key: str, r: dict) -> list[str]:
+    fi = _get(s, "fastinfer_decode", "tok_s")
+    ratio = "" if key.startswith("fastinfer_decode") or not fi else f"{fi / r['tok_s']:.2f}x"
+    return [fmt(r["tok_s"]), fmt(r["ms_per_token"]), fmt(r.get("ttft_ms")), _pct(r.get("fraction_of_table_peak")),
+            _pct(r.get("fraction_of_measured_copy")), ratio]
+
+
+def _decode_table(doc: dict) -> list[str]:
+    rows = [["shape", "system", "tok/s", "ms/token", "TTFT ms", "% data-sheet peak", "% measured copy", "fastinfer x"]]
+    rows += _system_rows(doc, DECODE_SYSTEMS, "tok_s", len(rows[0]), _decode_cells)
     a = doc.get("args", {})
     return [f"## Single-stream decode (batch 1, {a.get('prompt_len')}-token prompt, {a.get('decode_tokens')} new "
             "tokens, greedy, EOS ignored; tok/s after the first token)", ""] + _table(rows) + [""]
@@ -128,23 +138,17 @@ def _profile_table(doc: dict) -> list[str]:
         _table(rows) + [""]
 
 
+def _throughput_cells(s: dict, key: str, r: dict) -> list[str]:
+    sub = _get(s, "fastinfer_subset", "output_tok_s")
+    ratio = f"{sub / r['output_tok_s']:.2f}x" if sub and key in SUBSET_BASELINES else ""
+    return [str(r["requests"]), fmt(r["output_tok_s"]), fmt(r["total_tok_s"]), _p3(r["ttft_ms"]), _p3(r["tpot_ms"]),
+            fmt(r["seconds"]), fmt(r.get("peak_allocated_gib")), ratio]
+
+
 def _throughput_table(doc: dict) -> list[str]:
     rows = [["shape", "system", "requests", "out tok/s", "total tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
              "time s", "peak GiB", "fastinfer x (same requests)"]]
-    for shape, res in doc.get("shapes", {}).items():
-        s = res.get("sections", {})
-        sub = _get(s, "fastinfer_subset", "output_tok_s")
-        for key, name in THROUGHPUT_SYSTEMS:
-            r = s.get(key)
-            if r is None:
-                continue
-            if "output_tok_s" not in r:
-                rows.append([shape, name, _why(r)] + [""] * 7)
-                continue
-            ratio = f"{sub / r['output_tok_s']:.2f}x" if sub and key in SUBSET_BASELINES else ""
-            rows.append([shape, name, str(r["requests"]), fmt(r["output_tok_s"]), fmt(r["total_tok_s"]),
-                         _p3(r["ttft_ms"]), _p3(r["tpot_ms"]), fmt(r["seconds"]), fmt(r.get("peak_allocated_gib")),
-                         ratio])
+    rows += _system_rows(doc, THROUGHPUT_SYSTEMS, "output_tok_s", len(rows[0]), _throughput_cells)
     a = doc.get("args", {})
     return [f"## Mixed workload (prompts {a.get('input_range')}, outputs {a.get('output_range')} tokens, seed "
             f"{a.get('seed')}, all submitted at once, greedy, EOS ignored)", "",
