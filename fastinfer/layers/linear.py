@@ -20,8 +20,8 @@ class TracksWeights:
         if name in ("weight", "bias"):
             version = self.__dict__.get("_weights_version")
             if version is not None:
-                share_version(self, version)
-                version.bump()
+                share_version(self, version)  # a packed weight put in place reports to it too
+            weights_changed(self)
 
     def __delattr__(self, name):
         super().__delattr__(name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastinfer._native import extension_built
 from fastinfer.common import kv_format as kv
 from fastinfer.common.metadata import AttentionMetadata, int64_tensor
 
@@ -22,22 +23,13 @@ __all__ = ["DecoderPlan", "available", "decoder_layers", "decoder_layers_applies
            "add_rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> bool:
-    try:
-        from fastinfer import _C_cpu  # noqa: F401  (importing registers torch.ops.fastinfer_cpu)
-    except ImportError:
-        return False
-    return True
-
-
 def available() -> bool:
-    """True when ``fastinfer._C_cpu`` is built and its ops are registered."""
-    return _load()
+    """True when ``fastinfer._C_cpu`` is built (importing it registers ``torch.ops.fastinfer_cpu``)."""
+    return extension_built("_C_cpu")
 
 
 def _require() -> None:
-    if not _load():
+    if not available():
         raise RuntimeError(
             "fastinfer._C_cpu is not built: run `python setup.py build_ext --inplace` "
             "(or `pip install -e . --no-build-isolation`)"
@@ -388,7 +380,7 @@ def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim
     kernels take (then the layers run one op at a time): every tensor on the CPU, the model in
     float32 or bfloat16, dense weights contiguous in the model's dtype, packed weights that
     :func:`linear_q` takes, and a head dim the attention kernel takes (a multiple of 16 up to 256)."""
-    if (not _load() or dtype not in _ROW_DTYPES or head_dim % 16
+    if (not available() or dtype not in _ROW_DTYPES or head_dim % 16
             or not 16 <= head_dim <= 256 or cos_sin.dtype != torch.float32 or not cos_sin.is_cpu
             or not cos_sin.is_contiguous() or cos_sin.shape[1] != head_dim):
         return None

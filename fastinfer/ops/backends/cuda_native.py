@@ -5,10 +5,10 @@ imports fine without it: :func:`available` is then False.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from fastinfer._native import extension_built
 from fastinfer.common.metadata import AttentionMetadata
 
 __all__ = ["CHECK_SLOTS", "DECODE_HEAD_DIMS", "MAX_DECODE_WIDTH", "available", "built", "paged_attention", "paged_attention_applies",
@@ -28,14 +28,10 @@ tables are as wide as a long ``max_model_len``; the Triton kernel's grid is fixe
 _DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
 def built() -> bool:
-    """True when ``fastinfer._C_cuda`` was compiled and loads (no GPU needed)."""
-    try:
-        from fastinfer import _C_cuda  # noqa: F401  (importing registers the ops)
-    except ImportError:
-        return False
-    return True
+    """True when ``fastinfer._C_cuda`` was compiled and loads (no GPU needed; importing it
+    registers the ops)."""
+    return extension_built("_C_cuda")
 
 
 def available() -> bool:
