@@ -16,6 +16,7 @@ from fastinfer.engine.engine import Engine
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
 from fastinfer.sampling.sampler import Sampler, SamplingRow
+from fastinfer.scheduler.sequence import Sequence
 
 VOCAB = 49152
 
@@ -54,13 +55,16 @@ def test_detokenizer_256_tokens(benchmark, smollm):
 
 
 def test_block_manager_allocate_free(benchmark):
+    """64 sequences of 129 tokens admitted (distinct prompts: no cache hits) and freed."""
     manager = BlockManager(4096, 16)
+    seqs = [Sequence(i, [i] * (16 * 8 + 1), 16 * 8 + 1, arrival=i) for i in range(64)]
 
     def cycle():
-        for seq in range(64):
-            manager.grow(seq, 16 * 8 + 1)
-        for seq in range(64):
-            manager.free(seq)
+        for seq in seqs:
+            assert manager.allocate(seq, manager.cached_prefix(seq), len(seq.token_ids))
+        for seq in seqs:
+            manager.free(seq.seq_id)
 
     benchmark(cycle)
     assert manager.num_free == 4096
+

@@ -1,36 +1,52 @@
-"""The native block pool and slot mapping (fastinfer._C)."""
+"""The block pool (fastinfer.kv_cache.block_pool) and the native slot mapping (fastinfer._C)."""
 import numpy as np
 import pytest
 
 from fastinfer._native import native
+from fastinfer.kv_cache.block_pool import BlockPool
 
 
-def test_allocate_and_free_round_trip():
-    pool = native.BlockPool(8)
+def test_allocate_and_release_round_trip():
+    pool = BlockPool(8)
     a = pool.allocate(3)
-    b = pool.allocate(5)
-    assert sorted(a + b) == list(range(8))
-    assert pool.num_free == 0 and not pool.can_allocate(1)
-    with pytest.raises(RuntimeError, match="asked for 1 blocks, 0 free"):
-        pool.allocate(1)
-    pool.free(a)
-    assert pool.num_free == 3
-    assert pool.allocate(3) == a  # FIFO: freed blocks come back in order
+    assert len(set(a)) == 3 and pool.num_free == 5 and all(pool.ref[b] == 1 for b in a)
+    assert pool.allocate(6) is None and pool.num_free == 5  # all or nothing
+    pool.release(a)
+    assert pool.num_free == 8
+    pool.check()
 
 
-def test_refcount_keeps_shared_block_until_last_free():
-    pool = native.BlockPool(2)
-    (blk,) = pool.allocate(1)
-    pool.incref([blk])
-    assert pool.refcount(blk) == 2
-    pool.free([blk])
-    assert pool.num_free == 1
-    pool.free([blk])
-    assert pool.num_free == 2
-    with pytest.raises(RuntimeError, match="not allocated"):
-        pool.free([blk])
-    with pytest.raises(IndexError):
-        pool.refcount(7)
+def test_shared_block_stays_until_its_last_reference_goes():
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    pool.touch([b])
+    pool.release([b])
+    assert pool.ref[b] == 1 and b not in pool.free
+    pool.release([b])
+    assert pool.ref[b] == 0 and b in pool.free
+
+
+def test_cached_free_blocks_are_evicted_last_and_lru_first():
+    evicted = []
+    pool = BlockPool(4, on_evict=lambda b, h: evicted.append(h))
+    blocks = pool.allocate(4)
+    for b, h in zip(blocks[:2], (11, 22)):
+        assert pool.register(b, h)
+    assert not pool.register(blocks[2], 11)  # one block per hash
+    pool.release([blocks[0], blocks[1], blocks[2], blocks[3]])
+    assert pool.lookup(11) == blocks[0] and pool.num_cached == 2
+    pool.allocate(2)  # the two unhashed blocks go first
+    assert evicted == []
+    pool.touch([blocks[1]])  # a cache hit takes hash 22 back out of the free queue (O(1))
+    pool.allocate(1)
+    assert evicted == [11] and pool.lookup(11) is None and pool.lookup(22) == blocks[1]
+    pool.check()
+
+
+def test_bad_counts_are_refused():
+    for n in (-1, 1.5):
+        with pytest.raises(ValueError, match="num_blocks"):
+            BlockPool(n)
 
 
 def test_slot_mapping_matches_python():
@@ -47,29 +63,3 @@ def test_slot_mapping_matches_python():
 def test_pack_block_tables_pads():
     out = native.pack_block_tables([[1, 2, 3], [4]], -1)
     assert out.shape == (2, 3) and out.tolist() == [[1, 2, 3], [4, -1, -1]]
-
-
-def test_bad_counts_are_refused_before_anything_changes():
-    for n in (0, -1, -3):
-        with pytest.raises(ValueError, match="num_blocks must be"):
-            native.BlockPool(n)
-    pool = native.BlockPool(4)
-    with pytest.raises(ValueError, match="can_allocate: n must be >= 0, got -3"):
-        pool.can_allocate(-3)
-    with pytest.raises(ValueError, match="allocate: n must be >= 0"):
-        pool.allocate(-1)
-    assert pool.num_free == 4
-
-
-def test_free_naming_a_block_twice_is_all_or_nothing():
-    pool = native.BlockPool(4)
-    a, b = pool.allocate(2)
-    with pytest.raises(RuntimeError, match=f"block {a} is named 2 times but holds 1"):
-        pool.free([b, a, a])
-    assert pool.num_free == 2 and pool.refcount(a) == 1 and pool.refcount(b) == 1
-    pool.incref([a])
-    pool.free([a, a])  # two references, two drops: legal
-    assert pool.refcount(a) == 0 and pool.num_free == 3
-    with pytest.raises(RuntimeError, match="not allocated"):
-        pool.incref([b, a])
-    assert pool.refcount(b) == 1  # the refused incref changed nothing

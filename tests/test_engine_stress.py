@@ -26,10 +26,12 @@ def random_params(rng: random.Random, greedy_share: float) -> SamplingParams:
                           top_p=0.9, seed=rng.randint(0, 1000), ignore_eos=True)
 
 
-@pytest.mark.parametrize("seed,async_scheduling", [(0, False), (1, False), (2, False), (3, True), (5, True)])
-def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_scheduling, monkeypatch):
+@pytest.mark.parametrize("seed,async_scheduling,offload", [(0, False, False), (1, False, True), (6, False, False),
+                                                          (3, True, False), (5, True, True)])
+def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_scheduling, offload, monkeypatch):
     """With async scheduling, most requests are greedy, so that most steps are launched before
-    the host reads the previous step's tokens."""
+    the host reads the previous step's tokens. ``offload``: a host tier of 6 blocks, so that
+    preemption swaps when it has room and evicted prefixes go there."""
     from fastinfer.model.runner import ModelRunner
 
     fed, real_execute = [], ModelRunner.execute
@@ -37,9 +39,10 @@ def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_sch
         feed is not None) or real_execute(self, inp, all_logits, feed))
     rng = random.Random(seed)
     # 10 blocks of 16 tokens: far fewer than the workload needs, so preemption is routine
-    engine = make_engine(tiny_llama, kv_cache_memory=10 * 2 * 2 * 16 * 2 * 16 * 4, max_model_len=160,
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4
+    engine = make_engine(tiny_llama, kv_cache_memory=10 * block_bytes, max_model_len=160,
                          max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=256,
-                         async_scheduling=async_scheduling)
+                         async_scheduling=async_scheduling, kv_offload_memory=6 * block_bytes if offload else None)
     assert engine.stats()["kv_blocks_total"] == 10
     submitted, aborted, finals = {}, set(), {}
     for _ in range(150):
@@ -61,6 +64,7 @@ def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_sch
                 if out.finished:
                     assert out.request_id not in finals, "two final outputs"
                     finals[out.request_id] = out
+            engine.block_manager.check()
     while engine.has_unfinished():
         for out in engine.step():
             if out.finished:
@@ -79,4 +83,7 @@ def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_sch
     assert stats["num_preemptions"] > 0 and aborted  # the run really exercised both paths
     assert (sum(fed) > 20) if async_scheduling else not any(fed)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert stats["kv_offload_blocks"] <= stats["kv_offload_blocks_total"] and stats["num_swapped"] == 0
+    assert (stats["num_swap_preemptions"] > 0) == offload  # swaps only with a tier (and they happen)
+    engine.block_manager.check()
     assert stats["num_running"] == stats["num_waiting"] == stats["num_requests"] == 0

@@ -29,7 +29,7 @@ PROMPTS = [
 def ours_prompt_logits(loaded, ids: list[int]) -> torch.Tensor:
     engine = make_engine(loaded, kv_cache_memory="64MiB", max_model_len=512)
     bt = engine.block_manager
-    bt.grow(0, len(ids))
+    bt.reserve(0, len(ids))
     inp = StepInput([ids], [0], [bt.block_table(0)])
     return engine.runner.execute(inp, all_logits=True)
 

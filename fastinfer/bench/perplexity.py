@@ -68,7 +68,7 @@ def perplexity(engine: Engine, token_ids: list[int], context: int = 512, stride:
     seq_id = -1  # never used by requests
     for i, (begin, end, first) in enumerate(spans):
         ids = token_ids[begin:end]
-        blocks.grow(seq_id, len(ids))
+        blocks.reserve(seq_id, len(ids))
         try:
             logits = engine.runner.execute(StepInput([ids], [0], [blocks.block_table(seq_id)]), all_logits=True)
         finally:

@@ -81,3 +81,23 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache element type: auto (the model dtype), or int8 / fp8 codes with a scale per "
                         "token and head")
 
+
+
+KV_CACHE_FIELDS = ("enable_prefix_caching", "kv_offload_memory", "preemption_mode")
+"""EngineConfig fields that ``add_kv_cache_args`` sets (None: the config's default)."""
+
+
+def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
+    """The KV-cache management options of an engine: prefix caching, the host tier, preemption."""
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV cache of shared prompt prefixes (on by default)")
+    p.add_argument("--kv-offload-memory", default=None,
+                   help="host-memory tier for evicted prefixes and swapped requests, e.g. 8GiB (off by default)")
+    p.add_argument("--preemption-mode", choices=["recompute", "swap", "auto"], default=None,
+                   help="what a preempted request does: recompute later, or swap to the host tier "
+                        "(auto: swap when the tier has room; the default)")
+
+
+def kv_cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The KV-cache options given on the command line (those left out keep their defaults)."""
+    return {f: getattr(args, f) for f in KV_CACHE_FIELDS if getattr(args, f, None) is not None}

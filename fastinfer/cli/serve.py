@@ -12,7 +12,7 @@ import asyncio
 import signal
 import sys
 
-from fastinfer.cli.args import add_quantization_args, int_arg
+from fastinfer.cli.args import add_kv_cache_args, add_quantization_args, int_arg, kv_cache_options
 
 _ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
                    "seed", "block_size", "gpu_memory_utilization")
@@ -53,6 +53,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-num-seqs", type=int_arg(lo=1), default=256)
     p.add_argument("--max-num-batched-tokens", type=int_arg(lo=1), default=None)
     p.add_argument("--kv-cache-memory", default=None, help="KV-cache size per version, e.g. 1GiB")
+    add_kv_cache_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int_arg(lo=1), default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -103,7 +104,7 @@ def build_state(args: argparse.Namespace):
     from fastinfer.server.registry import CanaryMonitor, ModelRegistry
     from fastinfer.validation import parse_bytes
 
-    options = {f: getattr(args, f) for f in _ENGINE_OPTIONS + tuple(QUANT_FIELDS)}
+    options = {f: getattr(args, f) for f in _ENGINE_OPTIONS + tuple(QUANT_FIELDS)} | kv_cache_options(args)
 
     def factory(name: str, version: str, source: str) -> AsyncEngine:
         return AsyncEngine(source, max_queued_requests=args.max_queued_requests,

@@ -156,17 +156,19 @@ class AsyncEngine:
         return self.engine.weight_bytes + self.engine.kv_cache.nbytes
 
     async def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                          request_id: str | None = None) -> RequestStream:
+                          request_id: str | None = None, *, priority: int = 0) -> RequestStream:
         """Submits one request and waits until the engine has accepted it; returns its stream.
-        Raises what ``Engine.add_request`` raises for bad input, ``EngineOverloadedError`` when
-        the queue is full, ``EngineShutdownError`` while shutting down, ``EngineDeadError``
-        when the loop died. Cancelled while waiting, the request is aborted."""
+        ``priority``: as ``Engine.add_request`` (a lower value is served first). Raises what
+        ``Engine.add_request`` raises for bad input, ``EngineOverloadedError`` when the queue
+        is full, ``EngineShutdownError`` while shutting down, ``EngineDeadError`` when the loop
+        died. Cancelled while waiting, the request is aborted."""
         self._check_accepting()
         rid = uuid.uuid4().hex if request_id is None else check_str("request_id", request_id,
                                                                     error=InvalidRequestError)
         stream = RequestStream(rid, asyncio.get_running_loop())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._post(("add", rid, prompt, params, stream, accepted))
+        # The engine thread validates ``priority`` (in Engine.add_request) and answers ``accepted``.
+        self._post(("add", rid, prompt, params, priority, stream, accepted))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -175,11 +177,12 @@ class AsyncEngine:
         return stream
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Streams the outputs of one request (as ``params.output_kind`` asks); the last has
-        ``finished=True``. A consumer that stops iterating, or is cancelled, aborts the request
-        and its KV blocks are freed before the next step."""
-        stream = await self.add_request(prompt, params, request_id)
+        ``finished=True``. ``priority``: a lower value is served first (see
+        ``Engine.add_request``). A consumer that stops iterating, or is cancelled, aborts the
+        request and its KV blocks are freed before the next step."""
+        stream = await self.add_request(prompt, params, request_id, priority=priority)
         try:
             async for out in stream:
                 yield out
@@ -285,8 +288,8 @@ class AsyncEngine:
             for rid in list(self._streams):
                 self.engine.abort(rid)
 
-    def _add(self, rid: str, prompt: Prompt, params: SamplingParams | None, stream: RequestStream,
-             accepted: concurrent.futures.Future) -> None:
+    def _add(self, rid: str, prompt: Prompt, params: SamplingParams | None, priority: int,
+             stream: RequestStream, accepted: concurrent.futures.Future) -> None:
         if not accepted.set_running_or_notify_cancel():
             return  # the caller was cancelled before the engine saw it
         if self._stop_waiter is not None:
@@ -294,7 +297,8 @@ class AsyncEngine:
             return
         admitted: list[int] = []  # what ``_admit`` accepted: the request's prefill tokens
         try:
-            self.engine.add_request(prompt, params, rid, admit=lambda n: admitted.append(self._admit(n)))
+            self.engine.add_request(prompt, params, rid, priority=priority,
+                                    admit=lambda n: admitted.append(self._admit(n)))
         except Exception as exc:  # bad input or a full queue: refused, nothing changed
             accepted.set_exception(exc)
             return

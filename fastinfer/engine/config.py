@@ -15,6 +15,7 @@ from fastinfer.errors import ArgumentTypeError, ConfigError
 from fastinfer.ops.backends import cuda_native
 from fastinfer.ops.dispatch import BACKENDS, requested_backend
 from fastinfer.quant.rtn import check_group_size
+from fastinfer.scheduler.scheduler import PREEMPTION_MODES
 from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
                                   check_str, parse_bytes, parse_device)
 
@@ -65,6 +66,17 @@ class EngineConfig:
     Outputs come one step later; a sequence that stopped at step N (a stop token, string or EOS)
     computes one more token, which is dropped. Steps that sample with penalties or logprobs, or draw random tokens, run
     synchronously. The tokens are the same as without it.
+    ``enable_prefix_caching`` (on by default): a request reuses the KV-cache blocks of the
+    longest prefix it shares with earlier requests (full blocks, found by a hash chained over
+    their token ids) and computes only the rest; unused cached blocks are evicted LRU-first
+    when memory runs short. Outputs are the same with it off.
+    ``kv_offload_memory`` (bytes or a size string; None: off) is a host-memory tier: cached
+    blocks evicted from the device go there and are loaded back on a later hit instead of
+    being recomputed, and preempted requests can be swapped there.
+    ``preemption_mode``: ``"recompute"`` frees a preempted request's blocks (computed again
+    later, from its cached prefix); ``"swap"`` (needs ``kv_offload_memory``) moves them to the
+    host tier and back, so the request resumes where it stopped; ``"auto"`` swaps when the
+    tier has room and recomputes otherwise (so, without a tier, always).
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
@@ -83,11 +95,13 @@ class EngineConfig:
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
     gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
     async_scheduling: bool = False
     ops_backend: str | None = None
+    kv_offload_memory: int | str | None = None
+    preemption_mode: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,9 +141,15 @@ class EngineConfig:
                      "async_scheduling"):
             self._set(name, check_bool(name, getattr(self, name)))
         self._set("seed", check_seed("seed", self.seed))
-        if self.enable_prefix_caching:
-            raise ConfigError("enable_prefix_caching=True is not supported yet (the prefix cache comes with "
-                              "the KV-cache management work)", "enable_prefix_caching")
+        if self.kv_offload_memory is not None:
+            nbytes = parse_bytes("kv_offload_memory", self.kv_offload_memory)
+            check_within(nbytes, total_memory(torch.device("cpu")), torch.device("cpu"), "all the memory there is",
+                         "kv_offload_memory")
+            self._set("kv_offload_memory", nbytes)
+        check_choice("preemption_mode", self.preemption_mode, list(PREEMPTION_MODES))
+        if self.preemption_mode == "swap" and not self.kv_offload_memory:
+            raise ConfigError("preemption_mode='swap' moves preempted requests to the host tier: set "
+                              "kv_offload_memory (bytes or a size such as '4GiB')", "preemption_mode")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalised at construction (frozen afterwards)

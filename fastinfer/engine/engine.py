@@ -4,6 +4,7 @@ step on the runner, accept its tokens in the output processor, emit; ``LLM`` and
 runner's, memory profiling ``engine/memory.py``'s."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -20,6 +21,7 @@ from fastinfer.engine.request import Request, Sample
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.kv_cache.cache import bytes_per_block
+from fastinfer.kv_cache.events import KVEventBatch
 from fastinfer.model.loader import LoadedModel, load_model, weight_bytes
 from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.model.step import Feed, StepFuture
@@ -30,9 +32,12 @@ from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
-from fastinfer.validation import Prompt, as_prompt, check_str, describe, fail
+from fastinfer.validation import Prompt, as_prompt, check_int, check_str, describe, fail
 
 _log = logging.getLogger("fastinfer.engine")
+
+_KV_EVENT_BACKLOG = 4096
+"""Event batches ``kv_events()`` keeps for a reader that has fallen behind (the oldest go)."""
 
 PENDING = -1
 """Stands in a sequence's token ids for a token that a step in flight has sampled and the host
@@ -75,11 +80,14 @@ class Engine:
                                                     self.max_model_len)
         self.kv_cache = allocate_kv_cache(config, self.loaded, self.device, self.kv_dtype, self.activation_bytes,
                                           self.max_model_len)
-        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size,
+                                          enable_caching=config.enable_prefix_caching,
+                                          host_blocks=self.kv_cache.host_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len),
-                                   chunked_prefill=config.enable_chunked_prefill)
+                                   chunked_prefill=config.enable_chunked_prefill,
+                                   preemption_mode=config.preemption_mode)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device,
-                                  config.ops_backend, Sampler())
+                                  config.ops_backend, Sampler(), copy_blocks=self.kv_cache.apply)
         if not config.enforce_eager:  # the runner captures where it can (a GPU)
             self.runner.capture_graphs(config.max_num_seqs, self.max_model_len)
         self.tokenizer = self.loaded.tokenizer
@@ -91,6 +99,9 @@ class Engine:
         self._aborted: list[Request] = []
         self._held: dict[str, RequestOutput] = {}  # final outputs ``drain`` kept for their owner
         self._inflight: list[_InFlight] = []  # async_scheduling: launched steps whose tokens are unread
+        self._kv_events: collections.deque[KVEventBatch] = collections.deque(maxlen=_KV_EVENT_BACKLOG)
+        self._kv_listeners: list[Callable[[KVEventBatch], None]] = []
+        self._weights_seen: int | None = None  # the model's weights version the cache was filled under
         # From the config; a benchmark may switch it between runs on one engine (it takes effect
         # at the next step, and a step run synchronously first settles the step in flight).
         self.async_scheduling = config.async_scheduling
@@ -110,9 +121,14 @@ class Engine:
 
     # ----------------------------------------------------------------- submission
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, *, admit: Callable[[int], None] | None = None) -> str:
+                    request_id: str | None = None, *, priority: int = 0, cache_salt: str | None = None,
+                    admit: Callable[[int], None] | None = None) -> str:
         """Validates and queues one request; returns its id. Bad input raises
-        ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched. ``admit``,
+        ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched.
+        ``priority``: a lower value is served first (FCFS within one value), and under memory
+        pressure the running request with the highest value is preempted first. ``cache_salt``:
+        an extra key of the prefix cache's block hashes (requests with different salts never
+        share cached blocks, e.g. one per tenant or model version). ``admit``,
         when given, is called with the tokens the request will prefill (prompt tokens times
         ``n``) once it is valid and before it is queued; whatever it raises refuses the
         request, leaving the engine untouched (``AsyncEngine``'s queue limits)."""
@@ -126,12 +142,17 @@ class Engine:
         check_str("request_id", request_id, error=InvalidRequestError)
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        priority = check_int("priority", priority, lo=-2**62, hi=2**62, error=InvalidRequestError)
+        if cache_salt is not None:
+            check_str("cache_salt", cache_salt, error=InvalidRequestError)
         text, ids = self._prompt_ids(as_prompt(prompt))
         self._check_fits(ids, params)
         if admit is not None:
             admit(len(ids) * params.n)
         now = time.monotonic()
-        samples = [self._new_sample(i, ids, params) for i in range(params.n)]
+        samples = [self._new_sample(i, ids, params, priority, cache_salt) for i in range(params.n)]
+        for s in samples[1:]:
+            s.seq.fork_of = samples[0].seq  # shares the prompt's blocks once sample 0 has computed them
         req = Request(request_id, text, ids, params, samples, RequestMetrics(now))
         self._requests[request_id] = req
         for s in samples:
@@ -176,12 +197,14 @@ class Engine:
                 f"request needs {need} KV-cache blocks {each}({total} tokens) but the whole cache has "
                 f"{self.block_manager.num_total}; lower max_tokens or raise kv_cache_memory", "max_tokens")
 
-    def _new_sample(self, index: int, ids: list[int], params: SamplingParams) -> Sample:
+    def _new_sample(self, index: int, ids: list[int], params: SamplingParams, priority: int,
+                    cache_salt: str | None) -> Sample:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
         gen = seeded_generator(seed, index)
         sid = next(self._seq_ids)
         seq = Sequence(sid, list(ids), len(ids), arrival=sid,
-                       stop_at=min(len(ids) + params.max_tokens, self.max_model_len))
+                       stop_at=min(len(ids) + params.max_tokens, self.max_model_len),
+                       priority=priority, cache_salt=cache_salt)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         return Sample(index, seq, detok, gen, StopText(params.stop_list),
                       logprobs=[] if params.logprobs is not None else None)
@@ -214,14 +237,29 @@ class Engine:
         return bool(self._requests)
 
     def stats(self) -> dict[str, int]:
-        """Counters of the scheduler and the KV cache."""
+        """Counters of the scheduler and the KV cache. ``prefix_cache_queries`` and
+        ``prefix_cache_hits``: prompt tokens looked up in the prefix cache at admission, and
+        found there (cumulative); ``kv_blocks_cached``: device blocks holding a cached prefix;
+        ``kv_offload_blocks`` of ``kv_offload_blocks_total``: host-tier blocks in use;
+        ``kv_offload_loads`` / ``kv_offload_stores``: blocks copied back from / out to it
+        (cumulative); ``num_swapped``: requests' sequences swapped out to it now."""
+        blocks = self.block_manager
         return {
             "num_requests": len(self._requests),
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
-            "kv_blocks_total": self.block_manager.num_total,
-            "kv_blocks_free": self.block_manager.num_free,
+            "kv_blocks_total": blocks.num_total,
+            "kv_blocks_free": blocks.num_free,
+            "kv_blocks_cached": blocks.num_cached,
+            "prefix_cache_queries": blocks.prefix_queries,
+            "prefix_cache_hits": blocks.prefix_hits,
+            "kv_offload_blocks": blocks.host_used,
+            "kv_offload_blocks_total": blocks.host_total,
+            "kv_offload_loads": blocks.host_loads,
+            "kv_offload_stores": blocks.host_stores,
+            "num_swapped": blocks.num_swapped,
+            "num_swap_preemptions": self.scheduler.num_swap_preemptions,
             "block_size": self.config.block_size,
             "kv_cache_bytes": self.kv_cache.nbytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
@@ -229,6 +267,45 @@ class Engine:
             "max_model_len": self.max_model_len,
             "num_steps": self.num_steps,
         }
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (device and host tier), e.g. after the weights changed
+        in place; running requests keep their blocks."""
+        self.block_manager.reset_prefix_cache()
+        self._publish_kv_events()
+
+    def _forget_stale_prefixes(self) -> None:
+        """Resets the prefix cache when the model's weights were replaced (its
+        ``weights_version`` moved): cached keys and values of the old weights would otherwise
+        be served. (A weight changed in place is not seen: call ``reset_prefix_cache``.)"""
+        version = getattr(getattr(self.loaded.model, "weights_version", None), "value", None)
+        if version != self._weights_seen:
+            if self._weights_seen is not None:
+                self.reset_prefix_cache()
+            self._weights_seen = version
+
+    def kv_events(self) -> list[KVEventBatch]:
+        """The KV events (blocks stored in and removed from the prefix cache, by hash; see
+        ``fastinfer.kv_cache.events``) since the previous call, one batch per step, oldest
+        first. Events are collected from the first call of this or ``on_kv_events`` on; the
+        last 4,096 batches are kept for a reader that has fallen behind."""
+        self.block_manager.events.enabled = True
+        out = list(self._kv_events)
+        self._kv_events.clear()
+        return out
+
+    def on_kv_events(self, callback: Callable[[KVEventBatch], None]) -> None:
+        """Calls ``callback`` with each step's batch of KV events, in the engine's thread."""
+        self.block_manager.events.enabled = True
+        self._kv_listeners.append(callback)
+
+    def _publish_kv_events(self) -> None:
+        batch = self.block_manager.events.take()
+        if batch is None:
+            return
+        self._kv_events.append(batch)
+        for callback in self._kv_listeners:
+            callback(batch)
 
     # ----------------------------------------------------------------- the loop
     def drain(self, request_ids=None, on_final: Callable[[RequestOutput], None] | None = None
@@ -267,7 +344,9 @@ class Engine:
         touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
         self._aborted = []
         try:
+            self._forget_stale_prefixes()
             sched = self.scheduler.schedule()
+            self._publish_kv_events()
             if sched.scheduled:
                 self.num_steps += 1
                 if self.async_scheduling:
@@ -294,6 +373,7 @@ class Engine:
             start_positions=[s.start for s in sched.scheduled],
             block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
             needs_logits=[s.completes for s in sched.scheduled],
+            block_ops=sched.block_ops or None,
         )
         return [pair for pair, done in zip(pairs, inp.needs_logits) if done], inp
 

@@ -11,7 +11,7 @@ from fastinfer.engine.engine import Engine
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.errors import InvalidArgumentError, InvalidRequestError
 from fastinfer.sampling.params import SamplingParams
-from fastinfer.validation import Message, Prompt, as_conversations, as_prompts, check_bool, fail
+from fastinfer.validation import Message, Prompt, as_conversations, as_prompts, check_bool, check_int, fail
 
 
 class LLM:
@@ -32,22 +32,25 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True, priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Generates for every prompt and returns the final ``RequestOutput``s in input order.
 
         ``prompts``: a string, a sequence of int token ids, or a list of those; anything else
         raises ``RequestTypeError`` naming the type. ``sampling_params``: one
-        ``SamplingParams`` or a list with one per prompt. All or nothing: when one prompt is
-        rejected, or ``generate`` ends by an exception (Ctrl-C included), every request it
-        submitted is aborted and its KV blocks freed before the exception propagates.
+        ``SamplingParams`` or a list with one per prompt. ``priority``: None (all 0) or a list
+        of ints, one per prompt; a lower value is served first (see ``Engine.add_request``).
+        All or nothing: when one prompt is rejected, or ``generate`` ends by an exception
+        (Ctrl-C included), every request it submitted is aborted and its KV blocks freed
+        before the exception propagates.
         """
         prompts = as_prompts(prompts)
         params = _params_per_prompt(sampling_params, len(prompts))
+        priorities = _priority_per_prompt(priority, len(prompts))
         show = check_bool("use_tqdm", use_tqdm)
         ids: list[str] = []
         try:
-            for i, (p, sp) in enumerate(zip(prompts, params)):
-                ids.append(self._submit(p, sp, i if len(prompts) > 1 else None))
+            for i, (p, sp, pr) in enumerate(zip(prompts, params, priorities)):
+                ids.append(self._submit(p, sp, pr, i if len(prompts) > 1 else None))
             with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
                 finals = self.engine.drain(ids, lambda _: bar.update(1))
         except BaseException:
@@ -55,10 +58,10 @@ class LLM:
             raise
         return [finals[i] for i in ids]
 
-    def _submit(self, prompt: Prompt, params: SamplingParams, index: int | None) -> str:
+    def _submit(self, prompt: Prompt, params: SamplingParams, priority: int, index: int | None) -> str:
         """``add_request``; a refusal of the ``index``-th of several prompts says which one."""
         try:
-            return self.engine.add_request(prompt, params)
+            return self.engine.add_request(prompt, params, priority=priority)
         except InvalidRequestError as exc:
             if index is None:
                 raise
@@ -101,3 +104,16 @@ def _params_per_prompt(sp: Any, n: int) -> list[SamplingParams]:
         raise InvalidArgumentError(f"sampling_params has {len(sp)} entries for {n} prompts: expected one "
                                    "SamplingParams, or one per prompt", "sampling_params")
     return list(sp)
+
+
+def _priority_per_prompt(priority: Any, n: int) -> list[int]:
+    """One priority per prompt from None (all 0) or a list of ints (vLLM's ``priority``); the
+    engine checks their range."""
+    if priority is None:
+        return [0] * n
+    if not isinstance(priority, (list, tuple)):
+        fail("priority", "None or a list of ints (one per prompt)", priority, InvalidRequestError, wrong_type=True)
+    if len(priority) != n:
+        raise InvalidRequestError(f"priority has {len(priority)} entries for {n} prompts: expected one int "
+                                  "per prompt (or None for all 0)", "priority")
+    return [check_int(f"priority[{i}]", p, error=InvalidRequestError) for i, p in enumerate(priority)]

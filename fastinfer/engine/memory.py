@@ -57,12 +57,12 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def check_within(nbytes: int, limit: int, device: torch.device, what: str) -> None:
-    """Refuses a ``kv_cache_memory`` of ``nbytes`` larger than ``limit`` (``what`` says which
-    limit: the device's whole memory, or what is free now)."""
+def check_within(nbytes: int, limit: int, device: torch.device, what: str, name: str = "kv_cache_memory") -> None:
+    """Refuses a ``name`` (``kv_cache_memory``, ``kv_offload_memory``) of ``nbytes`` larger
+    than ``limit`` (``what`` says which limit: the device's whole memory, or what is free now)."""
     if nbytes > limit:
-        raise ConfigError(f"kv_cache_memory is {format_bytes(nbytes)}, more than {what} on {device} "
-                          f"({format_bytes(limit)}); lower kv_cache_memory", "kv_cache_memory")
+        raise ConfigError(f"{name} is {format_bytes(nbytes)}, more than {what} on {device} "
+                          f"({format_bytes(limit)}); lower {name}", name)
 
 
 def kv_cache_budget(config: EngineConfig, device: torch.device, activation_bytes: int = 0) -> int:
@@ -150,4 +150,13 @@ def allocate_kv_cache(config: EngineConfig, loaded: LoadedModel, device: torch.d
     _log.info("KV cache on %s: %d blocks of %d tokens = %d tokens (%s; %.1f sequences of max_model_len %d)",
               device, num_blocks, bs, num_blocks * bs, format_bytes(cache.nbytes),
               num_blocks * bs / max_model_len, max_model_len)
+    if config.kv_offload_memory:
+        host_blocks = config.kv_offload_memory // per_block
+        if host_blocks < 1:
+            raise ConfigError(f"kv_offload_memory holds no block: one block of {bs} tokens needs {per_block} "
+                              "bytes", "kv_offload_memory")
+        check_within(config.kv_offload_memory, available_memory(torch.device("cpu")), torch.device("cpu"),
+                     "the memory free now", "kv_offload_memory")
+        cache.attach_host(host_blocks)
+        _log.info("KV host tier: %d blocks (%s)", host_blocks, format_bytes(cache.host_nbytes))
     return cache

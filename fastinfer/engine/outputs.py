@@ -43,7 +43,9 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """The state of one request: its prompt and its ``n`` completions so far."""
+    """The state of one request: its prompt and its ``n`` completions so far.
+    ``num_cached_tokens``: prompt tokens read from the prefix cache instead of computed (None
+    until the request is first scheduled)."""
 
     request_id: str
     prompt: str | None
@@ -51,3 +53,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    num_cached_tokens: int | None = None

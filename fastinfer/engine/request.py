@@ -69,4 +69,4 @@ class Request:
             return None
         samples = [s.delta() if kind == "delta" else s.completion() for s in self.samples]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, samples, finished,
-                             dataclasses.replace(self.metrics))
+                             dataclasses.replace(self.metrics), self.samples[0].seq.num_cached_tokens)

@@ -5,6 +5,7 @@ import torch
 
 from fastinfer.common import kv_format as kv
 from fastinfer.common.kv_format import CacheLayer
+from fastinfer.kv_cache.block_manager import SWAP_IN, SWAP_OUT, BlockOps
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -26,6 +27,8 @@ class KVCache:
         self._storage = torch.empty(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
                                     dtype=dtype, device=device)
         self._scales = None
+        self._host = self._host_scales = None  # the host tier (attach_host)
+        self.host_blocks = 0
         if kv.is_quantized(dtype):
             self._scales = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads,
                                        dtype=kv.SCALE_DTYPE, device=device)
@@ -39,3 +42,84 @@ class KVCache:
     def nbytes(self) -> int:
         scales = 0 if self._scales is None else self._scales.numel() * self._scales.element_size()
         return self._storage.numel() * self._storage.element_size() + scales
+
+    def attach_host(self, num_blocks: int) -> None:
+        """Allocates the host tier: ``num_blocks`` blocks in host memory (pinned when the cache
+        is on a GPU, so that copies run asynchronously), laid out block-major
+        (``[block, layer, k/v, ...]``) so that each block is one contiguous chunk there."""
+        pin = self._storage.device.type == "cuda"
+        shape = (num_blocks, *self._storage.shape[:2], *self._storage.shape[3:])
+        self._host = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
+        self._host_scales = None
+        if self._scales is not None:
+            sshape = (num_blocks, *self._scales.shape[:2], *self._scales.shape[3:])
+            self._host_scales = torch.zeros(sshape, dtype=self._scales.dtype, pin_memory=pin)
+        self.host_blocks = num_blocks
+
+    @property
+    def host_nbytes(self) -> int:
+        host = self._host
+        if host is None:
+            return 0
+        scales = 0 if self._host_scales is None else self._host_scales.numel() * self._host_scales.element_size()
+        return host.numel() * host.element_size() + scales
+
+    def apply(self, ops: BlockOps) -> None:
+        """Carries out a step's block copies in their order, each run of one kind at once:
+        device -> host (``swap_out``), host -> device (``swap_in``), device -> device
+        (``copy``, copy-on-write). On a GPU the host copies are asynchronous on the current
+        stream: a gather on the device, then one transfer per run of consecutive host blocks,
+        to or from the pinned tier; so they are ordered before the step's kernels and the host
+        does not wait for them."""
+        for kind, pairs in ops.runs:
+            src, dst = _columns(pairs)
+            for dev, host in ((self._storage, self._host), (self._scales, self._host_scales)):
+                if dev is None:
+                    continue
+                if kind == SWAP_OUT:
+                    _to_host(dev, host, src, dst)
+                elif kind == SWAP_IN:
+                    _to_device(host, dev, src, dst)
+                else:
+                    dev.index_copy_(2, _index(dst, dev.device), dev.index_select(2, _index(src, dev.device)))
+
+
+def _to_host(dev: torch.Tensor, host: torch.Tensor, src: list[int], dst: list[int]) -> None:
+    """Device blocks ``src`` (``[layer, k/v, block, ...]``) into host blocks ``dst``
+    (``[block, layer, k/v, ...]``: each block one contiguous chunk)."""
+    moved = dev.index_select(2, _index(src, dev.device)).movedim(2, 0).contiguous()
+    if dev.is_cuda:
+        for i, h, n in _runs(dst):
+            host[h:h + n].copy_(moved[i:i + n], non_blocking=True)
+    else:
+        host.index_copy_(0, _index(dst, host.device), moved)
+
+
+def _to_device(host: torch.Tensor, dev: torch.Tensor, src: list[int], dst: list[int]) -> None:
+    """Host blocks ``src`` into device blocks ``dst``."""
+    if dev.is_cuda:
+        loaded = torch.empty((len(src), *host.shape[1:]), dtype=host.dtype, device=dev.device)
+        for i, h, n in _runs(src):
+            loaded[i:i + n].copy_(host[h:h + n], non_blocking=True)
+    else:
+        loaded = host.index_select(0, _index(src, host.device))
+    dev.index_copy_(2, _index(dst, dev.device), loaded.movedim(0, 2))
+
+
+def _columns(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def _index(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """``ids`` cut into runs of consecutive values: (offset in ``ids``, first value, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, v in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, v, 1))
+    return runs

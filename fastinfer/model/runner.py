@@ -12,6 +12,7 @@ On a GPU, decode steps (one new token per sequence) replay CUDA graphs captured 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ import torch
 from fastinfer._native import native
 from fastinfer.common.kv_format import CacheLayer
 from fastinfer.common.metadata import AttentionMetadata, int64_tensor, upload
+from fastinfer.kv_cache.block_manager import BlockOps
 from fastinfer.model.cuda_graphs import DecodeGraphs
 from fastinfer.model.llama import LlamaForCausalLM
 from fastinfer.model.step import Feed, StepFuture
@@ -38,12 +40,14 @@ class StepInput:
     """Per sequence: the token ids to compute, the position of the first one, and the
     sequence's block table (covering every position up to the last). ``needs_logits`` marks
     the sequences whose last position is sampled (None: all; a prefill chunk that does not
-    reach the end of its prompt needs none)."""
+    reach the end of its prompt needs none). ``block_ops``: the block copies (swaps,
+    copy-on-write) to carry out before the forward pass."""
 
     token_ids: list[list[int]]
     start_positions: list[int]
     block_tables: list[list[int]]
     needs_logits: list[bool] | None = None
+    block_ops: BlockOps | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +78,18 @@ class ModelRunner:
     """Runs ``model`` over a paged KV cache: ``kv_layers`` holds each layer's
     :class:`~fastinfer.common.kv_format.CacheLayer` (keys, values and, quantized, their scales).
     ``ops_backend`` forces a backend of ``fastinfer.ops`` during this runner's steps (None:
-    the usual choice, or ``FASTINFER_OPS_BACKEND``)."""
+    the usual choice, or ``FASTINFER_OPS_BACKEND``). ``copy_blocks`` carries out a step's
+    ``block_ops`` (``KVCache.apply``) before its forward pass."""
 
     def __init__(self, model: LlamaForCausalLM, kv_layers: list[CacheLayer], block_size: int,
-                 device: torch.device, ops_backend: str | None = None, sampler: Sampler | None = None) -> None:
+                 device: torch.device, ops_backend: str | None = None, sampler: Sampler | None = None,
+                 copy_blocks: Callable[[BlockOps], None] | None = None) -> None:
         self.model, self.kv_layers, self.block_size, self.device = model, kv_layers, block_size, device
         self.ops_backend = ops_backend
         self.num_slots = kv_layers[0].k.shape[0] * block_size if kv_layers else 0
         self.graphs: DecodeGraphs | None = None  # once captured
         self.sampler = sampler  # what ``launch`` samples with (None: the runner only executes)
+        self.copy_blocks = copy_blocks
 
     def pack(self, inp: StepInput) -> HostBatch:
         """The step's host arrays: ids, positions, slot mapping, block tables, lengths."""
@@ -128,6 +135,10 @@ class ModelRunner:
         ``feed``: (positions in the packed batch, token ids), device tensors whose ids replace
         the host's at those positions: tokens a step still in flight has sampled (asynchronous
         scheduling), read by this step on the device with no host sync."""
+        if inp.block_ops:
+            if self.copy_blocks is None:
+                raise RuntimeError("internal error: a step asks for block copies and the runner has no cache to copy in")
+            self.copy_blocks(inp.block_ops)
         with forcing(self.ops_backend):
             if self.graphs is not None and not all_logits and self.graphs.takes(inp):
                 hidden = self.graphs.run(self.pack(inp), feed)

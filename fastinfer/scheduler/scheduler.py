@@ -1,16 +1,21 @@
 """Continuous batching: each step picks one packed batch of prefills and decodes under a
-token budget and a sequence cap; preempts the newest running sequence when blocks run out.
-With chunked prefill, a prompt larger than what is left of the budget is computed in pieces
-over several steps, so decodes keep flowing while long prompts are read.
+token budget and a sequence cap, in ``(priority, arrival)`` order, and preempts the last
+running sequence in that order when blocks run out (by recomputing it later, or by swapping
+its blocks to the host tier). With chunked prefill, a prompt larger than what is left of the
+budget is computed in pieces over several steps, so decodes keep flowing while long prompts are
+read. A sequence being admitted starts after its longest cached prefix; the ``n`` samples of a
+request share the prompt's blocks (copy-on-write).
 
-The scheduler deals in sequences and block counts only (no tensors, no devices).
+The scheduler deals in sequences and block tables only (no tensors, no devices); the block
+copies a step needs travel in its output, for the runner to carry out first.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from fastinfer.kv_cache.block_manager import BlockManager
+from fastinfer.kv_cache.block_manager import BlockManager, BlockOps
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
 
 
@@ -30,49 +35,87 @@ class ScheduledSeq:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """This step's batch, in order."""
+    """This step's batch, in order, and the block copies to carry out before it."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_ops: BlockOps = field(default_factory=BlockOps)
+
+
+PREEMPTION_MODES = ("recompute", "swap", "auto")
 
 
 class Scheduler:
-    """FCFS continuous batching with recompute preemption (newest first)."""
+    """Continuous batching by priority, FCFS within one, with preemption by recompute or swap.
+
+    ``preemption_mode``: ``"recompute"`` frees a preempted sequence's blocks (it is computed
+    again, from its cached prefix, when readmitted); ``"swap"`` moves them to the host tier and
+    back, so it resumes where it stopped (recompute when the tier is full); ``"auto"`` swaps
+    when the tier has room and recomputes otherwise (the same, decided by the tier's room).
+    """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunked_prefill: bool = True) -> None:
+                 chunked_prefill: bool = True, preemption_mode: str = "recompute") -> None:
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.blocks = block_manager
         self.chunked_prefill = chunked_prefill
+        self.preemption_mode = preemption_mode
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []  # kept sorted by Sequence.key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swap_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queues a new sequence (its size was validated at submission)."""
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=_key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        """Builds one step: running sequences first (oldest first), then waiting ones. A step
-        that had to preempt admits nobody: memory is short, and re-admitting the sequence it
-        just preempted (or another) would only thrash."""
+        """Builds one step: running sequences first (in service order), then waiting ones. A
+        step that had to preempt admits nobody: memory is short, and re-admitting the sequence
+        it just preempted (or another) would only thrash; unless a waiting sequence of a better
+        priority than running ones does not fit: those are preempted for it first."""
         out = SchedulerOutput()
+        self._make_room_for_priority()
         preemptions = self.num_preemptions
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if self.num_preemptions == preemptions:
             self._schedule_waiting(out, budget)
+        out.block_ops = self.blocks.take_ops()
         return out
 
+    def _make_room_for_priority(self) -> None:
+        """Preempts running sequences of a worse priority (a higher value), worst first, while
+        the first waiting sequence has no room (blocks for its first chunk, or a sequence slot)."""
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting[0]
+        first = head.num_tokens - head.num_computed
+        need = self.blocks.blocks_for(min(first, self.max_num_batched_tokens) if self.chunked_prefill else first)
+        while self.running and (len(self.running) >= self.max_num_seqs or self.blocks.num_free < need):
+            worst = max(self.running, key=_key)
+            if worst.priority <= head.priority:
+                return
+            self.running.remove(worst)
+            self._preempt(worst)
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        queue = deque(sorted(self.running, key=lambda s: s.arrival))
+        self.running.sort(key=_key)
+        queue = deque(self.running)
         kept: list[Sequence] = []
+        blocks = self.blocks
         while queue:
             seq = queue.popleft()
-            need = seq.num_tokens - seq.num_computed
+            start = seq.num_computed
+            need = seq.num_tokens - start
             if need == 1 and seq.num_tokens >= seq.stop_at:
                 # Its last token, still in flight (async scheduling), ends it by length: computing
                 # that token would only give one past its end.
@@ -82,32 +125,74 @@ class Scheduler:
             if n == 0:
                 kept.append(seq)  # stays running, waits for the next step
                 continue
-            target = seq.num_computed + n
-            while not self.blocks.can_grow(seq.seq_id, target):
+            while not blocks.grow(seq, start, start + n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                self.blocks.grow(seq.seq_id, target)
-                out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+                out.scheduled.append(ScheduledSeq(seq, start, n))
                 kept.append(seq)
                 budget -= n
         self.running = kept
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            n = self._chunk(seq.num_tokens, budget)  # a (re)started sequence computes all its tokens
-            if n == 0 or not self.blocks.can_grow(seq.seq_id, n):
+            if seq.fork_of is not None:
+                start, n = self._admit_fork(seq, budget)
+            elif self.blocks.is_swapped(seq.seq_id):
+                start, n = self._admit_swapped(seq, budget)
+            else:
+                start, n = self._admit(seq, budget)
+            if n == 0:
                 break
-            self.waiting.popleft()
-            self.blocks.grow(seq.seq_id, n)
-            seq.status, seq.num_computed = SeqStatus.RUNNING, 0
+            del self.waiting[0]
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed = start
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, 0, n))
+            out.scheduled.append(ScheduledSeq(seq, start, n))
             budget -= n
+
+    def _admit(self, seq: Sequence, budget: int) -> tuple[int, int]:
+        """Admits ``seq`` after its longest cached prefix: (first position to compute, tokens
+        this step), or (0, 0) when it does not fit."""
+        prefix = self.blocks.cached_prefix(seq)
+        start = prefix.num_tokens
+        n = self._chunk(seq.num_tokens - start, budget)
+        if n == 0 or not self.blocks.allocate(seq, prefix, start + n):
+            return 0, 0
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = start
+        return start, n
+
+    def _admit_fork(self, seq: Sequence, budget: int) -> tuple[int, int]:
+        """A sample that shares the prompt of ``seq.fork_of``: once that one has computed its
+        prompt, takes its blocks and computes only the last prompt token (for its own first
+        token); waits while it has not; admitted alone if it can no longer share."""
+        parent, prompt = seq.fork_of, seq.num_prompt_tokens
+        if parent.status is SeqStatus.RUNNING and parent.num_computed >= prompt and self.blocks.holds(parent.seq_id):
+            if self.blocks.num_free < 1:  # the copy of the block it shares and writes
+                return 0, 0
+            self.blocks.fork(parent, seq, prompt)
+            self.blocks.grow(seq, prompt - 1, prompt)
+            seq.fork_of = None
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = parent.num_cached_tokens or 0
+            return prompt - 1, 1
+        if parent.status is not SeqStatus.FINISHED:
+            return 0, 0  # its prompt is still to be computed (or loaded back): wait for it
+        seq.fork_of = None
+        return self._admit(seq, budget)
+
+    def _admit_swapped(self, seq: Sequence, budget: int) -> tuple[int, int]:
+        """Loads a swapped-out sequence back and goes on where it stopped."""
+        start = seq.num_computed
+        n = self._chunk(seq.num_tokens - start, budget)
+        if n == 0 or not self.blocks.swap_in(seq, start, start + n):
+            return 0, 0
+        return start, n
 
     def _chunk(self, need: int, budget: int) -> int:
         """Tokens of ``need`` to compute this step: a piece when chunking, else all or none."""
@@ -116,11 +201,17 @@ class Scheduler:
         return need if need <= budget else 0
 
     def _preempt(self, seq: Sequence) -> None:
-        """Frees the blocks of ``seq``; it is recomputed from scratch when readmitted."""
-        self.blocks.free(seq.seq_id)
-        seq.status, seq.num_computed = SeqStatus.PREEMPTED, 0
+        """Swaps ``seq`` out to the host tier (it resumes where it stopped) or frees its blocks
+        (it is computed again, from its cached prefix, when readmitted)."""
+        if self.preemption_mode != "recompute" and self.blocks.swap_out(seq.seq_id):
+            self.num_swap_preemptions += 1
+        else:
+            self.blocks.free(seq.seq_id)
+            seq.num_computed = 0
+        seq.status = SeqStatus.PREEMPTED
+        seq.fork_of = None
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Removes a finished (or aborted) sequence and frees its blocks at once."""
@@ -130,3 +221,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def _key(seq: Sequence) -> tuple[int, int]:
+    return seq.key

@@ -18,8 +18,13 @@ class SeqStatus(enum.Enum):
 class Sequence:
     """Token ids (prompt then output) and how many of them are in the KV cache.
 
-    ``arrival`` orders sequences: lower arrives first and is preempted last. ``stop_at``: the
-    length at which it ends by length (prompt + max_tokens, at most max_model_len).
+    Sequences are served in ``(priority, arrival)`` order: a lower priority value first, then
+    the earlier arrival; the last in that order is preempted first. ``stop_at``: the length at
+    which it ends by length (prompt + max_tokens, at most max_model_len). ``fork_of``: the
+    sample whose prompt blocks this one shares once that sample has computed them (the ``n``
+    samples of one request), instead of computing its own. ``block_hashes`` and
+    ``cache_salt`` belong to the prefix cache (``fastinfer.kv_cache``); ``num_cached_tokens``
+    is how many prompt tokens its first admission found cached.
     """
 
     seq_id: int
@@ -30,6 +35,16 @@ class Sequence:
     num_computed: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     stop_at: int = 2**62
+    priority: int = 0
+    cache_salt: str | None = None
+    fork_of: Sequence | None = None
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Service order: lower first."""
+        return (self.priority, self.arrival)
 
     @property
     def num_tokens(self) -> int:

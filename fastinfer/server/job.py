@@ -37,6 +37,7 @@ class Job:
         self.streams: list = []
         self.prompt_tokens = 0
         self.output_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served, over finished prompts
         self.ttft: float | None = None
         self.finish_reasons: list[str] = []
         self.logprob_sum, self.logprob_count = 0.0, 0
@@ -94,7 +95,8 @@ class Job:
     async def _add_requests(self, engine, prompts: list[list[int]], params: SamplingParams) -> None:
         # A batch's prompts are submitted together (one engine step, not one each); whatever
         # ends this early (a refusal, a cancellation), every accepted prompt is kept to abort.
-        tasks = [asyncio.ensure_future(engine.add_request(ids, params)) for ids in prompts]
+        tasks = [asyncio.ensure_future(engine.add_request(ids, params, priority=self.body.priority))
+                 for ids in prompts]
         try:
             await asyncio.wait(tasks)
         finally:
@@ -191,6 +193,7 @@ class Job:
             for c in out.outputs:
                 if len(c.token_ids) > 1:
                     m.tokens(name, version, len(c.token_ids) - 1, span)
+        self.cached_tokens += out.num_cached_tokens or 0  # None: never scheduled
         reason = _overall_reason(out)
         self.finish_reasons.append(reason)
         self._observed.add(index)

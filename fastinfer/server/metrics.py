@@ -59,7 +59,24 @@ class ServerMetrics:
                                  labels, registry=reg)
         self.kv_cache_usage = Gauge("fastinfer:kv_cache_usage_perc",
                                     "Fraction of KV-cache blocks in use (0 to 1).", labels, registry=reg)
-        self._preemptions_seen: dict[tuple[str, str], int] = {}
+        self.prefix_cache_queries = Counter("fastinfer:prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.", labels, registry=reg)
+        self.prefix_cache_hits = Counter("fastinfer:prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache.", labels, registry=reg)
+        self.kv_offload_blocks = Gauge("fastinfer:kv_offload_blocks",
+                                       "Host-tier (offloaded) KV-cache blocks in use.", labels, registry=reg)
+        self.kv_offload_blocks_total = Gauge("fastinfer:kv_offload_blocks_total",
+                                             "Host-tier (offloaded) KV-cache blocks in all.", labels, registry=reg)
+        self.num_swapped = Gauge("fastinfer:num_swapped", "Sequences swapped out to the host tier.",
+                                 labels, registry=reg)
+        # Engine stats -> the gauge set to the value, or the counter grown by its difference.
+        self._gauges = {"num_running": self.num_running, "num_waiting": self.num_waiting,
+                        "kv_offload_blocks": self.kv_offload_blocks,
+                        "kv_offload_blocks_total": self.kv_offload_blocks_total, "num_swapped": self.num_swapped}
+        self._cumulative = {"num_preemptions": self.num_preemptions,
+                            "prefix_cache_queries": self.prefix_cache_queries,
+                            "prefix_cache_hits": self.prefix_cache_hits}
+        self._seen: dict[tuple[str, str, str], int] = {}  # (model, version, stat): its last cumulative value
         self._finish_reasons: dict[tuple[str, str], set[str]] = {}
 
     def first_token(self, model: str, version: str, ttft_s: float | None) -> None:
@@ -95,37 +112,42 @@ class ServerMetrics:
 
     def engine_stats(self, model: str, version: str, stats: Mapping[str, int | None]) -> None:
         """Set the gauges from an engine's snapshot (``num_running``, ``num_waiting``,
-        ``kv_blocks_total``, ``kv_blocks_free``, ``num_preemptions``; None values are skipped).
-        ``num_preemptions`` is the engine's cumulative count: the counter grows by the difference
-        since the previous snapshot of this version (by the whole count if the engine restarted)."""
-        if stats.get("num_running") is not None:
-            self.num_running.labels(model, version).set(stats["num_running"])
-        if stats.get("num_waiting") is not None:
-            self.num_waiting.labels(model, version).set(stats["num_waiting"])
+        ``kv_blocks_total``, ``kv_blocks_free``, ``kv_offload_blocks``,
+        ``kv_offload_blocks_total``, ``num_swapped``; missing or None values are skipped) and
+        grow the counters of its cumulative counts (``num_preemptions``,
+        ``prefix_cache_queries``, ``prefix_cache_hits``) by the difference since the previous
+        snapshot of this version (by the whole count if the engine restarted)."""
+        for stat, gauge in self._gauges.items():
+            if stats.get(stat) is not None:
+                gauge.labels(model, version).set(stats[stat])
         total, free = stats.get("kv_blocks_total"), stats.get("kv_blocks_free")
         if total and free is not None:
             self.kv_cache_usage.labels(model, version).set((total - free) / total)
-        self._count_preemptions(model, version, stats.get("num_preemptions"))
+        for stat, counter in self._cumulative.items():
+            self._count_cumulative(model, version, stat, counter, stats.get(stat))
 
-    def _count_preemptions(self, model: str, version: str, cumulative: int | None) -> None:
+    def _count_cumulative(self, model: str, version: str, stat: str, counter: Counter,
+                          cumulative: int | None) -> None:
+        """Grows ``counter`` by what the engine's cumulative ``stat`` added since last seen."""
         if cumulative is None:
             return
-        previous = self._preemptions_seen.get((model, version), 0)
+        previous = self._seen.get((model, version, stat), 0)
         delta = cumulative - previous if cumulative >= previous else cumulative
-        self._preemptions_seen[(model, version)] = cumulative
-        child = self.num_preemptions.labels(model, version)  # creates the series at 0
+        self._seen[(model, version, stat)] = cumulative
+        child = counter.labels(model, version)  # creates the series at 0
         if delta:
             child.inc(delta)
 
     def remove(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so that it stops being exported."""
         for metric in (self.ttft, self.inter_token, self.e2e, self.queue_time, self.prompt_tokens,
-                       self.generation_tokens, self.num_preemptions, self.num_running,
-                       self.num_waiting, self.kv_cache_usage):
+                       self.generation_tokens, self.kv_cache_usage, *self._gauges.values(),
+                       *self._cumulative.values()):
             metric.remove(model, version)  # a label set never seen is ignored
         for reason in self._finish_reasons.pop((model, version), ()):
             self.request_success.remove(model, version, reason)
-        self._preemptions_seen.pop((model, version), None)
+        for stat in self._cumulative:
+            self._seen.pop((model, version, stat), None)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every metric and its content type, for ``GET /metrics``."""

@@ -15,6 +15,8 @@ _Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 _StopStr = Annotated[StrictStr, Field(max_length=256)]
 _Stop = _StopStr | Annotated[list[_StopStr], Field(max_length=4)] | None
 _TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+# vLLM's request priority: lower is served first; the range is Engine.add_request's.
+_Priority = Annotated[StrictInt, Field(ge=-(2**62), le=2**62)]
 
 
 class StreamOptions(BaseModel):
@@ -44,6 +46,7 @@ class _Sampling(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1.0
     ignore_eos: StrictBool = False
+    priority: _Priority = 0
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

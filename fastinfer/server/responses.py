@@ -79,10 +79,12 @@ class Shaper:
                 "text_offset": offsets}
 
     def usage(self) -> dict:
-        """The request's token counts so far, as OpenAI's ``usage``."""
+        """The request's token counts so far, as OpenAI's ``usage``; ``cached_tokens``: the
+        prompt tokens read from the prefix cache (of the prompts that finished)."""
         job = self.job
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.output_tokens,
-                "total_tokens": job.prompt_tokens + job.output_tokens}
+                "total_tokens": job.prompt_tokens + job.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
 def _openai_reason(reason: str | None) -> str | None:

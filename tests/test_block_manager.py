@@ -1,0 +1,262 @@
+"""The block manager alone (no model): prefix caching, copy-on-write, the host tier, and a
+seeded fuzzer that checks every invariant after each of thousands of random operations."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from fastinfer.kv_cache.block_manager import BlockManager
+from fastinfer.kv_cache.block_pool import BlockPool
+from fastinfer.kv_cache.events import BlockRemoved, BlockStored, block_hash
+
+
+@dataclass(eq=False)
+class Seq:
+    seq_id: int
+    token_ids: list[int]
+    block_hashes: list[int] = field(default_factory=list)
+    cache_salt: str | None = None
+
+
+def admit(bm: BlockManager, seq: Seq, end: int | None = None) -> int:
+    """Admits ``seq`` after its cached prefix up to ``end`` (default: all its tokens); returns the
+    cached tokens."""
+    prefix = bm.cached_prefix(seq)
+    assert bm.allocate(seq, prefix, end or len(seq.token_ids))
+    return prefix.num_tokens
+
+
+def test_hash_is_chained_and_salted():
+    a = block_hash(None, [1, 2, 3, 4])
+    assert a == block_hash(None, [1, 2, 3, 4])  # deterministic (not Python's salted hash)
+    assert a != block_hash(None, [1, 2, 3, 5])
+    assert block_hash(a, [5, 6, 7, 8]) != block_hash(None, [5, 6, 7, 8])
+    assert block_hash(None, [1, 2, 3, 4], "tenant-a") != a
+
+
+def test_a_repeated_prompt_reuses_its_full_blocks_but_the_last_token():
+    bm = BlockManager(16, 4)
+    first = Seq(0, list(range(10)))
+    assert admit(bm, first) == 0
+    assert bm.num_cached == 2  # positions 0..7: two full blocks
+    second = Seq(1, list(range(10)))
+    assert admit(bm, second) == 8
+    assert bm.block_table(1)[:2] == bm.block_table(0)[:2]
+    whole = Seq(2, list(range(8)))  # cached whole: its last block is computed again
+    assert admit(bm, whole) == 4
+    assert bm.prefix_queries == 28 and bm.prefix_hits == 12
+    other_salt = Seq(3, list(range(10)), cache_salt="x")
+    assert admit(bm, other_salt) == 0
+    bm.check()
+
+
+def test_unreferenced_cached_blocks_are_evicted_lru_first():
+    bm = BlockManager(4, 2)
+    old, new = Seq(0, [1, 2, 3]), Seq(1, [7, 8, 9])
+    admit(bm, old)
+    bm.free(0)
+    admit(bm, new)
+    bm.free(1)
+    assert bm.num_free == 4 and bm.num_cached == 2
+    big = Seq(2, [5, 5, 5, 5, 5])  # 3 blocks: the 2 uncached free ones and the LRU cached one
+    admit(bm, big)
+    assert bm.cached_prefix(Seq(3, [1, 2, 3])).num_tokens == 0  # old's block went
+    assert bm.cached_prefix(Seq(4, [7, 8, 9])).num_tokens == 2  # new's is still there
+    bm.free(2)
+    bm.check()
+
+
+def test_fork_shares_blocks_and_copies_the_shared_block_it_writes():
+    bm = BlockManager(8, 4)
+    parent, child = Seq(0, list(range(6))), Seq(1, list(range(6)))
+    admit(bm, parent)
+    bm.take_ops()
+    bm.fork(parent, child, 6)
+    assert bm.block_table(1) == bm.block_table(0) and bm.pool.ref[bm.block_table(0)[1]] == 2
+    assert bm.grow(child, 5, 6)  # rewrites position 5, in the shared partial block
+    ops = bm.take_ops()
+    assert ops.copies == [(bm.block_table(0)[1], bm.block_table(1)[1])]
+    assert bm.block_table(1)[0] == bm.block_table(0)[0]  # the full block stays shared
+    parent.token_ids.append(9)
+    assert bm.grow(parent, 6, 7)  # the parent's block is its own again: no copy
+    assert not bm.take_ops().copies
+    bm.check()
+
+
+def test_grow_is_all_or_nothing():
+    bm = BlockManager(2, 2)
+    s = Seq(0, [1, 2, 3])
+    admit(bm, s)
+    assert not bm.grow(s, 3, 6)  # needs a third block
+    assert len(bm.block_table(0)) == 2 and bm.num_free == 0
+    bm.check()
+
+
+def test_evicted_blocks_go_to_the_host_tier_and_come_back():
+    bm = BlockManager(3, 2, host_blocks=4)
+    bm.events.enabled = True
+    a = Seq(0, [1, 2, 3, 4, 5])
+    admit(bm, a)
+    bm.free(0)
+    bm.take_ops()
+    b = Seq(1, [9, 9, 9, 9, 9, 9])  # takes every device block: a's two cached blocks are evicted
+    admit(bm, b)
+    ops = bm.take_ops()
+    assert len(ops.swap_out) == 2 and bm.host.num_cached == 2
+    bm.free(1)
+    again = Seq(2, [1, 2, 3, 4, 5])
+    prefix = bm.cached_prefix(again)
+    assert prefix.num_tokens == 4 and len(prefix.host) == 2
+    assert bm.allocate(again, prefix, 5)
+    ops = bm.take_ops()
+    assert [h for h, _ in ops.swap_in] == prefix.host and bm.host_loads == 2
+    kinds = [type(e) for batch in [bm.events.take()] for e in batch.events]
+    assert BlockStored in kinds and BlockRemoved in kinds
+    bm.check()
+
+
+def test_swap_out_and_in_keep_the_table_length():
+    bm = BlockManager(4, 2, host_blocks=4)
+    s = Seq(0, [1, 2, 3])
+    admit(bm, s)
+    assert bm.swap_out(0) and bm.is_swapped(0) and bm.num_free == 4
+    ops = bm.take_ops()
+    assert len(ops.swap_out) == 2
+    s.token_ids.append(4)
+    assert bm.swap_in(s, 3, 4)
+    assert len(bm.block_table(0)) == 2 and len(bm.take_ops().swap_in) == 2
+    bm.check()
+
+
+def test_pool_refuses_a_double_release():
+    pool = BlockPool(2)
+    blocks = pool.allocate(1)
+    pool.release(blocks)
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release(blocks)
+
+
+class Memory:
+    """What the blocks hold: each device and host slot the token whose key it stores. Writes
+    are queued like a step's forward pass and land after the step's block copies."""
+
+    def __init__(self, bm: BlockManager) -> None:
+        self.bm, bs = bm, bm.block_size
+        self.dev = [[None] * bs for _ in range(bm.num_total)]
+        self.host = [[None] * bs for _ in range(bm.host_total)]
+        self.writes: list[tuple[Seq, int, int]] = []
+
+    def write(self, seq: Seq, start: int, end: int) -> None:
+        self.writes.append((seq, start, end))
+
+    def pending(self, seq: Seq) -> bool:
+        return any(w[0] is seq for w in self.writes)
+
+    def step(self) -> None:
+        """The runner: the step's block copies in order, then the forward pass's writes."""
+        for kind, pairs in self.bm.take_ops().runs:
+            for a, b in pairs:
+                if kind == "swap_out":
+                    self.host[b] = list(self.dev[a])
+                elif kind == "swap_in":
+                    self.dev[b] = list(self.host[a])
+                else:
+                    self.dev[b] = list(self.dev[a])
+        bs = self.bm.block_size
+        for seq, start, end in self.writes:
+            table = self.bm.block_table(seq.seq_id)
+            for pos in range(start, end):
+                self.dev[table[pos // bs]][pos % bs] = seq.token_ids[pos]
+        self.writes = []
+
+    def check(self, seq: Seq, computed: int) -> None:
+        bs, table = self.bm.block_size, self.bm.block_table(seq.seq_id)
+        held = [self.dev[table[p // bs]][p % bs] for p in range(computed)]
+        assert held == seq.token_ids[:computed], f"sequence {seq.seq_id} reads keys of other tokens"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_operations_keep_every_invariant(seed):
+    """Thousands of random allocate / append / fork / free / evict / swap-out / swap-in steps
+    over a small vocabulary (so prefixes repeat), checking the invariants after each and, after
+    each simulated step, that every sequence's blocks hold its own tokens' keys (cache hits,
+    copies and swaps included); at the end everything is freed and the pools are back where
+    they started."""
+    rng = random.Random(seed)
+    bm = BlockManager(24, 4, host_blocks=rng.choice([0, 8, 16]))
+    bm.events.enabled = True
+    mem = Memory(bm)
+    live: dict[int, tuple[Seq, int]] = {}  # seq id -> (sequence, tokens computed)
+    swapped: dict[int, tuple[Seq, int]] = {}
+    ids = iter(range(10**9))
+
+    def new_seq() -> None:
+        base = rng.choice([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5] * 8, []])
+        s = Seq(next(ids), base[:rng.randint(0, len(base))] + [rng.randint(0, 3) for _ in range(rng.randint(1, 9))])
+        prefix = bm.cached_prefix(s)
+        assert prefix.num_tokens < len(s.token_ids)
+        end = rng.randint(prefix.num_tokens + 1, len(s.token_ids))  # a first chunk, or all of it
+        if bm.allocate(s, prefix, end):
+            live[s.seq_id] = (s, end)
+            mem.write(s, prefix.num_tokens, end)
+
+    def append() -> None:
+        s, done = live[rng.choice(list(live))]
+        known = len(s.token_ids)  # a prompt admitted in part has tokens past ``done``
+        s.token_ids.extend(rng.randint(0, 3) for _ in range(rng.randint(1, 5)))
+        if bm.grow(s, done, len(s.token_ids)):
+            live[s.seq_id] = (s, len(s.token_ids))
+            mem.write(s, done, len(s.token_ids))
+        else:
+            del s.token_ids[known:]  # a sequence's tokens never change; only new ones go
+
+    def fork() -> None:
+        parent, done = live[rng.choice(list(live))]
+        if mem.pending(parent):  # the engine forks a sample only from a computed prompt
+            return
+        child = Seq(next(ids), list(parent.token_ids))
+        bm.fork(parent, child, done)
+        if bm.grow(child, done - 1, done):  # the sample recomputes the last prompt token
+            live[child.seq_id] = (child, done)
+            mem.write(child, done - 1, done)
+        else:
+            bm.free(child.seq_id)
+
+    def leave(sid: int) -> None:
+        """Free or swap out: the engine does either only to a sequence not in the step being
+        scheduled."""
+        if mem.pending(live[sid][0]):
+            mem.step()
+        if rng.random() < 0.5:
+            bm.free(live.pop(sid)[0].seq_id)
+        elif bm.swap_out(sid):
+            swapped[sid] = live.pop(sid)
+
+    def swap_in() -> None:
+        sid = rng.choice(list(swapped))
+        s, done = swapped[sid]
+        if bm.swap_in(s, done, done):
+            live[sid] = swapped.pop(sid)
+
+    for _ in range(2500):
+        choices = [new_seq, new_seq, bm.reset_prefix_cache] + ([append, append, fork] if live else []) \
+            + ([swap_in] if swapped else [])
+        if live and rng.random() < 0.25:
+            leave(rng.choice(list(live)))
+        else:
+            rng.choice(choices)()
+        if rng.random() < 0.3:
+            mem.step()
+            bm.events.take()
+            for s, done in live.values():
+                mem.check(s, done)
+        bm.check()
+    for sid in list(live) + list(swapped):
+        bm.free(sid)
+    bm.take_ops()
+    bm.check()
+    assert bm.num_free == bm.num_total and all(r == 0 for r in bm.pool.ref)
+    if bm.host is not None:
+        assert bm.host.num_free == bm.host.num_total
