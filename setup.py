@@ -25,7 +25,7 @@ def native_core() -> Pybind11Extension:
     # Pybind11Extension mutates the flag list it is given: give it its own list.
     return Pybind11Extension(
         "fastinfer._C",
-        ["csrc/block_pool.cpp"],
+        ["csrc/step_input.cpp"],
         extra_compile_args=["-O3"],
         cxx_std=17,
     )

@@ -11,9 +11,12 @@ import torch
 
 from fastinfer import SamplingParams
 from fastinfer.engine.engine import Engine
+from fastinfer.kv_cache.block_manager import COPY, BlockOps
+from fastinfer.kv_cache.cache import bytes_per_block
 from fastinfer.kv_cache.events import BlockRemoved, BlockStored
 from fastinfer.model.loader import load_model
 from fastinfer.model.runner import ModelRunner
+from fastinfer.scheduler.scheduler import SchedulerOutput
 
 from .conftest import CPU, make_engine, run_to_completion, save_tiny_model
 
@@ -190,3 +193,42 @@ def test_replaced_weights_empty_the_prefix_cache(tiny):
     tiny.model.weights_version.bump()  # what replacing a weight does
     out = engine.drain([engine.add_request(prompt, GREEDY)])
     assert next(iter(out.values())).num_cached_tokens == 0
+
+
+def test_a_prefix_reloaded_from_the_host_tier_gives_the_same_outputs(tiny):
+    prompt = shared_prefix_prompts(1, prefix_len=80, seed=10)
+    engine = make_engine(tiny, kv_cache_memory=12 * BLOCK_BYTES, kv_offload_memory=40 * BLOCK_BYTES)
+    first = generate(engine, prompt, GREEDY)
+    for seed in (11, 12, 13):  # each takes 7 of the 12 device blocks: the first prompt's are evicted
+        generate(engine, shared_prefix_prompts(1, prefix_len=80, seed=seed), GREEDY)
+    assert engine.stats()["kv_offload_stores"] >= 5 and engine.stats()["kv_offload_loads"] == 0
+    rid = engine.add_request(prompt[0], GREEDY)
+    out = engine.drain([rid])[rid]
+    assert [[c.token_ids for c in out.outputs]] == first
+    assert out.num_cached_tokens == 80 and engine.stats()["kv_offload_loads"] == 5
+    assert_pools_at_rest(engine)
+
+
+@pytest.mark.parametrize("kv_dtype,async_scheduling", [("int8", False), ("auto", True)])
+def test_swap_with_a_quantized_cache_or_async_scheduling(tiny, kv_dtype, async_scheduling):
+    block = bytes_per_block(2, 16, 2, 16, torch.int8 if kv_dtype == "int8" else torch.float32)
+    prompts = shared_prefix_prompts(6, prefix_len=20, seed=4)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    roomy = generate(make_engine(tiny, kv_cache_dtype=kv_dtype, enable_prefix_caching=False), prompts, params)
+    engine = make_engine(tiny, kv_cache_dtype=kv_dtype, kv_cache_memory=10 * block, kv_offload_memory=64 * block,
+                         preemption_mode="swap", async_scheduling=async_scheduling)
+    assert generate(engine, prompts, params) == roomy
+    assert engine.stats()["num_swap_preemptions"] > 0
+
+
+def test_block_copies_of_a_step_without_a_batch_are_carried_out(tiny, monkeypatch):
+    """A step may decide copies and then run nobody (a swap-out that made room for a waiting
+    request of a better priority, which still does not fit): the copies must still happen."""
+    engine = make_engine(tiny)
+    ops = BlockOps()
+    ops.add(COPY, [(0, 1)])
+    done = []
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda: SchedulerOutput([], ops))
+    monkeypatch.setattr(engine.runner, "apply_block_ops", done.append)
+    engine.step()
+    assert done == [ops]

@@ -98,3 +98,19 @@ def test_async_generate_refuses_a_bad_priority_and_keeps_serving(llm):
 
     out = asyncio.run(main())
     assert out.finished and len(out.outputs[0].token_ids) == 4
+
+
+def test_async_engine_publishes_kv_events(llm):
+    from fastinfer.kv_cache.events import BlockStored
+
+    seen = []
+
+    async def main():
+        async with AsyncEngine.from_engine(llm.engine) as engine:
+            engine.on_kv_events(seen.append)
+            await _final(engine, " ".join(PROMPTS * 4), SHORT)  # several full blocks
+            return engine.kv_events()
+
+    pulled = asyncio.run(main())
+    stored = [e for b in seen for e in b.events if isinstance(e, BlockStored)]
+    assert stored and [b.events for b in pulled] == [b.events for b in seen]

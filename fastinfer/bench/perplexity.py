@@ -70,7 +70,9 @@ def perplexity(engine: Engine, token_ids: list[int], context: int = 512, stride:
         ids = token_ids[begin:end]
         blocks.reserve(seq_id, len(ids))
         try:
-            logits = engine.runner.execute(StepInput([ids], [0], [blocks.block_table(seq_id)]), all_logits=True)
+            # reserve may evict cached blocks to the host tier: those copies go first
+            inp = StepInput([ids], [0], [blocks.block_table(seq_id)], block_ops=blocks.take_ops() or None)
+            logits = engine.runner.execute(inp, all_logits=True)
         finally:
             blocks.free(seq_id)
         # logits[j] predicts token begin + j + 1

@@ -13,13 +13,14 @@ import concurrent.futures
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.engine import Engine
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.errors import EngineDeadError, EngineOverloadedError, EngineShutdownError, InvalidRequestError
+from fastinfer.kv_cache.events import KVEventBatch
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.validation import Prompt, check_float, check_int, check_str, fail
 
@@ -145,6 +146,16 @@ class AsyncEngine:
     def stats(self) -> dict[str, int]:
         """``Engine.stats()`` as of the last step, with ``num_queued`` (accepted, not started)."""
         return dict(self._stats)
+
+    def kv_events(self) -> list[KVEventBatch]:
+        """``Engine.kv_events()``: the blocks the prefix cache stored and removed since the
+        previous call, one batch per step (safe to call from any thread)."""
+        return self.engine.kv_events()
+
+    def on_kv_events(self, callback: Callable[[KVEventBatch], None]) -> None:
+        """``Engine.on_kv_events``: ``callback`` is called with each step's batch of KV events,
+        in the engine's thread (hand it on to your loop with ``call_soon_threadsafe``)."""
+        self.engine.on_kv_events(callback)
 
     @property
     def max_model_len(self) -> int:

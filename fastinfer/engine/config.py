@@ -75,8 +75,9 @@ class EngineConfig:
     being recomputed, and preempted requests can be swapped there.
     ``preemption_mode``: ``"recompute"`` frees a preempted request's blocks (computed again
     later, from its cached prefix); ``"swap"`` (needs ``kv_offload_memory``) moves them to the
-    host tier and back, so the request resumes where it stopped; ``"auto"`` swaps when the
-    tier has room and recomputes otherwise (so, without a tier, always).
+    host tier and back, so the request resumes where it stopped (evicting the tier's cached
+    prefixes for room); ``"auto"`` swaps when the tier has blocks holding nothing, and
+    recomputes otherwise, keeping the cached prefixes (so, without a tier, always).
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.

@@ -290,8 +290,9 @@ class Engine:
         first. Events are collected from the first call of this or ``on_kv_events`` on; the
         last 4,096 batches are kept for a reader that has fallen behind."""
         self.block_manager.events.enabled = True
-        out = list(self._kv_events)
-        self._kv_events.clear()
+        out = []
+        while self._kv_events:  # popleft: safe against the engine's thread appending meanwhile
+            out.append(self._kv_events.popleft())
         return out
 
     def on_kv_events(self, callback: Callable[[KVEventBatch], None]) -> None:
@@ -354,6 +355,7 @@ class Engine:
                 else:
                     self._settle_then_run(sched, touched)
             else:
+                self._copy_blocks(sched)  # e.g. a swap-out that made room for a priority
                 self._resolve(touched)
             return self.outputs.emit(touched.values(), finals_only)
         except BaseException:
@@ -428,6 +430,14 @@ class Engine:
             sched.scheduled = [s for s in sched.scheduled if s.seq.status is SeqStatus.RUNNING]
         if sched.scheduled:
             self._run(sched, touched)
+        else:
+            self._copy_blocks(sched)
+
+    def _copy_blocks(self, sched: SchedulerOutput) -> None:
+        """Carries out the block copies of a step that runs no forward pass: they were decided
+        (a swapped-out sequence's blocks are free for reuse from now on), so they must happen."""
+        if sched.block_ops:
+            self.runner.apply_block_ops(sched.block_ops)
 
     def _feed(self, sched: SchedulerOutput, inp: StepInput) -> Feed | None:
         """Where this step reads tokens that steps in flight sampled, or None. Every placeholder

@@ -211,19 +211,24 @@ class BlockManager:
         self._ops.add(SWAP_IN, zip(host, dest))
         self.host_loads += len(host)
         hashes = seq.block_hashes[first:first + len(host)]
-        for b, h in zip(dest, hashes):
-            self.pool.register(b, h)
-        if self.events.enabled:
+        # each hash missed on the device at lookup, so each registers (reported as stored)
+        stored = [i for i, (b, h) in enumerate(zip(dest, hashes)) if self.pool.register(b, h)]
+        if self.events.enabled and len(stored) == len(hashes):
             bs = self.block_size
             self.events.stored(hashes, seq.block_hashes[first - 1] if first else None,
                                seq.token_ids[first * bs:(first + len(host)) * bs], bs)
 
     def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
         """Blocks for ``num_tokens`` tokens of a private sequence outside the scheduler
-        (perplexity windows, tests), never cached; raises when too few are free."""
+        (perplexity windows, tests), never cached; raises when too few are free. Carry out
+        :meth:`take_ops` before writing them (taking them may have evicted cached blocks to the
+        host tier)."""
+        if seq_id in self._tables or seq_id in self._swapped:
+            raise RuntimeError(f"internal error: sequence {seq_id} already holds blocks")
         blocks = self.pool.allocate(self.blocks_for(num_tokens))
-        if blocks is None or seq_id in self._tables:
-            raise RuntimeError(f"cannot reserve {num_tokens} tokens for sequence {seq_id}")
+        if blocks is None:
+            raise RuntimeError(f"cannot reserve {num_tokens} tokens for sequence {seq_id}: "
+                               f"{self.pool.num_free} blocks free")
         self._tables[seq_id] = blocks
         self._registered[seq_id] = len(blocks)
         return blocks
@@ -234,11 +239,11 @@ class BlockManager:
         ``[start, end)``: copies a block it shares before writing into it, adds blocks, and
         caches the full blocks that this step completes. False (and no change) when too few
         blocks are free."""
-        sid, pool = seq.seq_id, self.pool
+        sid, pool, bs = seq.seq_id, self.pool, self.block_size
         table = self._tables[sid]
-        i = start // self.block_size
+        i = start // bs
         cow = i < len(table) and pool.ref[table[i]] > 1
-        extra = self.blocks_for(end) - len(table)
+        extra = -(-end // bs) - len(table)
         if extra < 0:
             extra = 0
         if extra or cow:
@@ -251,16 +256,9 @@ class BlockManager:
                 pool.release((old,))
             if extra:
                 table.extend(pool.allocate(extra))
-        if self.caching and end // self.block_size > self._registered[sid]:
+        if self.caching and end // bs > self._registered[sid]:
             self._register(seq, end)
         return True
-
-    def can_grow(self, seq: CachedSeq, start: int, end: int) -> bool:
-        """Whether :meth:`grow` would succeed now."""
-        table = self._tables[seq.seq_id]
-        i = start // self.block_size
-        cow = i < len(table) and self.pool.ref[table[i]] > 1
-        return max(0, self.blocks_for(end) - len(table)) + cow <= self.pool.num_free
 
     def fork(self, parent: CachedSeq, child: CachedSeq, num_tokens: int) -> None:
         """Shares the blocks of ``parent`` that hold its first ``num_tokens`` tokens with
@@ -284,19 +282,18 @@ class BlockManager:
             self.host.release(swapped)
 
     # ------------------------------------------------------------------ the host tier
-    def can_swap_out(self, seq_id: int) -> bool:
-        """Whether the host tier has room for every block of ``seq_id``."""
-        return self.host is not None and len(self._tables.get(seq_id, ())) <= self.host.num_free
-
-    def swap_out(self, seq_id: int) -> bool:
+    def swap_out(self, seq_id: int, keep_cached: bool = False) -> bool:
         """Moves the blocks of ``seq_id`` to the host tier (copied before the next forward pass)
-        and frees them on the device; False (and no change) when the tier has no room."""
+        and frees them on the device; False (and no change) when the tier has no room.
+        ``keep_cached``: only into host blocks that hold no cached prefix (else the tier's
+        least recently used prefixes are evicted to make room)."""
         if self.host is None:
             return False
         table = self._tables[seq_id]
-        dest = self.host.allocate(len(table))
-        if dest is None:
+        room = self.host.num_free - (self.host.num_cached if keep_cached else 0)
+        if len(table) > room:
             return False
+        dest = self.host.allocate(len(table))
         self._ops.add(SWAP_OUT, zip(table, dest))
         self.host_stores += len(table)
         self._swapped[seq_id] = dest

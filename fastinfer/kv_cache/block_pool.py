@@ -8,7 +8,7 @@ for something else when the unhashed free blocks have run out. The free queue is
 unhashed blocks at its front (reused first: they hold nothing of value), hashed ones appended
 at the back as they are freed, so the least recently used is evicted first.
 
-The same class serves the device pool and the host tier (``fastinfer.kv_cache.host_tier``).
+The same class serves the device pool and the host tier (``BlockManager.host``).
 Pure Python: with O(1) operations it stays far below the scheduler's time budget (see
 ``fastinfer bench sched``), which the native pool of earlier issues did not change.
 """

@@ -72,16 +72,21 @@ class KVCache:
         to or from the pinned tier; so they are ordered before the step's kernels and the host
         does not wait for them."""
         for kind, pairs in ops.runs:
-            src, dst = _columns(pairs)
-            for dev, host in ((self._storage, self._host), (self._scales, self._host_scales)):
-                if dev is None:
-                    continue
-                if kind == SWAP_OUT:
-                    _to_host(dev, host, src, dst)
-                elif kind == SWAP_IN:
-                    _to_device(host, dev, src, dst)
-                else:
-                    dev.index_copy_(2, _index(dst, dev.device), dev.index_select(2, _index(src, dev.device)))
+            for part in _independent(pairs):
+                self._apply(kind, part)
+
+    def _apply(self, kind: str, pairs: list[tuple[int, int]]) -> None:
+        """One run of copies that may all happen at once."""
+        src, dst = _columns(pairs)
+        for dev, host in ((self._storage, self._host), (self._scales, self._host_scales)):
+            if dev is None:
+                continue
+            if kind == SWAP_OUT:
+                _to_host(dev, host, src, dst)
+            elif kind == SWAP_IN:
+                _to_device(host, dev, src, dst)
+            else:
+                dev.index_copy_(2, _index(dst, dev.device), dev.index_select(2, _index(src, dev.device)))
 
 
 def _to_host(dev: torch.Tensor, host: torch.Tensor, src: list[int], dst: list[int]) -> None:
@@ -104,6 +109,23 @@ def _to_device(host: torch.Tensor, dev: torch.Tensor, src: list[int], dst: list[
     else:
         loaded = host.index_select(0, _index(src, host.device))
     dev.index_copy_(2, _index(dst, dev.device), loaded.movedim(0, 2))
+
+
+def _independent(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``pairs`` cut where a pair writes a block that an earlier pair of the run wrote or
+    read, so that each piece may be copied at once (a gather, then a scatter) with the result
+    of copying pair by pair in order (e.g. a host block evicted and reused within one step)."""
+    pieces: list[list[tuple[int, int]]] = [[]]
+    read: set[int] = set()
+    written: set[int] = set()
+    for a, b in pairs:
+        if b in written or b in read or a in written:
+            pieces.append([])
+            read, written = set(), set()
+        pieces[-1].append((a, b))
+        read.add(a)
+        written.add(b)
+    return pieces
 
 
 def _columns(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

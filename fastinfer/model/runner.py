@@ -136,9 +136,7 @@ class ModelRunner:
         the host's at those positions: tokens a step still in flight has sampled (asynchronous
         scheduling), read by this step on the device with no host sync."""
         if inp.block_ops:
-            if self.copy_blocks is None:
-                raise RuntimeError("internal error: a step asks for block copies and the runner has no cache to copy in")
-            self.copy_blocks(inp.block_ops)
+            self.apply_block_ops(inp.block_ops)
         with forcing(self.ops_backend):
             if self.graphs is not None and not all_logits and self.graphs.takes(inp):
                 hidden = self.graphs.run(self.pack(inp), feed)
@@ -150,6 +148,12 @@ class ModelRunner:
                 if not all_logits:
                     hidden = hidden.index_select(0, batch.last_index)
             return self.model.compute_logits(hidden)
+
+    def apply_block_ops(self, ops: BlockOps) -> None:
+        """Carries out block copies (swaps, copy-on-write) in the KV cache, in their order."""
+        if self.copy_blocks is None:
+            raise RuntimeError("internal error: block copies asked of a runner with no cache to copy in")
+        self.copy_blocks(ops)
 
     def launch(self, inp: StepInput, rows: list[SamplingRow] | None = None, feed: Feed | None = None) -> StepFuture:
         """Runs one step and samples a token for each sequence that ``needs_logits``, in order:

@@ -12,6 +12,7 @@ copies a step needs travel in its output, for the runner to carry out first.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,9 +20,10 @@ from fastinfer.kv_cache.block_manager import BlockManager, BlockOps
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScheduledSeq:
-    """``seq`` computes its tokens at positions ``[start, start + num_tokens)`` this step."""
+    """``seq`` computes its tokens at positions ``[start, start + num_tokens)`` this step (not
+    frozen: one is built per sequence per step, and a frozen dataclass builds slower)."""
 
     seq: Sequence
     start: int
@@ -49,8 +51,11 @@ class Scheduler:
 
     ``preemption_mode``: ``"recompute"`` frees a preempted sequence's blocks (it is computed
     again, from its cached prefix, when readmitted); ``"swap"`` moves them to the host tier and
-    back, so it resumes where it stopped (recompute when the tier is full); ``"auto"`` swaps
-    when the tier has room and recomputes otherwise (the same, decided by the tier's room).
+    back, so it resumes where it stopped, evicting the tier's cached prefixes for room if need
+    be (and recomputes only when swapped-out sequences fill the tier); ``"auto"`` weighs the
+    two costs: it swaps into host blocks that hold nothing, and recomputes rather than evict
+    cached prefixes that other requests may hit (a copy costs far less than a recompute, but a
+    lost prefix costs a recompute to every request that would have hit it).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
@@ -111,27 +116,28 @@ class Scheduler:
         self.running.sort(key=_key)
         queue = deque(self.running)
         kept: list[Sequence] = []
-        blocks = self.blocks
+        grow, scheduled, running = self.blocks.grow, out.scheduled, SeqStatus.RUNNING
         while queue:
             seq = queue.popleft()
             start = seq.num_computed
-            need = seq.num_tokens - start
-            if need == 1 and seq.num_tokens >= seq.stop_at:
+            num_tokens = len(seq.token_ids)
+            need = num_tokens - start
+            if need == 1 and num_tokens >= seq.stop_at:
                 # Its last token, still in flight (async scheduling), ends it by length: computing
                 # that token would only give one past its end.
                 kept.append(seq)
                 continue
-            n = self._chunk(need, budget)
+            n = need if need <= budget else self._chunk(need, budget)
             if n == 0:
                 kept.append(seq)  # stays running, waits for the next step
                 continue
-            while not blocks.grow(seq, start, start + n):
+            while not grow(seq, start, start + n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq.status is SeqStatus.RUNNING:
-                out.scheduled.append(ScheduledSeq(seq, start, n))
+            if seq.status is running:
+                scheduled.append(ScheduledSeq(seq, start, n))
                 kept.append(seq)
                 budget -= n
         self.running = kept
@@ -203,7 +209,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Swaps ``seq`` out to the host tier (it resumes where it stopped) or frees its blocks
         (it is computed again, from its cached prefix, when readmitted)."""
-        if self.preemption_mode != "recompute" and self.blocks.swap_out(seq.seq_id):
+        mode = self.preemption_mode
+        if mode != "recompute" and self.blocks.swap_out(seq.seq_id, keep_cached=mode == "auto"):
             self.num_swap_preemptions += 1
         else:
             self.blocks.free(seq.seq_id)
@@ -223,5 +230,4 @@ class Scheduler:
             self.waiting.remove(seq)
 
 
-def _key(seq: Sequence) -> tuple[int, int]:
-    return seq.key
+_key = operator.attrgetter("priority", "arrival")  # Sequence.key, without a call per sequence
