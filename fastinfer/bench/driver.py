@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfer.bench import llamacpp, report
-from fastinfer.bench.schema import build_result, collect_env
+from fastinfer.bench.schema import REFERENCE_SYSTEM, build_result, collect_env
 from fastinfer.bench.systems import (FastinferSystem, SystemRun, TorchNaiveSystem,
                                      TransformersBatchedSystem, TransformersSystem)
 from fastinfer.bench.workload import Workload, dataset_workload, mixed_workload, prefix_workload
@@ -33,10 +33,21 @@ def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int | Non
     return mixed_workload(tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed)
 
 
+NO_PREFIX_CACHE = "fastinfer-no-prefix-cache"
+"""``bench prefix``: the same fastinfer engine with its prefix cache turned off for its runs."""
+PREFIX_TARGETS = {"ttft_p50_ratio": 4.0, "throughput_ratio": 2.0}
+"""The prefix cache's targets on ``bench prefix``'s default workload (issue 22): TTFT p50 at
+least 4x lower and output throughput at least 2x higher than with the cache off."""
+
+
 def build_systems(args: argparse.Namespace, engine: Engine, workload: Workload | None = None) -> list:
-    """fastinfer first, then the requested baselines (sharing one transformers model). The
-    optional llama.cpp baseline is skipped, with a message, where it cannot run."""
+    """fastinfer first (for ``prefix``, then the same engine with the prefix cache off, unless
+    ``--no-prefix-cache-baseline``), then the requested baselines (sharing one transformers
+    model). The optional llama.cpp baseline is skipped, with a message, where it cannot run."""
     systems: list = [FastinferSystem(engine)]
+    if args.bench_command == "prefix" and not getattr(args, "no_prefix_cache_baseline", False):
+        # the same engine (one KV cache in memory, on a GPU too) with its prefix cache turned off
+        systems.append(FastinferSystem(engine, NO_PREFIX_CACHE, prefix_caching=False))
     wanted = [b for b in args.baseline if b != "none"]
     hf = None
     if any(b.startswith("transformers") for b in wanted):
@@ -79,7 +90,7 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
     """Runs the benchmark of ``args``, prints the table, writes --json/--markdown/--plot."""
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                           kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                          seed=args.seed, enable_prefix_caching=getattr(args, "enable_prefix_caching", False),
+                          seed=args.seed, enable_prefix_caching=args.bench_command == "prefix",
                           **{f: getattr(args, f) for f in QUANT_FIELDS})
     engine = Engine(config)
     workload = build_workload(args, engine.tokenizer, engine.max_model_len)
@@ -98,16 +109,47 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
     # fastinfer's quantization settings and the memory they give (extra keys: schema_version 1 allows them)
     doc["quantization"] = {f: getattr(config, f) for f in QUANT_FIELDS}
     doc["weight_bytes"], doc["kv_bytes_per_token"] = engine.weight_bytes, engine.kv_bytes_per_token
+    _kv_cache_figures(doc, runs)
     if any(s.name == "llama.cpp" for s in systems):  # its single-stream figures on the same file
         try:
             doc["llama_cpp_bench"] = llamacpp.llama_bench(engine.loaded.path, torch.get_num_threads())
         except (RuntimeError, OSError, ValueError) as exc:  # keep the runs: report what failed
             doc["llama_cpp_bench"] = {"error": str(exc)}
+    print(f"{doc['env']['cpu']}, {doc['env']['threads']} threads")
     print(report.to_text(doc))
+    if "prefix_cache" in doc:
+        print(prefix_cache_line(doc["prefix_cache"]))
     if command_line:
         print(f"\nreproduce: {command_line}")
     _write_outputs(doc, runs, args, command_line)
     return doc
+
+
+def _kv_cache_figures(doc: dict, runs: dict[str, list[SystemRun]]) -> None:
+    """Adds each fastinfer system's KV-cache counters over its timed runs (``kv_cache``) and,
+    when the prefix cache ran on and off, the cache's gains (``prefix_cache``)."""
+    counted = {name: [r.counters for r in rs] for name, rs in runs.items() if rs and rs[0].counters is not None}
+    doc["kv_cache"] = {name: {k: sum(c[k] for c in cs) for k in cs[0]} for name, cs in counted.items()}
+    on, off = doc["results"].get(REFERENCE_SYSTEM), doc["results"].get(NO_PREFIX_CACHE)
+    if on is None or off is None:
+        return
+    ttft_on, ttft_off = on["ttft_ms"]["p50"], off["ttft_ms"]["p50"]
+    gains = {"ttft_p50_ms_on": ttft_on, "ttft_p50_ms_off": ttft_off,
+             "ttft_p50_ratio": ttft_off / ttft_on if ttft_on else None,
+             "throughput_tok_s_on": on["output_throughput_tok_s"], "throughput_tok_s_off": off["output_throughput_tok_s"],
+             "throughput_ratio": doc["ratios"].get(NO_PREFIX_CACHE), "targets": dict(PREFIX_TARGETS)}
+    gains["met"] = {k: gains[k] is not None and gains[k] >= v for k, v in PREFIX_TARGETS.items()}
+    doc["prefix_cache"] = gains
+
+
+def prefix_cache_line(gains: dict) -> str:
+    """One line: the prefix cache's TTFT p50 and throughput gains against their targets."""
+    def part(label: str, key: str) -> str:
+        value = gains[key]
+        mark = "met" if gains["met"][key] else "NOT met"
+        return f"{label} {'-' if value is None else f'{value:.2f}x'} (target >= {gains['targets'][key]:g}x: {mark})"
+    return (f"prefix cache on vs off: {part('TTFT p50 lower by', 'ttft_p50_ratio')}, "
+            f"{part('output throughput higher by', 'throughput_ratio')}")
 
 
 def _write_outputs(doc: dict, runs, args: argparse.Namespace, command_line: str | None) -> None:

@@ -118,3 +118,15 @@ def dump_json(doc: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
+
+
+def emit(doc: dict, args, command_line: str | None, markdown) -> None:
+    """Prints how to reproduce ``doc`` and writes it where ``args.json`` and ``args.markdown``
+    ask (``markdown(doc, command_line)`` renders the Markdown)."""
+    if command_line:
+        print(f"\nreproduce: {command_line}")
+    if args.json:
+        dump_json(doc, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(doc, command_line))

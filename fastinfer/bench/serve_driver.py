@@ -50,13 +50,7 @@ def run_serve_benchmark(args: argparse.Namespace, command_line: str | None = Non
             server.close()
     doc = build_serve_result(args, engine, workload, entries, skipped)
     print("\n" + to_text(doc))
-    if command_line:
-        print(f"\nreproduce: {command_line}")
-    if args.json:
-        report.dump_json(doc, args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(doc, command_line))
+    report.emit(doc, args, command_line, to_markdown)
     return doc
 
 

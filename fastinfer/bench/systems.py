@@ -50,6 +50,7 @@ class SystemRun:
     total_time_s: float
     records: list[RequestRecord]
     peak_memory_mb: float
+    counters: dict[str, int] | None = None  # fastinfer: its KV-cache counters over the run
 
     def check(self, output_lens: list[int]) -> SystemRun:
         """Raises unless every request generated exactly the tokens it was asked for: a
@@ -87,24 +88,51 @@ def timed_run(name: str, device: torch.device | str, prompts: list[list[int]], o
     return SystemRun(name, total, records, mem.peak_mb).check(output_lens)
 
 
+KV_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "kv_offload_loads", "kv_offload_stores",
+               "num_preemptions")
+"""``Engine.stats()`` counters a fastinfer run reports (their growth over the run)."""
+
+
 class FastinferSystem:
-    """fastinfer's engine: every request submitted at once, continuous batching."""
+    """fastinfer's engine: every request submitted at once, continuous batching. Each run
+    starts with an empty prefix cache, so that a warm-up or an earlier run is never read back:
+    what the cache saves is what the requests of one run share. ``prefix_caching``: turns the
+    engine's prefix cache on or off for this system's runs (None: as configured), so that one
+    engine (one KV cache in memory) serves both sides of an on/off comparison."""
 
     name = "fastinfer"
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, name: str | None = None, prefix_caching: bool | None = None) -> None:
         self.engine = engine
+        self.prefix_caching = prefix_caching
+        if name is not None:
+            self.name = name
 
     def run(self, prompts: list[list[int]], output_lens: list[int], progress: Progress = _noop) -> SystemRun:
-        """Serves every request (all arriving now); ``progress(1)`` as each one finishes."""
-        return timed_run(self.name, self.engine.device, prompts, output_lens,
-                         lambda ps, ns, arrival: self._serve(ps, ns, arrival, progress), chunk=None)
+        """Serves every request (all arriving now); ``progress(1)`` as each one finishes. The
+        run's ``counters``: the growth of :data:`KV_COUNTERS`, ``prompt_tokens`` and
+        ``cached_prompt_tokens`` (read from the prefix cache instead of computed)."""
+        blocks = self.engine.block_manager
+        configured = blocks.caching
+        blocks.caching = configured if self.prefix_caching is None else self.prefix_caching
+        try:
+            self.engine.reset_prefix_cache()
+            before, cached = self.engine.stats(), []
+            run = timed_run(self.name, self.engine.device, prompts, output_lens,
+                            lambda ps, ns, arrival: self._serve(ps, ns, arrival, progress, cached), chunk=None)
+            after = self.engine.stats()
+        finally:
+            blocks.caching = configured
+        run.counters = {k: after[k] - before[k] for k in KV_COUNTERS}
+        run.counters.update(prompt_tokens=sum(len(p) for p in prompts), cached_prompt_tokens=sum(cached))
+        return run
 
     def _serve(self, prompts: list[list[int]], output_lens: list[int], arrival: float,
-               progress: Progress) -> list[RequestRecord]:
+               progress: Progress, cached: list[int]) -> list[RequestRecord]:
         ids = [self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
                for p, n in zip(prompts, output_lens)]
         finals = self.engine.drain(on_final=lambda _: progress(1))
+        cached += [finals[rid].num_cached_tokens or 0 for rid in ids]
         return [RequestRecord(arrival, finals[rid].metrics.first_token_time, finals[rid].metrics.finished_time,
                               len(finals[rid].outputs[0].token_ids)) for rid in ids]
 

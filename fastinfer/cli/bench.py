@@ -1,7 +1,9 @@
 """``fastinfer bench``: throughput, latency and prefix benchmarks of fastinfer beside PyTorch
-baselines measured in the same run, ``serve`` (a request-rate sweep of the server), ``gpu``
-(random-weight models of real shapes on a GPU, with kernel and bandwidth figures), and
-``compare`` for CI regression gates."""
+baselines measured in the same run (prefix: with the prefix cache on and off), ``kv-cache``
+(multi-turn, host-tier reload, a long prompt among decodes, the scheduler's step; each with
+the cache on and off), ``serve`` (a request-rate sweep of the server), ``gpu`` (random-weight
+models of real shapes on a GPU, with kernel and bandwidth figures), and ``compare`` for CI
+regression gates."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +21,16 @@ QUICK = {
 }
 SERVE_SYSTEMS = ("fastinfer-server", "fastinfer-engine", "llama-server")  # bench/serve_driver.py's
 BASELINES = ("transformers", "transformers-batched", "torch-naive", "llama.cpp", "none")
+NO_PREFIX_CACHE = "fastinfer-no-prefix-cache"  # bench/driver.py's: bench prefix's cache-off engine
+RATIO_SYSTEMS = (*BASELINES[:-1], NO_PREFIX_CACHE)  # what --min-ratio may name
+KV_WORKLOADS = ("multiturn", "offload", "mixed", "sched")  # bench/kv_cache.py's WORKLOADS
+KV_SIZES = {  # bench kv-cache's sizes: option -> (default, --quick)
+    "conversations": (16, 4), "turns": (8, 3), "message_len": (32, 32), "turn_output_len": (32, 16),
+    "offload_prefix_len": (2000, 512), "offload_question_len": (32, 32), "offload_reps": (2, 1),
+    "mixed_prompt_len": (4000, 1024), "mixed_decoders": (16, 4), "mixed_decoder_prompt_len": (64, 64),
+    "mixed_output_len": (64, 24), "sched_seqs": ([256, 1024], [64, 256]), "sched_steps": (200, 50),
+    "sched_prompt_len": (128, 128),
+}
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -66,12 +78,14 @@ def add_bench_parser(sub) -> None:
     lat = bsub.add_parser("latency", help="one batch repeated: e2e, TTFT, TPOT percentiles")
     _common(lat)
     lat.add_argument("--num-iters", type=int_arg(lo=1), default=None, help="default 5")
-    pre = bsub.add_parser("prefix", help="requests sharing a long common prefix")
+    pre = bsub.add_parser("prefix", help="requests sharing a long common prefix, the prefix cache on and off")
     _common(pre)
-    pre.add_argument("--num-prompts", type=int_arg(lo=1), default=None, help="default 16")
-    pre.add_argument("--prefix-len", type=int_arg(lo=1), default=None, help="default 1024")
-    pre.add_argument("--enable-prefix-caching", action="store_true",
-                     help="turn on the prefix cache (when the engine has one)")
+    pre.set_defaults(baseline=["none"])  # the cache-off engine is the baseline; transformers on request
+    pre.add_argument("--num-prompts", type=int_arg(lo=1), default=None, help="default 64")
+    pre.add_argument("--prefix-len", type=int_arg(lo=1), default=None, help="default 512")
+    pre.add_argument("--no-prefix-cache-baseline", action="store_true",
+                     help=f"skip the run with the prefix cache off (system {NO_PREFIX_CACHE!r})")
+    _kv_cache_parser(bsub)
     _serve_args(bsub.add_parser("serve", help="request-rate sweep: the OpenAI server, the in-process engine "
                                                "and llama-server; TTFT/TPOT percentiles, goodput"))
     _gpu_parser(bsub)
@@ -81,6 +95,42 @@ def add_bench_parser(sub) -> None:
     cmp_.add_argument("--threshold", default="5%")
     cmp_.add_argument("--metrics", nargs="+", default=None)
     cmp_.add_argument("--on", choices=["absolute", "ratios"], default="absolute")
+
+
+def _kv_cache_parser(bsub) -> None:
+    kv = bsub.add_parser("kv-cache", help="KV-cache management: multi-turn, host-tier reload, a long prompt "
+                         "among decodes, the scheduler's step; the cache on and off in one run",
+                         description="multiturn: TTFT per turn of conversations resending their history; "
+                         "offload: a prefix evicted to the host tier and hit again, reload vs recompute; mixed: "
+                         "decoders' time per token while a long prompt is read; sched: one scheduling step "
+                         "without a model")
+    kv.add_argument("--workload", choices=[*KV_WORKLOADS, "all"], default="all")
+    kv.add_argument("--model", default="smollm2-135m")
+    kv.add_argument("--dtype", default="auto")
+    kv.add_argument("--device", default="auto")
+    add_quantization_args(kv)
+    kv.add_argument("--seed", type=int, default=0)
+    for name, (full, quick) in KV_SIZES.items():
+        if name == "sched_seqs":
+            kv.add_argument("--sched-seqs", type=int_list, default=None, help="running sequences, comma-separated "
+                            f"(default {','.join(map(str, full))}; {','.join(map(str, quick))} with --quick)")
+        else:
+            kv.add_argument("--" + name.replace("_", "-"), type=int_arg(lo=1), default=None,
+                            help=f"default {full} ({quick} with --quick)")
+    kv.add_argument("--json", type=output_path_arg, default=None, help="write the result document here")
+    kv.add_argument("--markdown", type=output_path_arg, default=None, help="write Markdown tables here")
+    kv.add_argument("--quick", action="store_true", help="a small CI-sized run")
+
+
+def int_list(text: str) -> list[int]:
+    """``"256,1024"`` -> [256, 1024]: ints >= 1."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected ints >= 1, got {text!r}")
+    return values
 
 
 def _gpu_parser(bsub) -> None:
@@ -152,6 +202,13 @@ def run_bench(args: argparse.Namespace) -> int:
         from fastinfer.bench.gpu import run_gpu_bench
 
         return run_gpu_bench(args)
+    if args.bench_command == "kv-cache":
+        from fastinfer.bench.kv_cache import run_kv_cache_bench
+
+        for name, (full, quick) in KV_SIZES.items():
+            if getattr(args, name) is None:
+                setattr(args, name, quick if args.quick else full)
+        return run_kv_cache_bench(args, command_line=_command_line())
     _apply_quick(args)
     if args.bench_command == "serve":
         from fastinfer.bench.serve_driver import run_serve_benchmark
@@ -170,7 +227,7 @@ def run_bench(args: argparse.Namespace) -> int:
 DEFAULTS = {
     "throughput": dict(num_prompts=32, input_len="16:512", output_len="16:256", batch_size=8),
     "latency": dict(batch_size=8, input_len="128", output_len="128", num_iters=5),
-    "prefix": dict(num_prompts=16, prefix_len=1024, input_len="16:64", output_len="16:64", batch_size=8),
+    "prefix": dict(num_prompts=64, prefix_len=512, input_len="32", output_len="32", batch_size=8),
     "serve": dict(num_prompts=64, input_len="32:512", output_len="32:128", request_rates="1,2,4,inf"),
 }
 
@@ -187,8 +244,8 @@ def _apply_quick(args: argparse.Namespace) -> None:
 def min_ratio_arg(text: str) -> tuple[str, float]:
     """``--min-ratio SYSTEM=X``: a baseline name and a ratio > 0."""
     system, sep, value = text.partition("=")
-    if not sep or system not in BASELINES[:-1]:
-        raise argparse.ArgumentTypeError(f"expected SYSTEM=X with SYSTEM one of {list(BASELINES[:-1])}, got {text!r}")
+    if not sep or system not in RATIO_SYSTEMS:
+        raise argparse.ArgumentTypeError(f"expected SYSTEM=X with SYSTEM one of {list(RATIO_SYSTEMS)}, got {text!r}")
     try:
         return system, check_float("ratio", float(value), lo=0, lo_open=True)
     except ValueError as exc:

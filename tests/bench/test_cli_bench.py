@@ -74,14 +74,51 @@ def test_latency_with_transformers_baselines(tmp_path):
         assert res["tpot_ms"]["p50"] > 0
 
 
-def test_prefix_workload_runs_with_the_cache_off(tmp_path):
+def test_prefix_runs_the_cache_on_and_off_side_by_side(tmp_path, capsys):
     path = tmp_path / "prefix.json"
     code = main(["bench", "prefix", "--num-prompts", "3", "--prefix-len", "40", "--input-len", "4:8",
-                 "--output-len", "3", "--baseline", "none", "--dtype", "float32", "--kv-cache-memory", "64MiB",
-                 "--json", str(path)])
+                 "--output-len", "3", "--dtype", "float32", "--kv-cache-memory", "64MiB", "--json", str(path)])
     assert code == 0
     doc = load_result(str(path))
     assert doc["command"] == "prefix" and all(44 <= n <= 48 for n in doc["workload"]["input_lens"])
+    assert list(doc["results"]) == ["fastinfer", "fastinfer-no-prefix-cache"]  # no transformers by default
+    on, off = doc["kv_cache"]["fastinfer"], doc["kv_cache"]["fastinfer-no-prefix-cache"]
+    prompt_tokens = sum(doc["workload"]["input_lens"])
+    assert on["prompt_tokens"] == off["prompt_tokens"] == prompt_tokens
+    # the 40-token prefix holds 2 full blocks: the requests after the first read them (each run starts cold)
+    assert on["prefix_cache_hits"] > 0 and 32 <= on["cached_prompt_tokens"] <= 2 * 32
+    assert off["prefix_cache_hits"] == 0 and off["cached_prompt_tokens"] == 0
+    gains = doc["prefix_cache"]
+    assert gains["throughput_ratio"] == pytest.approx(doc["ratios"]["fastinfer-no-prefix-cache"])
+    assert gains["ttft_p50_ratio"] == pytest.approx(gains["ttft_p50_ms_off"] / gains["ttft_p50_ms_on"])
+    assert set(gains["met"]) == {"ttft_p50_ratio", "throughput_ratio"}
+    out = capsys.readouterr().out
+    assert "prefix cache on vs off: TTFT p50 lower by" in out and doc["env"]["cpu"] in out
+
+
+def test_prefix_without_the_cache_off_baseline(tmp_path):
+    path = tmp_path / "prefix.json"
+    code = main(["bench", "prefix", "--num-prompts", "2", "--prefix-len", "20", "--input-len", "4",
+                 "--output-len", "2", "--no-prefix-cache-baseline", "--dtype", "float32",
+                 "--kv-cache-memory", "64MiB", "--json", str(path)])
+    assert code == 0
+    doc = load_result(str(path))
+    assert list(doc["results"]) == ["fastinfer"] and "prefix_cache" not in doc
+    assert doc["kv_cache"]["fastinfer"]["prefix_cache_hits"] > 0  # the second request reads the first block
+
+
+def test_prefix_defaults_are_the_issue_workload():
+    from fastinfer.bench.driver import NO_PREFIX_CACHE
+    from fastinfer.cli import bench
+    from fastinfer.cli.main import build_parser
+
+    assert bench.NO_PREFIX_CACHE == NO_PREFIX_CACHE
+    args = build_parser().parse_args(["bench", "prefix"])
+    bench._apply_quick(args)
+    assert (args.num_prompts, args.prefix_len, args.input_len, args.output_len) == (64, 512, (32, 32), (32, 32))
+    assert args.baseline == ["none"] and not args.no_prefix_cache_baseline
+    assert build_parser().parse_args(["bench", "prefix", "--baseline", "transformers"]).baseline == ["transformers"]
+    assert bench.min_ratio_arg(f"{NO_PREFIX_CACHE}=2") == (NO_PREFIX_CACHE, 2.0)
 
 
 @pytest.mark.parametrize("argv,message", [
