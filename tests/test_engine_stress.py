@@ -30,8 +30,8 @@ def random_params(rng: random.Random, greedy_share: float) -> SamplingParams:
                                                           (3, True, False), (5, True, True)])
 def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_scheduling, offload, monkeypatch):
     """With async scheduling, most requests are greedy, so that most steps are launched before
-    the host reads the previous step's tokens. ``offload``: a host tier of 6 blocks, so that
-    preemption swaps when it has room and evicted prefixes go there."""
+    the host reads the previous step's tokens. ``offload``: a host tier of 6 blocks and swap
+    preemption, so that preempted requests and evicted prefixes compete for the tier."""
     from fastinfer.model.runner import ModelRunner
 
     fed, real_execute = [], ModelRunner.execute
@@ -42,7 +42,8 @@ def test_random_add_abort_step_keeps_every_invariant(tiny_llama, seed, async_sch
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4
     engine = make_engine(tiny_llama, kv_cache_memory=10 * block_bytes, max_model_len=160,
                          max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=256,
-                         async_scheduling=async_scheduling, kv_offload_memory=6 * block_bytes if offload else None)
+                         async_scheduling=async_scheduling, kv_offload_memory=6 * block_bytes if offload else None,
+                         preemption_mode="swap" if offload else "auto")
     assert engine.stats()["kv_blocks_total"] == 10
     submitted, aborted, finals = {}, set(), {}
     for _ in range(150):

@@ -158,5 +158,7 @@ def _write_outputs(doc: dict, runs, args: argparse.Namespace, command_line: str 
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(report.to_markdown(doc, command_line))
+            if "prefix_cache" in doc:
+                f.write(f"\n{prefix_cache_line(doc['prefix_cache'])}\n")
     if args.plot:
         report.plot(doc, runs, args.plot)

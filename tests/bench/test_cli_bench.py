@@ -77,7 +77,8 @@ def test_latency_with_transformers_baselines(tmp_path):
 def test_prefix_runs_the_cache_on_and_off_side_by_side(tmp_path, capsys):
     path = tmp_path / "prefix.json"
     code = main(["bench", "prefix", "--num-prompts", "3", "--prefix-len", "40", "--input-len", "4:8",
-                 "--output-len", "3", "--dtype", "float32", "--kv-cache-memory", "64MiB", "--json", str(path)])
+                 "--output-len", "3", "--dtype", "float32", "--kv-cache-memory", "64MiB", "--json", str(path),
+                 "--markdown", str(tmp_path / "prefix.md")])
     assert code == 0
     doc = load_result(str(path))
     assert doc["command"] == "prefix" and all(44 <= n <= 48 for n in doc["workload"]["input_lens"])
@@ -94,6 +95,7 @@ def test_prefix_runs_the_cache_on_and_off_side_by_side(tmp_path, capsys):
     assert set(gains["met"]) == {"ttft_p50_ratio", "throughput_ratio"}
     out = capsys.readouterr().out
     assert "prefix cache on vs off: TTFT p50 lower by" in out and doc["env"]["cpu"] in out
+    assert "prefix cache on vs off" in (tmp_path / "prefix.md").read_text()
 
 
 def test_prefix_without_the_cache_off_baseline(tmp_path):
