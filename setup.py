@@ -36,11 +36,14 @@ def native_cpu() -> CppExtension:
     # lists; never pass -std= to torch extensions). Portable flags only: the AVX-512 / AVX2
     # kernels use per-function target attributes and are picked at run time. -fopenmp makes
     # at::parallel_for use torch's OpenMP pool (torch ships and loads libgomp.so.1).
+    # -ffp-contract=off: a multiply and an add stay two roundings in the functions built for
+    # FMA targets too, so that every path does its numerical contract's operations exactly
+    # (the SIMD paths' fmas are explicit intrinsics).
     return CppExtension(
         "fastinfer._C_cpu",
         ["csrc/cpu/linear_f32.cpp", "csrc/cpu/linear_q.cpp", "csrc/cpu/paged_attention.cpp",
          "csrc/cpu/kv_cache.cpp", "csrc/cpu/elementwise.cpp", "csrc/cpu/decoder.cpp"],
-        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],
     )
 

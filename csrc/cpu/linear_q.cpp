@@ -302,6 +302,7 @@ struct AqTables {
   std::vector<int32_t> gcnt;  // groups a chunk's lanes span
   std::vector<int32_t> nbytes;  // code bytes of each chunk
   std::vector<int32_t> lanes;   // valid lanes of each chunk
+  int32_t max_gcnt = 0;         // the most groups one chunk spans (the AVX2 tiles take <= 8)
 
   AqTables(int k, int64_t K_, int64_t G_) : kind(k), K(K_), G(G_), groups(K_ / G_) {
     chunk = kind == kU4 ? 128 : 64;
@@ -321,6 +322,7 @@ struct AqTables {
       gcnt.push_back(static_cast<int32_t>(last - first + 1));
       nbytes.push_back(static_cast<int32_t>(kind == kU4 ? n_in / 2 : n_in));
       lanes.push_back(valid);
+      max_gcnt = std::max(max_gcnt, gcnt.back());
     }
   }
   // Inputs (relative to the chunk) that lane l reads, for the scalar path and the preparation.
@@ -384,6 +386,39 @@ FI_TARGET_AVX512 void aq_quantize_row_avx512(const float* xr, int64_t K, int8_t*
 }
 #endif
 
+#if FI_X86
+// The same bits with AVX2 (the same operations as the AVX-512 version, eight lanes at a time).
+FI_TARGET_AVX2 inline __m256i aq_round8(__m256 v, __m256 inv) {
+  const __m256 r = _mm256_round_ps(_mm256_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvttps_epi32(
+      _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+}
+
+FI_TARGET_AVX2 void aq_quantize_row_avx2(const float* xr, int64_t K, int8_t* q, float* d) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // packs_epi32 then packs_epi16 leave the 4-byte groups of i0..i3 as i0a i1a i2a i3a i0b i1b
+  // i2b i3b (a: low half, b: high half of each); this puts them back in input order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xr + 32 * b + 8 * i);
+    const __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                    _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 0x55));
+    const float amax = _mm_cvtss_f32(m4);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    d[b] = amax / 127.0f;
+    const __m256 vi = _mm256_set1_ps(inv);
+    const __m256i p01 = _mm256_packs_epi32(aq_round8(v[0], vi), aq_round8(v[1], vi));
+    const __m256i p23 = _mm256_packs_epi32(aq_round8(v[2], vi), aq_round8(v[3], vi));
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), bytes);
+  }
+}
+#endif
+
 void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRows& rows) {
   const int64_t K = t.K, nc = t.nchunks;
   rows.xq.assign(M * K, 0);
@@ -399,6 +434,8 @@ void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRow
 #if FI_X86
     if (current_isa() >= Isa::kAvx512)
       aq_quantize_row_avx512(xr, K, q.data(), d.data());
+    else if (current_isa() == Isa::kAvx2)
+      aq_quantize_row_avx2(xr, K, q.data(), d.data());
     else
 #endif
       aq_quantize_row_scalar(xr, K, q.data(), d.data());
@@ -688,6 +725,149 @@ void pc_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_b
 }
 #endif
 
+#if FI_X86
+// ---- AVX2 tiles of the activation-quantized contracts (AVX2 machines, and AVX-512 ones
+// without VNNI). A chunk's 16 lanes are two halves of 8 (its code bytes 0..31 and 32..63); the
+// tile walks all of K for lanes 0..7, then again for lanes 8..15, each half with its own 8-lane
+// accumulators, so a column's codes are decoded once per half for all R rows. The exact int32
+// sums of each lane come from maddubs (unsigned x signed byte pairs) and madd with ones: u4
+// codes 0..15 against xq, |pair| <= 2 * 15 * 127; s8 codes as |code| against xq carrying the
+// code's sign, |pair| <= 2 * 128 * 127; neither saturates 16 bits. The float steps are the
+// contract's, lane by lane, so results equal the scalar and VNNI paths bit for bit.
+
+// n (0, 16 or 32) bytes at p, zeros above: a chunk half holds 32 code bytes, or 16 or none in
+// the last chunk of a K that is not a multiple of the chunk.
+FI_TARGET_AVX2 inline __m256i load_half_avx2(const void* p, int n) {
+  if (n >= 32) return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  if (n >= 16)
+    return _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(static_cast<const __m128i*>(p)), 0);
+  return _mm256_setzero_si256();
+}
+
+// Code bytes of half h of a chunk holding `nbytes`.
+inline int half_bytes(int nbytes, int h) { return std::clamp(nbytes - 32 * h, 0, 32); }
+
+// 8 exact int32 lane sums of code * xq: u4 (lo, hi: a half's low and high nibbles) against
+// xl, xh; s8 (lo: the codes) against xl.
+template <int KIND>
+FI_TARGET_AVX2 inline __m256i lane_dots_avx2(__m256i lo, __m256i hi, __m256i xl, __m256i xh) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (KIND == kU4)
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)), ones);
+  (void)xh;
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(lo), _mm256_sign_epi8(xl, lo)), ones);
+}
+
+template <int KIND>
+struct AqTileAvx2 {
+  template <int R, int C>
+  FI_TARGET_AVX2 static void tile(const AqGemm& p, int64_t m0, int64_t n0) {
+    const AqProblem& w = p.w;
+    const AqTables& t = *w.t;
+    const AqRows& rows = *w.rows;
+    const int64_t rs = t.nchunks * 16;
+    const int8_t* xq[R];
+    const float* dx[R];
+    const float* ur[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = tile_row(p, m0 + r);
+      xq[r] = rows.xq.data() + m * t.K;
+      dx[r] = rows.dx.data() + m * rs;
+      ur[r] = rows.u.data() + m * rs;
+    }
+    const uint8_t* code[C];
+    const float* srow[C];
+    const float* orow[C];
+    tile_columns<C>(p, n0, code, srow, orow);
+    const bool has_off = w.offsets != nullptr;
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    __m256 half_acc[2][R * C];
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[R * C];
+      for (int i = 0; i < R * C; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t ch = 0; ch < t.nchunks; ++ch) {
+        const int nbytes = t.nbytes[ch], nb = half_bytes(nbytes, h);
+        if (nb == 0) continue;  // lanes with no inputs add nothing (their DX and U are 0)
+        const int64_t start = ch * t.chunk, lane0 = ch * 16 + 8 * h;
+        const int64_t cb = (KIND == kU4 ? start / 2 : start) + 32 * h;
+        const __m256i gmask = gemm::tail_mask_avx2(t.gcnt[ch]);
+        const __m256i gidx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.gidx.data() + lane0));
+        const int64_t g0 = t.g0[ch];
+        for (int c = 0; c < C; ++c) {
+          const __m256i v = load_half_avx2(code[c] + cb, nb);
+          const __m256i lo = KIND == kU4 ? _mm256_and_si256(v, nib) : v;
+          const __m256i hi = KIND == kU4 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), nib) : v;
+          const __m256 s = _mm256_permutevar8x32_ps(_mm256_maskload_ps(srow[c] + g0, gmask), gidx);
+          const __m256 o = has_off ? _mm256_permutevar8x32_ps(_mm256_maskload_ps(orow[c] + g0, gmask), gidx)
+                                   : _mm256_setzero_ps();
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xr = xq[r] + start + 32 * h;
+            const __m256i xl = load_half_avx2(xr, nb);
+            // u4: a chunk's high-nibble inputs follow its low-nibble ones (nbytes further on)
+            const __m256i xh = KIND == kU4 ? load_half_avx2(xr + nbytes, nb) : xl;
+            const __m256i I = lane_dots_avx2<KIND>(lo, hi, xl, xh);
+            const __m256 T = _mm256_mul_ps(_mm256_cvtepi32_ps(I), _mm256_loadu_ps(dx[r] + lane0));
+            __m256& a = acc[r * C + c];
+            a = _mm256_fmadd_ps(T, s, a);
+            if (has_off) a = _mm256_fmadd_ps(_mm256_loadu_ps(ur[r] + lane0), o, a);
+          }
+        }
+      }
+      for (int i = 0; i < R * C; ++i) half_acc[h][i] = acc[i];
+    }
+    float out[R * C];
+    for (int i = 0; i < R * C; ++i) out[i] = reduce16_avx2(half_acc[0][i], half_acc[1][i]);
+    gemm::store_tile<R, C>(p, m0, n0, out);
+  }
+};
+
+// The per-channel contract (pc_block_scalar's) in the same halves.
+struct PcTileAvx2 {
+  template <int R, int C>
+  FI_TARGET_AVX2 static void tile(const AqGemm& p, int64_t m0, int64_t n0) {
+    const AqProblem& w = p.w;
+    const AqTables& t = *w.t;
+    const AqRows& rows = *w.rows;
+    const int64_t rs = t.nchunks * 16;
+    const int8_t* xq[R];
+    const float* dx[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = tile_row(p, m0 + r);
+      xq[r] = rows.xq.data() + m * t.K;
+      dx[r] = rows.dx.data() + m * rs;
+    }
+    const uint8_t* code[C];
+    const float* srow[C];
+    const float* orow[C];
+    tile_columns<C>(p, n0, code, srow, orow);
+    __m256 half_acc[2][R * C];
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[R * C];
+      for (int i = 0; i < R * C; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t ch = 0; ch < t.nchunks; ++ch) {
+        const int nb = half_bytes(t.nbytes[ch], h);
+        if (nb == 0) continue;
+        const int64_t at = ch * 64 + 32 * h, lane0 = ch * 16 + 8 * h;
+        for (int c = 0; c < C; ++c) {
+          const __m256i v = load_half_avx2(code[c] + at, nb);
+          for (int r = 0; r < R; ++r) {
+            const __m256i I = lane_dots_avx2<kS8>(v, v, load_half_avx2(xq[r] + at, nb), v);
+            __m256& a = acc[r * C + c];
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_loadu_ps(dx[r] + lane0), a);
+          }
+        }
+      }
+      for (int i = 0; i < R * C; ++i) half_acc[h][i] = acc[i];
+    }
+    float out[R * C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c)
+        out[r * C + c] = reduce16_avx2(half_acc[0][r * C + c], half_acc[1][r * C + c]) * srow[c][0];
+    gemm::store_tile<R, C>(p, m0, n0, out);
+  }
+};
+#endif
+
 // True when the activation-quantized contract applies: integer codes and whole 32-blocks.
 inline bool aq_applies(int64_t kind, int64_t K) { return kind != kE4M3 && K % 32 == 0; }
 
@@ -714,6 +894,8 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
 #if FI_X86
   if (current_isa() >= Isa::kAvx512Vnni)
     fn = pc ? pc_blocks_vnni : gemm::narrow_blocks<AqTileVnni<KIND>, AqProblem>;
+  else if (current_isa() >= Isa::kAvx2 && tables.max_gcnt <= 8)
+    fn = pc ? gemm::narrow_blocks<PcTileAvx2, AqProblem> : gemm::narrow_blocks<AqTileAvx2<KIND>, AqProblem>;
 #endif
   gemm::run_with(p, fn);
 }

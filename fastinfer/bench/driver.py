@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfer.bench import llamacpp, report
-from fastinfer.bench.schema import REFERENCE_SYSTEM, build_result, collect_env
+from fastinfer.bench.schema import REFERENCE_SYSTEM, build_result, collect_env, machine_line
 from fastinfer.bench.systems import (FastinferSystem, SystemRun, TorchNaiveSystem,
                                      TransformersBatchedSystem, TransformersSystem)
 from fastinfer.bench.workload import Workload, dataset_workload, mixed_workload, prefix_workload
@@ -115,7 +115,7 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
             doc["llama_cpp_bench"] = llamacpp.llama_bench(engine.loaded.path, torch.get_num_threads())
         except (RuntimeError, OSError, ValueError) as exc:  # keep the runs: report what failed
             doc["llama_cpp_bench"] = {"error": str(exc)}
-    print(f"{doc['env']['cpu']}, {doc['env']['threads']} threads")
+    print(machine_line(doc["env"]))
     print(report.to_text(doc))
     if "prefix_cache" in doc:
         print(prefix_cache_line(doc["prefix_cache"]))

@@ -27,7 +27,7 @@ import time
 import torch
 
 from fastinfer.bench import report
-from fastinfer.bench.schema import collect_env, percentiles
+from fastinfer.bench.schema import collect_env, machine_line, percentiles
 from fastinfer.bench.systems import KV_COUNTERS, RequestRecord, SystemRun, timed_run
 from fastinfer.bench.workload import mixed_workload
 from fastinfer.engine.config import QUANT_FIELDS, EngineConfig
@@ -65,7 +65,7 @@ def run_kv_cache_bench(args: argparse.Namespace, command_line: str | None = None
            "dtype": str(base.torch_dtype()).removeprefix("torch."), "device": str(base.torch_device()),
            "cpu": env["cpu"], "env": env, "workloads": {}}
     print(f"fastinfer bench kv-cache: {doc['model']}, {doc['dtype']}, {doc['device']}; "
-          f"CPU {env['cpu']}, {env['threads']} threads")
+          f"CPU {machine_line(env)}")
     runners = {"multiturn": run_multiturn, "offload": run_offload, "mixed": run_mixed}
     for name in wanted:
         if name == "sched":

@@ -7,7 +7,7 @@ Shape (``schema_version`` 1; keys not listed here are allowed and ignored)::
      "workload": {"name": str, "num_prompts": int, "seed": int,
                   "input_lens": [int], "output_lens": [int]},
      "env": {"fastinfer", "torch", "python", "cpu", "gpu", "git_sha": str | None,
-             "threads": int | None},
+             "threads": int | None, "cpu_isa": str | None (optional: the native kernels' path)},
      "results": {"<system>": {"output_throughput_tok_s": float, "request_throughput_req_s": float,
                               "total_time_s": float,
                               "ttft_ms": {"mean", "p50", "p90", "p99": float | None},
@@ -120,7 +120,22 @@ def collect_env(threads: int | None = None) -> dict[str, Any]:
         "gpu": gpu,
         "git_sha": _git_sha(_package_dir()),
         "threads": threads if threads is not None else torch.get_num_threads(),
+        "cpu_isa": _cpu_isa(),
     }
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """``AMD EPYC (avx2 kernels), 2 threads``: the machine a figure was measured on."""
+    isa = env.get("cpu_isa")
+    return f"{env['cpu']}{f' ({isa} kernels)' if isa else ''}, {env['threads']} threads"
+
+
+def _cpu_isa() -> str | None:
+    """The native CPU kernels' code path ("avx512_vnni", "avx512", "avx2", "scalar"), None
+    without them: a figure depends on it (``FASTINFER_CPU_ISA`` may cap it)."""
+    from fastinfer.ops.backends import cpu_native
+
+    return cpu_native.isa() if cpu_native.available() else None
 
 
 def compute_ratios(results: dict[str, dict]) -> dict[str, float | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -111,6 +112,10 @@ class Engine:
         self.weight_bytes = weight_bytes(self.loaded.model)
         self.kv_bytes_per_token = bytes_per_block(mcfg.num_layers, 1, mcfg.num_kv_heads, mcfg.head_dim,
                                                   self.kv_dtype)
+        # What exists now (the model, torch's and the tokenizer's objects) lives as long as the
+        # process: out of the cyclic collector's generations, the collections that each step's
+        # allocations set off no longer walk it (they took ~5% of a CPU decode step).
+        gc.freeze()
 
     def _max_model_len(self, model_limit: int) -> int:
         wanted = self.config.max_model_len

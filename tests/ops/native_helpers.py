@@ -20,7 +20,9 @@ def threads(n: int):
 @contextlib.contextmanager
 def isa_cap(cap: int):
     """Caps the native kernels' SIMD path (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI) inside the block."""
+    from fastinfer.ops.backends import cpu_native
+
     try:
-        yield torch.ops.fastinfer_cpu.set_isa_cap(cap)
+        yield cpu_native.set_isa_cap(cap)
     finally:
-        torch.ops.fastinfer_cpu.set_isa_cap(3)
+        cpu_native.set_isa_cap(3)

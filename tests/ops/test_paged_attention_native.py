@@ -67,13 +67,25 @@ def test_other_head_sizes(d):
     _check(q, kc, vc, meta, 0.3)
 
 
-@pytest.mark.parametrize("cap", [0, 2])
+@pytest.mark.parametrize("cap", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_code_path(cap, dtype):
-    """The portable path (cap 0) and the AVX-512 path (where the CPU has it)."""
+    """The portable path (cap 0), the AVX2 path and the AVX-512 path (where the CPU has them)."""
     q, kc, vc, meta = make_batch(MIXED, 9, 3, 64, dtype, seed=3)
     with isa_cap(cap):
         _check(q, kc, vc, meta, 0.125)
+
+
+@pytest.mark.parametrize("d", [16, 48, 208])  # chunks of 64 values, then of 32 and 16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_path_equals_the_portable_one(d, dtype):
+    """The AVX2 path does the portable path's operations (the same exp2): the same bits."""
+    q, kc, vc, meta = make_batch(MIXED, 6, 2, d, dtype, seed=d)
+    outs = []
+    for cap in (1, 0):
+        with isa_cap(cap):
+            outs.append(cpu_native.paged_attention(q, kc, vc, meta, 0.2))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_noncontiguous_q_and_int32_tables():

@@ -133,7 +133,9 @@ def test_native_wide_output_lm_head_shape(kind, group, offs, m):
 
 @native
 @pytest.mark.parametrize("kind,group,offs", LAYOUTS)
-@pytest.mark.parametrize("m,k", [(9, 192), (3, 160), (2, 576)])  # 160: a last chunk of 32 inputs
+# 160: a last chunk of 32 inputs; 96: of 96 (the AVX2 tiles' second half chunk partly filled);
+# 70 rows: more than one row block
+@pytest.mark.parametrize("m,k", [(9, 192), (3, 160), (2, 576), (5, 96), (70, 224)])
 def test_native_simd_paths_bit_identical(kind, group, offs, m, k):
     if group is not None and k % group:
         pytest.skip("group does not divide K")
@@ -231,3 +233,37 @@ def test_native_op_errors_name_the_problem():
         op(x, torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3, 4), None, 0, 16)
     with pytest.raises(TypeError, match="x must be float32"):
         op(x.double(), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 4), None, 1, 16)
+
+
+@native
+def test_default_input_mode_follows_the_code_path():
+    """int8 inputs by default wherever a SIMD path has int8 tiles (AVX2 and up), float inputs
+    on the scalar path; the default is the same bits as asking for the mode."""
+    w = random_packed("u4", 40, 256, 32, seed=5)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(6))
+    int8_inputs = cpu_native.linear_q(x, w, quantize_inputs=True)
+    float_inputs = cpu_native.linear_q(x, w, quantize_inputs=False)
+    assert not torch.equal(int8_inputs, float_inputs)
+    with isa_cap(1) as path:
+        if path == "avx2":
+            assert torch.equal(cpu_native.linear_q(x, w), int8_inputs)
+    with isa_cap(0):
+        assert torch.equal(cpu_native.linear_q(x, w), float_inputs)
+
+
+@native
+def test_isa_cap_by_name_and_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="FASTINFER_CPU_ISA must be one of"):
+        cpu_native.set_isa_cap("avx9", source="FASTINFER_CPU_ISA")
+    with pytest.raises(ValueError, match="one of"):
+        cpu_native.set_isa_cap(7)
+    with isa_cap("scalar") as path:
+        assert path == "scalar" and cpu_native.isa() == "scalar"
+    code = "from fastinfer.ops.backends import cpu_native; print(cpu_native.available(), cpu_native.isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTINFER_CPU_ISA": "scalar"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "scalar"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +20,41 @@ from fastinfer.common.metadata import AttentionMetadata, int64_tensor
 from fastinfer.common.packed import PackedWeight
 
 __all__ = ["DecoderPlan", "available", "decoder_layers", "decoder_layers_applies", "decoder_plan", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
-           "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies", "rms_norm",
+           "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies", "rms_norm", "set_isa_cap",
            "add_rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
+ISA_ENV = "FASTINFER_CPU_ISA"  # caps the kernels' code path, e.g. to measure an AVX2 machine's on a newer one
+ISA_CAPS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 3}
+
+
 def available() -> bool:
-    """True when ``fastinfer._C_cpu`` is built (importing it registers ``torch.ops.fastinfer_cpu``)."""
-    return extension_built("_C_cpu")
+    """True when ``fastinfer._C_cpu`` is built (importing it registers ``torch.ops.fastinfer_cpu``).
+    The first call applies ``FASTINFER_CPU_ISA`` (see :func:`set_isa_cap`) when it is set."""
+    if not extension_built("_C_cpu"):
+        return False
+    _apply_isa_env()
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _apply_isa_env() -> None:
+    value = os.environ.get(ISA_ENV)
+    if value:
+        set_isa_cap(value, source=ISA_ENV)
+
+
+def set_isa_cap(cap: int | str, source: str = "cap") -> str:
+    """Caps the code path of every native CPU kernel at ``cap`` (a name of :data:`ISA_CAPS` or its
+    number; the CPU's own best path is the ceiling) and returns the path now in use. Results do
+    not change bits with the path (each kernel's contract); only speed does. Raises ValueError
+    for an unknown cap."""
+    level = ISA_CAPS.get(cap) if isinstance(cap, str) else cap
+    if not isinstance(level, int) or isinstance(level, bool) or level not in ISA_CAPS.values():
+        raise ValueError(f"{source} must be one of {list(ISA_CAPS)} (or 0..3), got {cap!r}")
+    name = torch.ops.fastinfer_cpu.set_isa_cap(level)
+    _int8_inputs_fast.cache_clear()
+    return name
 
 
 def _require() -> None:
@@ -98,16 +127,11 @@ _LINEAR_Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_has_vnni() -> bool:
-    """True when this CPU has AVX-512 BW and VNNI (the int8-input kernels' fast path). Without
-    them the default quantized linear keeps float inputs and runs the AVX2 / AVX-512 tiles that
-    dequantize weights in registers, rather than the scalar int8 path."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return False
-    return {"avx512bw", "avx512_vnni"} <= flags
+def _int8_inputs_fast() -> bool:
+    """True when the code path in use has SIMD tiles for int8 inputs (AVX2 and up: VNNI dot
+    products, or AVX2's byte multiply-adds). On the scalar path the default quantized linear
+    keeps float inputs, which it computes faster there."""
+    return isa() != "scalar"
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,10 +158,10 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
         weight: a :class:`PackedWeight` whose groups are multiples of 32 (u4) or 16 inputs.
         bias: optional ``[N]`` tensor.
         quantize_inputs: (default: ``weight.quantize_inputs``, True unless changed, on a CPU
-            with AVX-512 VNNI; float inputs on other CPUs) for integer
+            with AVX2 or better; float inputs on the scalar path) for integer
             codes (u4, s8) and K a multiple of 32, quantize each row's
             inputs to int8 per block of 32 (scale ``max|x| / 127``), as llama.cpp does, and
-            compute exact int8 dot products (AVX-512 VNNI where the CPU has it, else a scalar
+            compute exact int8 dot products (AVX-512 VNNI, or AVX2 byte multiply-adds, else a scalar
             path with the same bits). Otherwise (and for fp8) each weight is formed as
             ``fma(code, scale, offset)`` in float32 and reduced in the float32 linear's order.
 
@@ -147,8 +171,8 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     """
     op = _linear_q_op()
     codes, scales, offsets = weight.tensors
-    if quantize_inputs is None:  # int8 inputs have VNNI and scalar tiles only: float inputs elsewhere
-        quantize_inputs = weight.quantize_inputs and _cpu_has_vnni()
+    if quantize_inputs is None:
+        quantize_inputs = weight.quantize_inputs and _int8_inputs_fast()
     if x.dim() == 2 and x.dtype == torch.float32 and bias is None and x.stride(1) == 1:  # the decode hot path
         return op(x, codes, scales, offsets, _KIND_INDEX[weight.kind], weight.group_size, None, quantize_inputs)
     lead, k = x.shape[:-1], x.shape[-1]
@@ -425,8 +449,8 @@ def decoder_layers_applies(layers, plan: DecoderPlan | None, positions, h, resid
 def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches, meta):
     """The layers' ``(h, residual)`` from one native call: bit-identical to running them one op
     at a time with the native kernels (:func:`fastinfer.ops.reference.decoder_layers`)."""
-    vnni = _cpu_has_vnni()
-    qi = [int(p is not None and p.quantize_inputs and vnni) for p in plan.packed]
+    fast = _int8_inputs_fast()
+    qi = [int(p is not None and p.quantize_inputs and fast) for p in plan.packed]
     qsl, ctx = meta.query_start_loc_tensor, meta.context_lens_tensor
     if qsl.device.type != "cpu":
         qsl, ctx = int64_tensor(meta.query_start_loc), int64_tensor(meta.context_lens)
