@@ -177,40 +177,77 @@ class Memory:
         assert held == seq.token_ids[:computed], f"sequence {seq.seq_id} reads keys of other tokens"
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_operations_keep_every_invariant(seed):
-    """Thousands of random allocate / append / fork / free / evict / swap-out / swap-in steps
-    over a small vocabulary (so prefixes repeat), checking the invariants after each and, after
-    each simulated step, that every sequence's blocks hold its own tokens' keys (cache hits,
-    copies and swaps included); at the end everything is freed and the pools are back where
-    they started."""
+    """Thousands of random allocate / append / fork / free / evict / swap-out (keeping cached
+    prefixes or not) / swap-in steps over a small vocabulary (so prefixes repeat), checking the
+    invariants after each and, after each simulated step, that every sequence's blocks hold its
+    own tokens' keys and every cached block (device or host) the tokens its hash was made from
+    (cache hits, host reloads, copies and swaps included); at the end everything is freed and
+    the pools are back where they started. Counts show that each path ran."""
     rng = random.Random(seed)
-    bm = BlockManager(24, 4, host_blocks=rng.choice([0, 8, 16]))
+    bm = BlockManager(24, 4, host_blocks=(16, 32, 16, 32, 0, 24)[seed])
     bm.events.enabled = True
     mem = Memory(bm)
     live: dict[int, tuple[Seq, int]] = {}  # seq id -> (sequence, tokens computed)
     swapped: dict[int, tuple[Seq, int]] = {}
     ids = iter(range(10**9))
+    fresh = iter(range(100, 10**9))  # tokens no other sequence has
+    known: dict[int, list[int]] = {}  # block hash -> the tokens it was made from
+    history: list[list[int]] = []  # the tokens of the last sequences that were freed
 
-    def new_seq() -> None:
-        base = rng.choice([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5] * 8, []])
-        s = Seq(next(ids), base[:rng.randint(0, len(base))] + [rng.randint(0, 3) for _ in range(rng.randint(1, 9))])
+    def gone(sid: int) -> None:
+        history.append(list(live.pop(sid)[0].token_ids))
+        del history[:-40]
+        bm.free(sid)
+    seen = {"hit_blocks": 0, "host_loads": 0, "evictions": 0, "swap_outs": 0, "swap_ins": 0}
+
+    def learn(seq: Seq) -> None:
+        bs = bm.block_size
+        for i, h in enumerate(seq.block_hashes):
+            known[h] = seq.token_ids[i * bs:(i + 1) * bs]
+
+    def new_seq(tokens: list[int] | None = None) -> Seq | None:
+        if tokens is None:
+            # a few common beginnings, or (half the time) one of a sequence that left: its
+            # blocks may still be cached on the device or in the host tier
+            base = rng.choice([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5] * 8, []])
+            if history and rng.random() < 0.5:
+                base = rng.choice(history)
+                base = base[:rng.randint(len(base) // 2, len(base))] + [0] * 8
+            tokens = base[:rng.randint(0, len(base))] + [rng.randint(0, 3) for _ in range(rng.randint(1, 9))]
+        s = Seq(next(ids), tokens)
         prefix = bm.cached_prefix(s)
         assert prefix.num_tokens < len(s.token_ids)
         end = rng.randint(prefix.num_tokens + 1, len(s.token_ids))  # a first chunk, or all of it
-        if bm.allocate(s, prefix, end):
-            live[s.seq_id] = (s, end)
-            mem.write(s, prefix.num_tokens, end)
+        if not bm.allocate(s, prefix, end):
+            return None
+        learn(s)
+        seen["hit_blocks"] += len(prefix.device) + len(prefix.host)
+        seen["host_loads"] += len(prefix.host)
+        live[s.seq_id] = (s, end)
+        mem.write(s, prefix.num_tokens, end)
+        return s
+
+    def evict() -> None:
+        """A throwaway sequence of new tokens, computed and freed: it pushes the least recently
+        used cached blocks out of the device pool (into the host tier)."""
+        s = new_seq([next(fresh) for _ in range(rng.randint(4, 16))])
+        if s is not None:
+            mem.step()
+            gone(s.seq_id)
 
     def append() -> None:
         s, done = live[rng.choice(list(live))]
-        known = len(s.token_ids)  # a prompt admitted in part has tokens past ``done``
+        known_len = len(s.token_ids)  # a prompt admitted in part has tokens past ``done``
         s.token_ids.extend(rng.randint(0, 3) for _ in range(rng.randint(1, 5)))
         if bm.grow(s, done, len(s.token_ids)):
+            learn(s)
             live[s.seq_id] = (s, len(s.token_ids))
             mem.write(s, done, len(s.token_ids))
         else:
-            del s.token_ids[known:]  # a sequence's tokens never change; only new ones go
+            del s.token_ids[known_len:]  # a sequence's tokens never change; only new ones go
+            del s.block_hashes[known_len // bm.block_size:]
 
     def fork() -> None:
         parent, done = live[rng.choice(list(live))]
@@ -219,6 +256,7 @@ def test_random_operations_keep_every_invariant(seed):
         child = Seq(next(ids), list(parent.token_ids))
         bm.fork(parent, child, done)
         if bm.grow(child, done - 1, done):  # the sample recomputes the last prompt token
+            learn(child)
             live[child.seq_id] = (child, done)
             mem.write(child, done - 1, done)
         else:
@@ -229,29 +267,45 @@ def test_random_operations_keep_every_invariant(seed):
         scheduled."""
         if mem.pending(live[sid][0]):
             mem.step()
-        if rng.random() < 0.5:
-            bm.free(live.pop(sid)[0].seq_id)
-        elif bm.swap_out(sid):
+        if rng.random() < 0.4:
+            gone(sid)
+        elif bm.swap_out(sid, keep_cached=rng.random() < 0.5):
             swapped[sid] = live.pop(sid)
+            seen["swap_outs"] += 1
 
     def swap_in() -> None:
         sid = rng.choice(list(swapped))
         s, done = swapped[sid]
         if bm.swap_in(s, done, done):
             live[sid] = swapped.pop(sid)
+            seen["swap_ins"] += 1
+
+    def check_cached() -> None:
+        for h, b in bm.pool.cached.items():
+            assert mem.dev[b] == known[h], f"device block {b} does not hold its hash's tokens"
+        if bm.host is not None:
+            for h, b in bm.host.cached.items():
+                assert mem.host[b] == known[h], f"host block {b} does not hold its hash's tokens"
 
     for _ in range(2500):
-        choices = [new_seq, new_seq, bm.reset_prefix_cache] + ([append, append, fork] if live else []) \
-            + ([swap_in] if swapped else [])
-        if live and rng.random() < 0.25:
+        choices = [new_seq, new_seq] + ([append, append, fork] if live else []) + ([swap_in] if swapped else [])
+        r = rng.random()
+        if r < 0.01:
+            bm.reset_prefix_cache()
+        elif r < 0.06:
+            evict()
+        elif live and (r < 0.25 or (bm.num_free < 6 and r < 0.6)):  # leaves more often when full
             leave(rng.choice(list(live)))
         else:
             rng.choice(choices)()
         if rng.random() < 0.3:
             mem.step()
-            bm.events.take()
+            batch = bm.events.take()
+            seen["evictions"] += sum(isinstance(e, BlockRemoved) and e.medium == "GPU"
+                                     for e in (batch.events if batch else []))
             for s, done in live.values():
                 mem.check(s, done)
+            check_cached()
         bm.check()
     for sid in list(live) + list(swapped):
         bm.free(sid)
@@ -260,3 +314,5 @@ def test_random_operations_keep_every_invariant(seed):
     assert bm.num_free == bm.num_total and all(r == 0 for r in bm.pool.ref)
     if bm.host is not None:
         assert bm.host.num_free == bm.host.num_total
+        assert seen["host_loads"] >= 2 and seen["swap_outs"] >= 50 and seen["swap_ins"] >= 50, seen
+    assert seen["hit_blocks"] >= 40 and seen["evictions"] >= 100, seen  # deterministic per seed

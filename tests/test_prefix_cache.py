@@ -84,9 +84,12 @@ def test_eviction_under_pressure_keeps_outputs_correct(tiny):
     random.Random(0).shuffle(prompts)
     roomy = generate(make_engine(tiny, enable_prefix_caching=False), prompts, GREEDY)
     engine = make_engine(tiny, kv_cache_memory=14 * BLOCK_BYTES, max_num_seqs=2)  # two requests' worth
+    removed: list[BlockRemoved] = []
+    engine.on_kv_events(lambda batch: removed.extend(e for e in batch.events if isinstance(e, BlockRemoved)))
     assert generate(engine, prompts, GREEDY) == roomy
     stats = engine.stats()
     assert stats["prefix_cache_hits"] > 0 and stats["kv_blocks_cached"] <= 14
+    assert removed, "the pool of 14 blocks never evicted a cached block"
 
 
 def test_n_samples_share_the_prompt_and_give_the_same_samples(tiny, monkeypatch):
@@ -232,3 +235,50 @@ def test_block_copies_of_a_step_without_a_batch_are_carried_out(tiny, monkeypatc
     monkeypatch.setattr(engine.runner, "apply_block_ops", done.append)
     engine.step()
     assert done == [ops]
+
+
+def test_a_step_that_raises_leaves_no_unwritten_block_in_the_cache(tiny, monkeypatch):
+    """The step's blocks are cached when it is scheduled; if its forward raises (Ctrl-C, a
+    device error), a later request with the same prefix must not read them."""
+    prompts = shared_prefix_prompts(3, prefix_len=70, seed=9)
+    want = generate(make_engine(tiny, enable_prefix_caching=False), prompts, GREEDY)
+    engine = make_engine(tiny)
+    real, calls = ModelRunner.execute, []
+
+    def fail_first(self, inp, all_logits=False, feed=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(self, inp, all_logits, feed)
+
+    monkeypatch.setattr(ModelRunner, "execute", fail_first)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    assert engine.block_manager.num_cached == 0
+    for rid in ids:
+        engine.abort(rid)
+    run_to_completion(engine)
+    assert_pools_at_rest(engine)
+    assert generate(engine, prompts, GREEDY) == want
+
+
+def test_auto_preemption_recomputes_when_the_tier_has_no_empty_room(tiny, monkeypatch):
+    """"auto" swaps into host blocks that hold nothing; with a tier full of cached prefixes it
+    recomputes (and keeps them), "swap" evicts them and swaps."""
+    prompts = shared_prefix_prompts(6, prefix_len=20, seed=4)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    roomy = generate(make_engine(tiny, enable_prefix_caching=False), prompts, params)
+    stats = {}
+    for mode in ("auto", "swap"):
+        engine = make_engine(tiny, kv_cache_memory=10 * BLOCK_BYTES, kv_offload_memory=4 * BLOCK_BYTES,
+                             preemption_mode=mode)
+        # fill the 4-block tier with cached prefixes: unrelated prompts, one after another,
+        # each evicting the one before from the device pool
+        for seed in range(30, 34):
+            generate(engine, shared_prefix_prompts(1, prefix_len=80, seed=seed), GREEDY)
+        assert engine.stats()["kv_offload_blocks"] == 4
+        assert generate(engine, prompts, params) == roomy
+        stats[mode] = engine.stats()
+    assert stats["auto"]["num_preemptions"] > 0 and stats["auto"]["num_swap_preemptions"] == 0
+    assert stats["swap"]["num_swap_preemptions"] > 0

@@ -346,7 +346,8 @@ class Engine:
         length; a "delta" request's final output then carries all that no earlier output did.
 
         If it ends by an exception (Ctrl-C included), the requests it touched are reported by
-        the next ``step``; abort the ones you stop waiting for (``LLM.generate`` does)."""
+        the next ``step``; abort the ones you stop waiting for (``LLM.generate`` does). The
+        prefix cache is then emptied (the step's blocks may be cached but not written)."""
         touched: dict[str, Request] = {r.request_id: r for r in self._aborted}
         self._aborted = []
         try:
@@ -365,6 +366,9 @@ class Engine:
             return self.outputs.emit(touched.values(), finals_only)
         except BaseException:
             self._aborted.extend(r for r in touched.values() if not r.reported_final)
+            # Blocks enter the prefix cache when their step is scheduled; this step's forward or
+            # copies may not have written them, so no later request may read any cached prefix.
+            self.block_manager.reset_prefix_cache()
             raise
 
     def _inputs(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, Sample]], StepInput]:
