@@ -9,7 +9,7 @@ import pytest
 
 from fastinfer.kv_cache.block_manager import BlockManager
 from fastinfer.kv_cache.block_pool import BlockPool
-from fastinfer.kv_cache.events import BlockRemoved, BlockStored, block_hash
+from fastinfer.kv_cache.events import BlockRemoved, BlockStored, block_hash, partial_block_hash
 
 
 @dataclass(eq=False)
@@ -197,10 +197,17 @@ def test_random_operations_keep_every_invariant(seed):
     history: list[list[int]] = []  # the tokens of the last sequences that were freed
 
     def gone(sid: int) -> None:
-        history.append(list(live.pop(sid)[0].token_ids))
+        """Frees a sequence whose writes all landed; its partly filled last block may be kept."""
+        s, done = live.pop(sid)
+        history.append(list(s.token_ids))
         del history[:-40]
-        bm.free(sid)
-    seen = {"hit_blocks": 0, "host_loads": 0, "evictions": 0, "swap_outs": 0, "swap_ins": 0}
+        bm.free(sid, s, done)
+        i, bs = done // bm.block_size, bm.block_size
+        if done % bs and len(s.block_hashes) >= i:
+            h = partial_block_hash(s.block_hashes[i - 1] if i else None, s.token_ids[i * bs:done])
+            if h in bm.pool.cached:
+                known[h] = s.token_ids[i * bs:done]
+    seen = {"hit_blocks": 0, "partial_hits": 0, "host_loads": 0, "evictions": 0, "swap_outs": 0, "swap_ins": 0}
 
     def learn(seq: Seq) -> None:
         bs = bm.block_size
@@ -224,6 +231,7 @@ def test_random_operations_keep_every_invariant(seed):
             return None
         learn(s)
         seen["hit_blocks"] += len(prefix.device) + len(prefix.host)
+        seen["partial_hits"] += prefix.partial is not None
         seen["host_loads"] += len(prefix.host)
         live[s.seq_id] = (s, end)
         mem.write(s, prefix.num_tokens, end)
@@ -281,8 +289,8 @@ def test_random_operations_keep_every_invariant(seed):
             seen["swap_ins"] += 1
 
     def check_cached() -> None:
-        for h, b in bm.pool.cached.items():
-            assert mem.dev[b] == known[h], f"device block {b} does not hold its hash's tokens"
+        for h, b in bm.pool.cached.items():  # a kept partial block: its first tokens
+            assert mem.dev[b][:len(known[h])] == known[h], f"device block {b} does not hold its hash's tokens"
         if bm.host is not None:
             for h, b in bm.host.cached.items():
                 assert mem.host[b] == known[h], f"host block {b} does not hold its hash's tokens"
@@ -314,5 +322,5 @@ def test_random_operations_keep_every_invariant(seed):
     assert bm.num_free == bm.num_total and all(r == 0 for r in bm.pool.ref)
     if bm.host is not None:
         assert bm.host.num_free == bm.host.num_total
-        assert seen["host_loads"] >= 2 and seen["swap_outs"] >= 50 and seen["swap_ins"] >= 50, seen
-    assert seen["hit_blocks"] >= 40 and seen["evictions"] >= 100, seen  # deterministic per seed
+        assert seen["host_loads"] >= 1 and seen["swap_outs"] >= 50 and seen["swap_ins"] >= 50, seen
+    assert seen["hit_blocks"] >= 40 and seen["partial_hits"] >= 10 and seen["evictions"] >= 100, seen

@@ -282,3 +282,29 @@ def test_auto_preemption_recomputes_when_the_tier_has_no_empty_room(tiny, monkey
         stats[mode] = engine.stats()
     assert stats["auto"]["num_preemptions"] > 0 and stats["auto"]["num_swap_preemptions"] == 0
     assert stats["swap"]["num_swap_preemptions"] > 0
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_the_next_turn_of_a_conversation_computes_only_its_new_tokens(tiny, params):
+    """A finished request's partly filled last block stays cached: the next turn, resending the
+    history, reads every token the previous turn computed (all but its last sampled one), not
+    only its full blocks; outputs equal a cache-off run."""
+    rng = random.Random(21)
+    turns = [[rng.randrange(1, 5000) for _ in range(n)] for n in (37, 21, 9)]
+    results = {}
+    for caching in (False, True):
+        engine = make_engine(tiny, enable_prefix_caching=caching)
+        history, outs, cached = [], [], []
+        for message in turns:
+            history = history + message
+            rid = engine.add_request(history, params)
+            out = engine.drain([rid])[rid]
+            outs.append(out.outputs[0].token_ids)
+            cached.append(out.num_cached_tokens)
+            history = history + out.outputs[0].token_ids
+        assert_pools_at_rest(engine)
+        results[caching] = outs, cached
+    assert results[True][0] == results[False][0]
+    # turn 2 resends turn 1's 37 + 12 tokens and reads the 48 computed ones (3 blocks of 16, the
+    # last one kept though turn 1 never filled it); turn 3 reads turn 2's 37 + 12 + 21 + 11
+    assert results[True][1] == [0, 48, 37 + 12 + 21 + 11] and results[False][1] == [0, 0, 0]

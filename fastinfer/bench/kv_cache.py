@@ -56,6 +56,7 @@ def run_kv_cache_bench(args: argparse.Namespace, command_line: str | None = None
     wanted = WORKLOADS if args.workload == "all" else (args.workload,)
     env = collect_env(torch.get_num_threads())
     base = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
                         **{f: getattr(args, f) for f in QUANT_FIELDS})
     loaded = None
     if any(w != "sched" for w in wanted):
@@ -228,13 +229,15 @@ def run_mixed(bench: _Bench) -> dict:
     decoders, long_prompt = [t[:dlen] for t in texts[:n]], texts[n][:plen]
     tokens = n * (dlen + out) + plen + 16
     max_len = max(plen, dlen + out) + 32
-    systems = {}
+    systems, budget = {}, None
     for name, caching in ((ON, True), (OFF, False)):
         engine = bench.engine(tokens + tokens // 2, caching, max_model_len=max_len)
+        budget = engine.scheduler.max_num_batched_tokens
         systems[name] = _mixed_trial(engine, decoders, long_prompt, out, start_after=min(8, out // 4))
         del engine
     return {"config": {"decoders": n, "decoder_prompt_len": dlen, "decoder_output_len": out,
-                       "long_prompt_len": plen, "long_output_len": 8}, "systems": systems}
+                       "long_prompt_len": plen, "long_output_len": 8, "max_num_batched_tokens": budget},
+            "systems": systems}
 
 
 def _mixed_trial(engine: Engine, decoders: list[list[int]], long_prompt: list[int], out: int,
@@ -363,7 +366,8 @@ def _mixed_rows(r: dict) -> tuple[list[list[str]], list[str]]:
                      report.fmt(s["tpot_ms"]["p99"]), report.fmt(s["long_ttft_ms"]), str(s["long_prefill_steps"])])
     c = r["config"]
     return rows, [f"{c['decoders']} decoders ({c['decoder_prompt_len']}-token prompts, {c['decoder_output_len']} "
-                  f"tokens each); one {c['long_prompt_len']}-token prompt arrives once they decode"]
+                  f"tokens each); one {c['long_prompt_len']}-token prompt arrives once they decode; "
+                  f"{c.get('max_num_batched_tokens')} tokens per step at most"]
 
 
 def _sched_rows(r: dict) -> tuple[list[list[str]], list[str]]:

@@ -110,6 +110,9 @@ def _kv_cache_parser(bsub) -> None:
     kv.add_argument("--device", default="auto")
     add_quantization_args(kv)
     kv.add_argument("--seed", type=int, default=0)
+    kv.add_argument("--max-num-batched-tokens", type=int_arg(lo=1), default=None,
+                    help="the engines' token budget per step (default: the engine's, 2048): a smaller one "
+                         "cuts the decoders' stall while a long prompt is read, at some prefill speed")
     for name, (full, quick) in KV_SIZES.items():
         if name == "sched_seqs":
             kv.add_argument("--sched-seqs", type=int_list, default=None, help="running sequences, comma-separated "

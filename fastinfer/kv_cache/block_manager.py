@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fastinfer.kv_cache.block_pool import BlockPool
-from fastinfer.kv_cache.events import DEVICE, HOST, EventLog, block_hash
+from fastinfer.kv_cache.events import DEVICE, HOST, EventLog, block_hash, partial_block_hash
 
 
 class CachedSeq(Protocol):
@@ -80,15 +80,19 @@ class BlockOps:
 
 @dataclass(frozen=True, slots=True)
 class CachedPrefix:
-    """The longest cached prefix of a sequence: device blocks, then host blocks to load back."""
+    """The longest cached prefix of a sequence: device blocks, then host blocks to load back,
+    then (after device blocks only) the first ``partial_tokens`` tokens of the partly filled
+    block ``partial``, which is copied into the sequence's own next block."""
 
     device: list[int]
     host: list[int]
     block_size: int
+    partial: int | None = None
+    partial_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return (len(self.device) + len(self.host)) * self.block_size
+        return (len(self.device) + len(self.host)) * self.block_size + self.partial_tokens
 
 
 class BlockManager:
@@ -111,6 +115,11 @@ class BlockManager:
         self._host_held: list[int] = []  # host blocks read by this step's swap-ins (freed by take_ops)
         self.prefix_queries = self.prefix_hits = 0  # tokens looked up at admission, and found
         self.host_loads = self.host_stores = 0  # blocks copied back from / out to the host tier
+        # Partly filled last blocks of freed sequences, kept (free, in the LRU queue) under a
+        # partial hash: hash -> its token count; the kept ones under each (parent hash, salt).
+        self._partial: dict[int, int] = {}
+        self._partial_parents: dict[tuple[int | None, str | None], int] = {}
+        self._partial_keys: dict[int, tuple[int | None, str | None]] = {}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -175,7 +184,22 @@ class BlockManager:
                 if b is None:
                     break
                 host.append(b)
-        return CachedPrefix(device, host, self.block_size)
+        if host or not self._partial:
+            return CachedPrefix(device, host, self.block_size)
+        return self._partial_prefix(seq, device)
+
+    def _partial_prefix(self, seq: CachedSeq, device: list[int]) -> CachedPrefix:
+        """``device`` and, after it, the longest kept partly filled block that the next tokens of
+        ``seq`` begin with (leaving its last token to compute)."""
+        bs, i = self.block_size, len(device)
+        parent = seq.block_hashes[i - 1] if i else None
+        if (parent, seq.cache_salt) in self._partial_parents:
+            tokens = seq.token_ids[i * bs:i * bs + bs - 1]
+            for k in range(min(len(tokens), len(seq.token_ids) - 1 - i * bs), 0, -1):
+                b = self.pool.cached.get(partial_block_hash(parent, tokens[:k], seq.cache_salt))
+                if b is not None:
+                    return CachedPrefix(device, [], bs, b, k)
+        return CachedPrefix(device, [], bs)
 
     def allocate(self, seq: CachedSeq, prefix: CachedPrefix, num_tokens: int) -> bool:
         """Gives ``seq`` (holding no blocks) the blocks of ``prefix`` (from :meth:`cached_prefix`,
@@ -184,12 +208,14 @@ class BlockManager:
         sid = seq.seq_id
         if sid in self._tables or sid in self._swapped:
             raise RuntimeError(f"internal error: sequence {sid} already holds blocks")
-        pool, dev, host = self.pool, prefix.device, prefix.host
+        pool, dev, host, part = self.pool, prefix.device, prefix.host, prefix.partial
         fresh = self.blocks_for(num_tokens) - len(dev)
-        idle_hits = sum(1 for b in dev if pool.ref[b] == 0)  # free now, but not for fresh use
-        if fresh + idle_hits > pool.num_free:
+        idle_hits = sum(1 for b in (*dev, *(() if part is None else (part,))) if pool.ref[b] == 0)
+        if fresh + idle_hits > pool.num_free:  # hits that are free now are not for fresh use
             return False
         pool.touch(dev)
+        if part is not None:
+            pool.touch((part,))  # held until the copy is decided: no fresh block may be it
         if host:
             self.host.touch(host)  # held until copied: an eviction in this step may not reuse them
             self._host_held.extend(host)
@@ -198,6 +224,9 @@ class BlockManager:
         self._tables[sid] = table
         if host:
             self._load(seq, host, new, len(dev))
+        if part is not None:  # its first tokens into the sequence's own block (before any write)
+            self._ops.add(COPY, ((part, new[0]),))
+            pool.release((part,))
         self._registered[sid] = len(dev) + len(host)
         self.prefix_queries += len(seq.token_ids)
         self.prefix_hits += prefix.num_tokens
@@ -270,16 +299,48 @@ class BlockManager:
         self._tables[child.seq_id] = list(blocks)
         self._registered[child.seq_id] = min(self._registered[parent.seq_id], num_tokens // self.block_size)
 
-    def free(self, seq_id: int) -> None:
+    def free(self, seq_id: int, seq: CachedSeq | None = None, computed: int = 0) -> None:
         """Drops every block of ``seq_id`` (its last blocks first, so they are evicted first)
-        and any host copy of a swapped-out one; no-op for an unknown id."""
+        and any host copy of a swapped-out one; no-op for an unknown id. Given the sequence and
+        its ``computed`` tokens (keys and values written), a partly filled last block that it
+        alone holds stays cached under its tokens: the next turn of a conversation resends them
+        and copies it instead of computing them again."""
         table = self._tables.pop(seq_id, None)
         self._registered.pop(seq_id, None)
+        if table and seq is not None and self.caching and computed % self.block_size:
+            self._keep_partial(seq, table, computed)
         if table:
             self.pool.release(reversed(table))
         swapped = self._swapped.pop(seq_id, None)
         if swapped:
             self.host.release(swapped)
+
+    def _keep_partial(self, seq: CachedSeq, table: list[int], computed: int) -> None:
+        bs, i = self.block_size, computed // self.block_size
+        if i >= len(table) or self.pool.ref[table[i]] != 1 or self.pool.hash_of[table[i]] is not None:
+            return  # shared (a sibling sample may write it) or already cached
+        tokens = seq.token_ids[i * bs:computed]
+        if len(self._hashes(seq, i)) < i or min(tokens) < 0:
+            return
+        parent = seq.block_hashes[i - 1] if i else None
+        h = partial_block_hash(parent, tokens, seq.cache_salt)
+        if self.pool.register(table[i], h):
+            key = (parent, seq.cache_salt)
+            self._partial[h] = len(tokens)
+            self._partial_keys[h] = key
+            self._partial_parents[key] = self._partial_parents.get(key, 0) + 1
+
+    def _drop_partial(self, h: int) -> bool:
+        """Forgets a kept partial block (being evicted); False for a full block's hash."""
+        if self._partial.pop(h, None) is None:
+            return False
+        key = self._partial_keys.pop(h)
+        left = self._partial_parents[key] - 1
+        if left:
+            self._partial_parents[key] = left
+        else:
+            del self._partial_parents[key]
+        return True
 
     # ------------------------------------------------------------------ the host tier
     def swap_out(self, seq_id: int, keep_cached: bool = False) -> bool:
@@ -323,7 +384,10 @@ class BlockManager:
 
     def _offload(self, block: int, h: int) -> None:
         """A cached device block is being evicted: tell the routers, and keep a copy on the
-        host tier when there is one (the copy runs before the block is overwritten)."""
+        host tier when there is one (the copy runs before the block is overwritten). A kept
+        partial block is only forgotten (routers never heard of it)."""
+        if self._drop_partial(h):
+            return
         self.events.removed([h], DEVICE)
         host = self.host
         if host is None:
@@ -359,7 +423,7 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (on the device and the host), e.g. after the weights
         changed; blocks in use stay with their sequences."""
-        self.events.removed(self.pool.evict_all(), DEVICE)
+        self.events.removed([h for h in self.pool.evict_all() if not self._drop_partial(h)], DEVICE)
         self.events.cleared(DEVICE)
         if self.host is not None:
             self.host.evict_all()
@@ -415,6 +479,9 @@ class BlockManager:
                     hheld[b] += 1
             assert hheld == self.host.ref, "host reference counts differ from the swapped sequences"
         assert not set(self._tables) & set(self._swapped), "a sequence both on the device and swapped out"
+        assert all(self.pool.cached.get(h) is not None for h in self._partial), "a kept partial block lost its hash"
+        assert set(self._partial) == set(self._partial_keys), "partial block indexes out of step"
+        assert sum(self._partial_parents.values()) == len(self._partial), "partial block counts out of step"
 
 
 def _runs(indices: list[int]) -> list[list[int]]:

@@ -32,6 +32,18 @@ def block_hash(parent: int | None, token_ids, extra: str | None = None) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def partial_block_hash(parent: int | None, token_ids, extra: str | None = None) -> int:
+    """The key of a partly filled block's first tokens (a finished sequence's last block, kept
+    for the next turn of its conversation): BLAKE2b personalised apart from :func:`block_hash`,
+    so no token ids and salt can make one equal a full block's hash."""
+    h = hashlib.blake2b(digest_size=16, person=b"fi-partial")
+    h.update((parent or 0).to_bytes(16, "little"))
+    h.update(array("q", token_ids).tobytes())
+    if extra:
+        h.update(b"\0" + extra.encode())
+    return int.from_bytes(h.digest(), "little")
+
+
 @dataclass(frozen=True, slots=True)
 class BlockStored:
     """Full blocks that became reusable, in prefix order (each one's parent is the one before;

@@ -213,7 +213,7 @@ class Scheduler:
         if mode != "recompute" and self.blocks.swap_out(seq.seq_id, keep_cached=mode == "auto"):
             self.num_swap_preemptions += 1
         else:
-            self.blocks.free(seq.seq_id)
+            self.blocks.free(seq.seq_id, seq, seq.num_computed)
             seq.num_computed = 0
         seq.status = SeqStatus.PREEMPTED
         seq.fork_of = None
@@ -223,7 +223,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Removes a finished (or aborted) sequence and frees its blocks at once."""
         seq.status = SeqStatus.FINISHED
-        self.blocks.free(seq.seq_id)
+        self.blocks.free(seq.seq_id, seq, seq.num_computed)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
