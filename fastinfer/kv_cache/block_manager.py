@@ -81,8 +81,8 @@ class BlockOps:
 @dataclass(frozen=True, slots=True)
 class CachedPrefix:
     """The longest cached prefix of a sequence: device blocks, then host blocks to load back,
-    then (after device blocks only) the first ``partial_tokens`` tokens of the partly filled
-    block ``partial``, which is copied into the sequence's own next block."""
+    then (after device blocks only) the first ``partial_tokens`` tokens of the kept, partly
+    filled block ``partial``, which the sequence takes over as its next block."""
 
     device: list[int]
     host: list[int]
@@ -120,6 +120,10 @@ class BlockManager:
         self._partial: dict[int, int] = {}
         self._partial_parents: dict[tuple[int | None, str | None], int] = {}
         self._partial_keys: dict[int, tuple[int | None, str | None]] = {}
+        # Bumped by reset_prefix_cache: a sequence admitted before holds keys and values that
+        # may be stale (old weights) or unwritten (a failed step); it caches nothing more.
+        self._epoch = 0
+        self._seq_epoch: dict[int, int] = {}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -209,24 +213,24 @@ class BlockManager:
         if sid in self._tables or sid in self._swapped:
             raise RuntimeError(f"internal error: sequence {sid} already holds blocks")
         pool, dev, host, part = self.pool, prefix.device, prefix.host, prefix.partial
-        fresh = self.blocks_for(num_tokens) - len(dev)
-        idle_hits = sum(1 for b in (*dev, *(() if part is None else (part,))) if pool.ref[b] == 0)
-        if fresh + idle_hits > pool.num_free:  # hits that are free now are not for fresh use
+        fresh = self.blocks_for(num_tokens) - len(dev)  # a kept partial block is one of them
+        idle_hits = sum(1 for b in dev if pool.ref[b] == 0)  # free now, but not for fresh use
+        if fresh + idle_hits > pool.num_free:
             return False
         pool.touch(dev)
-        if part is not None:
-            pool.touch((part,))  # held until the copy is decided: no fresh block may be it
+        if part is not None:  # free; it leaves the cache: this sequence writes past its tokens
+            pool.touch((part,))
+            pool.uncache(part)
+            fresh -= 1
         if host:
             self.host.touch(host)  # held until copied: an eviction in this step may not reuse them
             self._host_held.extend(host)
-        new = pool.allocate(fresh)
+        new = ([] if part is None else [part]) + pool.allocate(fresh)
         table = dev + new
+        self._seq_epoch[sid] = self._epoch
         self._tables[sid] = table
         if host:
             self._load(seq, host, new, len(dev))
-        if part is not None:  # its first tokens into the sequence's own block (before any write)
-            self._ops.add(COPY, ((part, new[0]),))
-            pool.release((part,))
         self._registered[sid] = len(dev) + len(host)
         self.prefix_queries += len(seq.token_ids)
         self.prefix_hits += prefix.num_tokens
@@ -297,6 +301,7 @@ class BlockManager:
         blocks = self._tables[parent.seq_id][:self.blocks_for(num_tokens)]
         self.pool.touch(blocks)
         self._tables[child.seq_id] = list(blocks)
+        self._seq_epoch[child.seq_id] = self._seq_epoch.get(parent.seq_id, self._epoch)
         self._registered[child.seq_id] = min(self._registered[parent.seq_id], num_tokens // self.block_size)
 
     def free(self, seq_id: int, seq: CachedSeq | None = None, computed: int = 0) -> None:
@@ -304,10 +309,11 @@ class BlockManager:
         and any host copy of a swapped-out one; no-op for an unknown id. Given the sequence and
         its ``computed`` tokens (keys and values written), a partly filled last block that it
         alone holds stays cached under its tokens: the next turn of a conversation resends them
-        and copies it instead of computing them again."""
+        and takes the block over instead of computing them again."""
         table = self._tables.pop(seq_id, None)
         self._registered.pop(seq_id, None)
-        if table and seq is not None and self.caching and computed % self.block_size:
+        epoch = self._seq_epoch.pop(seq_id, None)
+        if table and seq is not None and self.caching and computed % self.block_size and epoch == self._epoch:
             self._keep_partial(seq, table, computed)
         if table:
             self.pool.release(reversed(table))
@@ -423,6 +429,7 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (on the device and the host), e.g. after the weights
         changed; blocks in use stay with their sequences."""
+        self._epoch += 1
         self.events.removed([h for h in self.pool.evict_all() if not self._drop_partial(h)], DEVICE)
         self.events.cleared(DEVICE)
         if self.host is not None:
@@ -446,6 +453,8 @@ class BlockManager:
     def _register(self, seq: CachedSeq, end: int) -> None:
         """Caches the full blocks of ``seq`` below position ``end`` not offered yet."""
         sid = seq.seq_id
+        if self._seq_epoch.get(sid, self._epoch) != self._epoch:
+            return  # admitted before the cache was reset
         done = self._registered[sid]
         full = end // self.block_size
         hashes = self._hashes(seq, full)  # may hold more (hashed for an earlier lookup)

@@ -99,6 +99,12 @@ class BlockPool:
         self.hash_of[block] = h
         return True
 
+    def uncache(self, block: int) -> None:
+        """Takes ``block`` out of the prefix cache (its holder is about to write into it)."""
+        h = self.hash_of[block]
+        if h is not None:
+            self._evict(block, h)
+
     def evict_all(self) -> list[int]:
         """Forgets every cached hash (blocks in use keep their content); returns the hashes."""
         hashes = list(self.cached)

@@ -38,6 +38,7 @@ def partial_block_hash(parent: int | None, token_ids, extra: str | None = None) 
     so no token ids and salt can make one equal a full block's hash."""
     h = hashlib.blake2b(digest_size=16, person=b"fi-partial")
     h.update((parent or 0).to_bytes(16, "little"))
+    h.update(len(token_ids).to_bytes(4, "little"))  # else tokens and a salt could trade bytes
     h.update(array("q", token_ids).tobytes())
     if extra:
         h.update(b"\0" + extra.encode())
