@@ -758,23 +758,31 @@ FI_TARGET_AVX2 inline __m256i lane_dots_avx2(__m256i lo, __m256i hi, __m256i xl,
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(lo), _mm256_sign_epi8(xl, lo)), ones);
 }
 
+// xq[r], dx[r] and (when ur is given) ur[r]: the quantized inputs, DX and U of row m0 + r of
+// the tile, r < R (clamped like tile_row).
+template <int R>
+inline void aq_tile_rows(const AqGemm& p, int64_t m0, const int8_t** xq, const float** dx, const float** ur) {
+  const AqTables& t = *p.w.t;
+  const AqRows& rows = *p.w.rows;
+  const int64_t rs = t.nchunks * 16;
+  for (int r = 0; r < R; ++r) {
+    const int64_t m = tile_row(p, m0 + r);
+    xq[r] = rows.xq.data() + m * t.K;
+    dx[r] = rows.dx.data() + m * rs;
+    if (ur != nullptr) ur[r] = rows.u.data() + m * rs;
+  }
+}
+
 template <int KIND>
 struct AqTileAvx2 {
   template <int R, int C>
   FI_TARGET_AVX2 static void tile(const AqGemm& p, int64_t m0, int64_t n0) {
     const AqProblem& w = p.w;
     const AqTables& t = *w.t;
-    const AqRows& rows = *w.rows;
-    const int64_t rs = t.nchunks * 16;
     const int8_t* xq[R];
     const float* dx[R];
     const float* ur[R];
-    for (int r = 0; r < R; ++r) {
-      const int64_t m = tile_row(p, m0 + r);
-      xq[r] = rows.xq.data() + m * t.K;
-      dx[r] = rows.dx.data() + m * rs;
-      ur[r] = rows.u.data() + m * rs;
-    }
+    aq_tile_rows<R>(p, m0, xq, dx, ur);
     const uint8_t* code[C];
     const float* srow[C];
     const float* orow[C];
@@ -827,15 +835,9 @@ struct PcTileAvx2 {
   FI_TARGET_AVX2 static void tile(const AqGemm& p, int64_t m0, int64_t n0) {
     const AqProblem& w = p.w;
     const AqTables& t = *w.t;
-    const AqRows& rows = *w.rows;
-    const int64_t rs = t.nchunks * 16;
     const int8_t* xq[R];
     const float* dx[R];
-    for (int r = 0; r < R; ++r) {
-      const int64_t m = tile_row(p, m0 + r);
-      xq[r] = rows.xq.data() + m * t.K;
-      dx[r] = rows.dx.data() + m * rs;
-    }
+    aq_tile_rows<R>(p, m0, xq, dx, nullptr);
     const uint8_t* code[C];
     const float* srow[C];
     const float* orow[C];

@@ -68,6 +68,22 @@ struct TileArgs {
 };
 
 // ---------------------------------------------------------------- portable path
+// The tile's softmax update of row r from its scores s[0..nv) (max tmax), with std::exp2: the
+// probabilities p, the row's new m and l; returns alpha, the factor on the row's acc (0 on the
+// first tile, m = -inf). The portable and AVX2 tiles share it, so they give the same bits.
+inline float softmax_step(const TileArgs& a, int64_t r, const float* s, int nv, float tmax, float* p) {
+  const float m_new = std::max(a.m[r], tmax);
+  const float alpha = std::exp2(a.m[r] - m_new);
+  float sum = 0.0f;
+  for (int c = 0; c < nv; ++c) {
+    p[c] = std::exp2(s[c] - m_new);
+    sum += p[c];
+  }
+  a.m[r] = m_new;
+  a.l[r] = a.l[r] * alpha + sum;
+  return alpha;
+}
+
 void tile_scalar(const TileArgs& a) {
   const int64_t D = a.D;
   float s[kTile], p[kTile];
@@ -78,15 +94,7 @@ void tile_scalar(const TileArgs& a) {
       s[c] = dot16(a.q[r], a.k[c], D);
       tmax = std::max(tmax, s[c]);
     }
-    const float m_new = std::max(a.m[r], tmax);
-    const float alpha = std::exp2(a.m[r] - m_new);  // 0 on the first tile (m = -inf)
-    float sum = 0.0f;
-    for (int c = 0; c < nv; ++c) {
-      p[c] = std::exp2(s[c] - m_new);
-      sum += p[c];
-    }
-    a.m[r] = m_new;
-    a.l[r] = a.l[r] * alpha + sum;
+    const float alpha = softmax_step(a, r, s, nv, tmax, p);
     float* acc = a.acc + r * D;
     for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
     for (int c = 0; c < nv; ++c) {
@@ -138,15 +146,7 @@ FI_TARGET_AVX2 void tile_avx2(const TileArgs& a) {
       s[c] = dot16_avx2(a.q[r], a.k[c], D);
       tmax = std::max(tmax, s[c]);
     }
-    const float m_new = std::max(a.m[r], tmax);
-    const float alpha = std::exp2(a.m[r] - m_new);
-    float sum = 0.0f;
-    for (int c = 0; c < nv; ++c) {
-      p[c] = std::exp2(s[c] - m_new);
-      sum += p[c];
-    }
-    a.m[r] = m_new;
-    a.l[r] = a.l[r] * alpha + sum;
+    const float alpha = softmax_step(a, r, s, nv, tmax, p);
     float* acc = a.acc + r * D;
     const __m256 al = _mm256_set1_ps(alpha);
     int64_t d0 = 0;

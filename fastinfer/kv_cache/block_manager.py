@@ -116,10 +116,9 @@ class BlockManager:
         self.prefix_queries = self.prefix_hits = 0  # tokens looked up at admission, and found
         self.host_loads = self.host_stores = 0  # blocks copied back from / out to the host tier
         # Partly filled last blocks of freed sequences, kept (free, in the LRU queue) under a
-        # partial hash: hash -> its token count; the kept ones under each (parent hash, salt).
-        self._partial: dict[int, int] = {}
+        # partial hash: hash -> (parent hash, salt); and how many are kept under each of those.
+        self._partial: dict[int, tuple[int | None, str | None]] = {}
         self._partial_parents: dict[tuple[int | None, str | None], int] = {}
-        self._partial_keys: dict[int, tuple[int | None, str | None]] = {}
         # Bumped by reset_prefix_cache: a sequence admitted before holds keys and values that
         # may be stale (old weights) or unwritten (a failed step); it caches nothing more.
         self._epoch = 0
@@ -332,15 +331,14 @@ class BlockManager:
         h = partial_block_hash(parent, tokens, seq.cache_salt)
         if self.pool.register(table[i], h):
             key = (parent, seq.cache_salt)
-            self._partial[h] = len(tokens)
-            self._partial_keys[h] = key
+            self._partial[h] = key
             self._partial_parents[key] = self._partial_parents.get(key, 0) + 1
 
     def _drop_partial(self, h: int) -> bool:
         """Forgets a kept partial block (being evicted); False for a full block's hash."""
-        if self._partial.pop(h, None) is None:
+        key = self._partial.pop(h, None)
+        if key is None:
             return False
-        key = self._partial_keys.pop(h)
         left = self._partial_parents[key] - 1
         if left:
             self._partial_parents[key] = left
@@ -489,7 +487,6 @@ class BlockManager:
             assert hheld == self.host.ref, "host reference counts differ from the swapped sequences"
         assert not set(self._tables) & set(self._swapped), "a sequence both on the device and swapped out"
         assert all(self.pool.cached.get(h) is not None for h in self._partial), "a kept partial block lost its hash"
-        assert set(self._partial) == set(self._partial_keys), "partial block indexes out of step"
         assert sum(self._partial_parents.values()) == len(self._partial), "partial block counts out of step"
 
 
