@@ -176,6 +176,9 @@ class AsyncEngine:
         self._check_accepting()
         rid = uuid.uuid4().hex if request_id is None else check_str("request_id", request_id,
                                                                     error=InvalidRequestError)
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+            # Compiled here, on a worker thread and under the time limit, never on the engine's.
+            await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
         stream = RequestStream(rid, asyncio.get_running_loop())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         # The engine thread validates ``priority`` (in Engine.add_request) and answers ``accepted``.

@@ -81,6 +81,9 @@ class EngineConfig:
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
+    ``grammar_compile_timeout`` (seconds): a request whose structured output (JSON schema,
+    regex, grammar) takes longer to compile is refused with ``GrammarCompileTimeout`` (an
+    ``InvalidRequestError``); compiles run off the engine's thread, so no other request waits.
     """
 
     model: str = "smollm2-135m"
@@ -103,6 +106,7 @@ class EngineConfig:
     ops_backend: str | None = None
     kv_offload_memory: int | str | None = None
     preemption_mode: str = "auto"
+    grammar_compile_timeout: float = 5.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -142,6 +146,8 @@ class EngineConfig:
                      "async_scheduling"):
             self._set(name, check_bool(name, getattr(self, name)))
         self._set("seed", check_seed("seed", self.seed))
+        self._set("grammar_compile_timeout", check_float("grammar_compile_timeout", self.grammar_compile_timeout,
+                                                         lo=0, lo_open=True))
         if self.kv_offload_memory is not None:
             nbytes = parse_bytes("kv_offload_memory", self.kv_offload_memory)
             check_within(nbytes, total_memory(torch.device("cpu")), torch.device("cpu"), "all the memory there is",

@@ -28,6 +28,7 @@ from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.model.step import Feed, StepFuture
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
 from fastinfer.sampling.generator import seeded_generator
+from fastinfer.sampling.grammar import Grammar, StructuredOutputs
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
@@ -94,6 +95,8 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
         self.outputs = OutputProcessor(self.eos_token_ids, self.scheduler.finish, self._forget)
+        self.structured = StructuredOutputs(self.tokenizer, mcfg.vocab_size, self.eos_token_ids,
+                                            config.grammar_compile_timeout)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, Sample]] = {}
@@ -152,10 +155,12 @@ class Engine:
             check_str("cache_salt", cache_salt, error=InvalidRequestError)
         text, ids = self._prompt_ids(as_prompt(prompt))
         self._check_fits(ids, params)
+        self._check_logit_bias(params)
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         if admit is not None:
             admit(len(ids) * params.n)
         now = time.monotonic()
-        samples = [self._new_sample(i, ids, params, priority, cache_salt) for i in range(params.n)]
+        samples = [self._new_sample(i, ids, params, priority, cache_salt, grammar) for i in range(params.n)]
         for s in samples[1:]:
             s.seq.fork_of = samples[0].seq  # shares the prompt's blocks once sample 0 has computed them
         req = Request(request_id, text, ids, params, samples, RequestMetrics(now))
@@ -202,8 +207,15 @@ class Engine:
                 f"request needs {need} KV-cache blocks {each}({total} tokens) but the whole cache has "
                 f"{self.block_manager.num_total}; lower max_tokens or raise kv_cache_memory", "max_tokens")
 
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.loaded.config.vocab_size
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})",
+                                      "logit_bias")
+
     def _new_sample(self, index: int, ids: list[int], params: SamplingParams, priority: int,
-                    cache_salt: str | None) -> Sample:
+                    cache_salt: str | None, grammar: Grammar | None) -> Sample:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
         gen = seeded_generator(seed, index)
         sid = next(self._seq_ids)
@@ -212,7 +224,8 @@ class Engine:
                        priority=priority, cache_salt=cache_salt)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         return Sample(index, seq, detok, gen, StopText(params.stop_list),
-                      logprobs=[] if params.logprobs is not None else None)
+                      logprobs=[] if params.logprobs is not None else None,
+                      grammar=self.structured.matcher(grammar) if grammar is not None else None)
 
     # ----------------------------------------------------------------- control
     def abort(self, request_id: str) -> bool:
@@ -400,7 +413,9 @@ class Engine:
         sampled, inp = self._inputs(sched)
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
                 for req, smp in sampled]
-        future = self.runner.launch(inp, rows)
+        # The grammars' masks are filled on their own thread while the model runs.
+        masks = self.structured.start_masks([smp.grammar for _, smp in sampled])
+        future = self.runner.launch(inp, rows, masks=masks)
         self._executed(sched)
         now = time.monotonic()
         for (req, smp), token, logprobs in zip(sampled, future.token_ids(), future.logprobs):

@@ -29,6 +29,7 @@ class OutputProcessor:
             req.metrics.first_token_time = now
         if smp.logprobs is not None:
             smp.logprobs.append(logprobs)
+        grammar_ended = smp.grammar is not None and smp.grammar.advance(token)
         if token in params.stop_token_ids:
             self.finish(smp, "stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
@@ -37,6 +38,8 @@ class OutputProcessor:
             matched = smp.text.add(smp.detok.add(token))
             if matched is not None:
                 self.finish(smp, "stop", matched)
+        if smp.finish_reason is None and grammar_ended:  # complete (an EOS under ignore_eos)
+            self.finish(smp, "stop", None)
         if smp.finish_reason is None and num_tokens >= smp.seq.stop_at:  # max_tokens, or max_model_len
             self.finish(smp, "length", None)
 

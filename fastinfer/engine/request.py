@@ -8,6 +8,7 @@ import torch
 
 from fastinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
+from fastinfer.sampling.grammar import GrammarMatcher
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.sequence import Sequence
@@ -26,6 +27,7 @@ class Sample:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     sent_tokens: int = 0  # token ids (and logprobs) handed out in delta outputs
+    grammar: GrammarMatcher | None = None  # structured outputs: where the text is in its grammar
 
     def completion(self) -> CompletionOutput:
         """Everything so far (text a stop string may still cut held back while running)."""

@@ -30,6 +30,7 @@ from fastinfer.ops import reference
 from fastinfer.ops.dispatch import forcing, select
 
 if TYPE_CHECKING:  # sampling sits above model/ (DESIGN.md): the engine hands its sampler in
+    from fastinfer.sampling.grammar import TokenMasks
     from fastinfer.sampling.sampler import Sampler, SamplingRow
 
 _log = logging.getLogger("fastinfer.engine")
@@ -155,17 +156,19 @@ class ModelRunner:
             raise RuntimeError("internal error: block copies asked of a runner with no cache to copy in")
         self.copy_blocks(ops)
 
-    def launch(self, inp: StepInput, rows: list[SamplingRow] | None = None, feed: Feed | None = None) -> StepFuture:
+    def launch(self, inp: StepInput, rows: list[SamplingRow] | None = None, feed: Feed | None = None,
+               masks: TokenMasks | None = None) -> StepFuture:
         """Runs one step and samples a token for each sequence that ``needs_logits``, in order:
         with ``rows`` (one per such sequence) on the host's terms (random draws, penalties,
-        logprobs), the future then done; without (every row passes ``Sampler.can_defer``) on
+        logprobs, grammar ``masks`` filled meanwhile, applied outside any CUDA graph), the
+        future then done; without (every row passes ``Sampler.can_defer``) on
         the device, where the tokens stay until the host asks (:meth:`StepFuture.token_ids`),
         so the next step can be launched first and ``feed`` them on the device."""
         logits = self.execute(inp, feed=self._feed(feed))
         if logits.shape[0] == 0:
             return StepFuture.done([], [])
         if rows is not None:
-            out = self.sampler(logits, rows)
+            out = self.sampler(logits, rows, masks)
             return StepFuture.done(out.token_ids, out.logprobs)
         return StepFuture.on_device(self.sampler.sample_on_device(logits))
 

@@ -57,6 +57,20 @@ def apply_penalties_(logits: torch.Tensor, params: Sequence[SamplingParams],
         flat[uniq] = vals - pres
 
 
+def apply_logit_bias_(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Adds each row's ``logit_bias`` ({token id: bias}) in place to contiguous float32
+    ``logits`` [B, V]; O(biased tokens). Ids outside the vocabulary raise ``ValueError``."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return
+    seqs = [_as_ids(list(params[i].logit_bias)) for i in rows]
+    pos, _ = _flat_positions(rows, seqs, logits.shape[1], logits.device)
+    bias = torch.tensor([b for i in rows for b in params[i].logit_bias.values()], dtype=torch.float32,
+                        device=logits.device)
+    flat = logits.view(-1)
+    flat[pos] = flat[pos] + bias  # a row's ids are distinct (dict keys): no position twice
+
+
 def top_p_(cand: torch.Tensor, top_p: torch.Tensor, renormalise: torch.Tensor) -> torch.Tensor:
     """Zero, in place, the sorted candidate probabilities outside each row's top-p nucleus.
 

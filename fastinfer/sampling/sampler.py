@@ -1,6 +1,7 @@
 """The sampler: one token (and optional logprobs) per sequence per engine step.
 
-Pipeline per row (vLLM's semantics): penalties on the float32 logits; greedy rows take the
+Pipeline per row (vLLM's semantics): the logit bias and the grammar's token mask (structured
+outputs) first, so logprobs see them too; penalties on the float32 logits; greedy rows take the
 argmax; random rows divide by the temperature, take the softmax, keep the top-k / top-p /
 min-p survivors and draw one token by inverse CDF with ONE uniform from the row's own
 ``torch.Generator``. Logprobs come from ``log_softmax`` of the raw (unpenalised) logits.
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fastinfer.sampling.grammar import TokenMasks
 from fastinfer.sampling.params import SamplingParams
-from fastinfer.sampling.processors import apply_penalties_, min_p_, needs_penalties, top_p_
+from fastinfer.sampling.processors import apply_logit_bias_, apply_penalties_, min_p_, needs_penalties, top_p_
 
 # Top-p rows first look for their nucleus among this many most likely tokens, then among
 # more, then sort the whole row: most nuclei are small; at V = 49152 topk(64) costs ~60 us a
@@ -57,16 +59,18 @@ class Sampler:
     def __init__(self) -> None:
         self._scratch: dict[str, torch.Tensor] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Sample for ``rows`` from ``logits`` [len(rows), V] (float32, bf16 or fp16).
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 masks: TokenMasks | None = None) -> SamplerOutput:
+        """Sample for ``rows`` from ``logits`` [len(rows), V] (float32, bf16 or fp16), within
+        the grammar ``masks`` of this step (if any).
 
         Never modifies ``logits``. Returns token ids and logprobs in row order.
         """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [num_rows={len(rows)}, vocab], "
                              f"got {tuple(logits.shape)}")
-        raw = logits.float()
         params = [r.params for r in rows]
+        raw = self._constrained(logits, params, masks)
         work = raw
         if any(needs_penalties(p) for p in params):
             work = self._buffer("penalised", raw.shape[0], raw)
@@ -90,12 +94,26 @@ class Sampler:
     def can_defer(params: SamplingParams) -> bool:
         """Whether a row's token may stay on the device for now (``sample_on_device``): greedy,
         with no penalty (which would read the tokens so far) and no logprobs."""
-        return params.greedy and params.logprobs is None and not needs_penalties(params)
+        return (params.greedy and params.logprobs is None and not needs_penalties(params)
+                and params.structured_outputs is None and params.logit_bias is None)
 
     def sample_on_device(self, logits: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B]`` int64 on the logits' device, with no host sync, for rows that all
         pass ``can_defer``: the same argmax as ``__call__`` gives them."""
         return logits.float().argmax(-1)
+
+    def _constrained(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                     masks: TokenMasks | None) -> torch.Tensor:
+        """float32 logits with the rows' logit biases added and the grammar masks applied
+        (a scratch copy when there is any; ``logits`` itself when float32 and there is none)."""
+        if masks is None and all(p.logit_bias is None for p in params):
+            return logits.float()
+        raw = self._buffer("constrained", logits.shape[0], logits)
+        raw.copy_(logits)
+        apply_logit_bias_(raw, params)
+        if masks is not None:
+            masks.apply_(raw)
+        return raw
 
     def _sample_random(self, work: torch.Tensor, idx: list[int], rows: Sequence[SamplingRow],
                        k: int | None) -> torch.Tensor:
@@ -138,7 +156,8 @@ class Sampler:
         for k, local in by_k.items():    # one topk per k: its ties depend on k only
             vals, ids = self._take(logp, local, "b").topk(k, dim=-1)
             for j, row_ids, row_vals in zip(local, ids.tolist(), vals.tolist()):
-                out[need[j]].update(zip(row_ids, row_vals))
+                # A token the grammar or a bias of -inf rules out is no alternative: left out.
+                out[need[j]].update((t, v) for t, v in zip(row_ids, row_vals) if v != float("-inf"))
         return out
 
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
