@@ -2,8 +2,9 @@
 
 ``fastinfer serve [MODEL]`` serves one model; ``--model chat@v1=SOURCE`` (repeatable, without
 MODEL) serves named versions, ``--traffic chat@v2=10`` splits a name's traffic. On SIGTERM or
-Ctrl-C it answers 503 to new requests, lets the ones in flight finish for up to
-``--shutdown-timeout`` seconds, aborts the rest and exits.
+Ctrl-C it keeps accepting connections but answers 503 (with ``Retry-After``) to new requests,
+lets the ones in flight finish for up to ``--shutdown-timeout`` seconds, aborts the rest and
+exits; a second signal exits at once.
 """
 from __future__ import annotations
 
@@ -34,12 +35,18 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--api-key", action="append", default=None, help="an accepted key, without limits (repeatable)")
     p.add_argument("--api-keys-file", default=None, help="JSON keys file with limits (see `fastinfer keys add`)")
     p.add_argument("--admin-key", default=None, help="enables the /admin API for this key")
+    p.add_argument("--metrics-key", default=None, help="/metrics then needs this key (or the admin key)")
+    p.add_argument("--enable-docs", action="store_true", help="serve /docs (an offline page of the routes)")
     p.add_argument("--audit-log", default="-", help="audit log file, '-' for stderr, 'none' to turn it off")
     p.add_argument("--log-prompts", action="store_true", help="write prompt texts in the audit log")
     p.add_argument("--max-queued-requests", type=int_arg(lo=1), default=None)
     p.add_argument("--max-queued-tokens", type=int_arg(lo=1), default=None)
     p.add_argument("--max-body-bytes", type=int_arg(lo=1), default=1 << 20)
     p.add_argument("--shutdown-timeout", type=_seconds, default=30.0, help="seconds in-flight requests get at exit")
+    p.add_argument("--header-timeout", type=_positive_seconds, default=10.0,
+                   help="seconds a connection has to send a request's head (else it is closed)")
+    p.add_argument("--body-timeout", type=_positive_seconds, default=30.0,
+                   help="seconds a request has to send its body (else 408)")
     p.add_argument("--memory-budget", default=None, help="bytes all versions may hold together, e.g. 8GiB")
     p.add_argument("--canary-window", type=float, default=60.0, help="seconds of results compared")
     p.add_argument("--canary-min-requests", type=int_arg(lo=1), default=20)
@@ -68,6 +75,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected seconds (a finite number >= 0), got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a finite number > 0), got {text!r}")
     return value
 
 
@@ -121,7 +135,8 @@ def build_state(args: argparse.Namespace):
     audit_target = {"-": sys.stderr, "none": None}.get(args.audit_log, args.audit_log)
     return ServerState(registry=registry, keys=keys, audit=AuditLog(audit_target, log_prompts=args.log_prompts),
                        admin_key=args.admin_key, max_body_bytes=args.max_body_bytes,
-                       shutdown_timeout=args.shutdown_timeout)
+                       shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout,
+                       body_timeout=args.body_timeout, metrics_key=args.metrics_key, enable_docs=args.enable_docs)
 
 
 async def load_models(state, specs, traffic: list[str] | None) -> None:
@@ -146,7 +161,7 @@ async def load_models(state, specs, traffic: list[str] | None) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the serve extra)
     except ImportError as exc:
         from fastinfer.errors import ConfigError
 
@@ -154,19 +169,11 @@ def run_serve(args: argparse.Namespace) -> int:
                           "serve") from exc
 
     from fastinfer.server.app import build_app
+    from fastinfer.server.serving import build_server
 
     specs = model_specs(args)
     state = build_state(args)
-    app = build_app(state)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            state.draining = True  # new requests get 503 while the ones in flight finish
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)), access_log=False)
-    server = Server(config)
+    server = build_server(build_app(state), host=args.host, port=args.port)
 
     async def main() -> None:
         await load_models(state, specs, args.traffic)
@@ -177,9 +184,9 @@ def run_serve(args: argparse.Namespace) -> int:
     def exit_cleanly(sig, frame) -> None:
         raise SystemExit(0)
 
-    # uvicorn puts back the SIGTERM handler it found and raises the signal again once its graceful
-    # shutdown is over; the default handler would then kill the process (status -SIGTERM) although
-    # every request ended. Before serving starts, SIGTERM exits at once.
+    # After a second signal uvicorn puts back the SIGTERM handler it found and raises the signal
+    # again once its shutdown is over; the default handler would then kill the process (status
+    # -SIGTERM) although every request ended. Before serving starts, SIGTERM exits at once.
     previous = signal.signal(signal.SIGTERM, exit_cleanly)
     try:
         asyncio.run(main())

@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastinfer.server.audit import record_quietly
+from fastinfer.server.problems import describe
 
 # status -> OpenAI error type
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           409: "conflict_error", 500: "internal_server_error", 503: "service_unavailable",
           507: "insufficient_storage"}
 
@@ -49,7 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
         if not getattr(exc, "audited", False):
-            _audit_refusal(request, exc.status, exc.code or "refused")
+            audit_refusal(request, exc.status, exc.code or "refused")
         return exc.response()
 
     @app.exception_handler(Exception)
@@ -58,15 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        _audit_refusal(request, 400, "invalid_request")
-        return JSONResponse(error_body(400, f"{param + ': ' if param else ''}{message}{more}", param=param),
-                            status_code=400)
+        message, param = describe(exc.errors())
+        audit_refusal(request, 400, "invalid_request")
+        return JSONResponse(error_body(400, message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -74,12 +69,14 @@ def install_error_handlers(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))
 
 
-def _audit_refusal(request: Request, status: int, reason: str) -> None:
+def audit_refusal(request: Request, status: int, reason: str) -> None:
     """One audit line for an API request refused before it was handled (bad key, draining,
-    invalid body): failed authentication is what an audit log is most for."""
+    invalid body), with the caller's key id once the key was checked: failed authentication is
+    what an audit log is most for."""
     # A ServerState, left unannotated: state.py imports the registry, which imports this module.
     state = request.app.state.server
+    policy = request.scope.get("state", {}).get("policy")
     if request.url.path.startswith("/v1/"):
-        record_quietly(state.audit, request_id=None, endpoint=request.url.path, key_id=None, model=None,
-                       version=None, prompt_tokens=0, output_tokens=0, ttft=None, latency=None,
-                       finish_reason=reason, status=status)
+        record_quietly(state.audit, request_id=None, endpoint=request.url.path,
+                       key_id=policy.id if policy is not None else None, model=None, version=None,
+                       prompt_tokens=0, output_tokens=0, ttft=None, latency=None, finish_reason=reason, status=status)

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 
 from fastapi import Request
 
+from fastinfer import __version__
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.errors import EngineDeadError, EngineOverloadedError, EngineShutdownError, InvalidArgumentError
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.server.audit import record_quietly
 from fastinfer.server.errors import APIError
-from fastinfer.server.keys import KeyPolicy, QuotaExceeded
+from fastinfer.server.keys import KeyPolicy, QuotaExceeded, scope_of
 from fastinfer.server.state import ServerState
 
 _COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _INLINE_PROMPT_CHARS = 8192  # longer prompts are tokenized in a worker thread
+_ABANDON_WAIT_S = 5.0  # how long a left request's aborted outputs are awaited, to count its tokens
 
 
 class Job:
@@ -46,8 +49,9 @@ class Job:
         self._generated: dict[int, int] = {}  # tokens per engine request
         self._observed: set[int] = set()  # engine requests whose final output reached the metrics
         self._engine_dead = False
-        self._charge_estimate = False  # the client left a whole-response request: bill the estimate
+        self._charge_estimate = False  # a left request whose tokens are unknown: bill the estimate
         self._prompt_lens: list[int] = []
+        self.prompt_ids: list[list[int]] = []
         self._ended = False
         self._holds_slot = False  # counted in the version's in_flight
 
@@ -55,6 +59,11 @@ class Job:
     def model_name(self) -> str:
         """``name@version`` of the version serving the request (once routed)."""
         return f"{self.mv.name}@{self.mv.version}"
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: the server's and the serving version's."""
+        return f"fastinfer-{__version__}-{self.mv.version}"
 
     # -- setup ------------------------------------------------------------------
     async def submit(self) -> None:
@@ -68,7 +77,7 @@ class Job:
             raise
 
     async def _submit(self) -> None:
-        self.mv = mv = self.state.registry.route(self.body.model)
+        self.mv = mv = self.state.registry.route(self.body.model, scope_of(self.policy))
         if self.policy is not None and not self.policy.allows(mv.name):
             raise APIError(403, f"this API key may not use model {mv.name!r}", param="model", code="model_not_allowed")
         engine = mv.engine
@@ -77,6 +86,7 @@ class Job:
         # A long prompt's tokenization (or chat template) would stall every stream of this loop.
         prompts = (await asyncio.to_thread(self._prompt_ids, engine) if self._prompt_chars() > _INLINE_PROMPT_CHARS
                    else self._prompt_ids(engine))
+        self.prompt_ids = prompts
         self.prompt_tokens = sum(len(p) for p in prompts)
         self._prompt_lens = [len(p) for p in prompts]
         params = self._params(engine, prompts)
@@ -140,15 +150,8 @@ class Job:
 
     def _params(self, engine, prompts: list[list[int]]) -> SamplingParams:
         body = self.body
-        max_tokens = body.max_tokens
-        if self.chat:
-            max_tokens = body.max_completion_tokens or max_tokens
-            top = (body.top_logprobs or 0) if body.logprobs else None
-        else:
-            top = body.logprobs
-        if max_tokens is None:  # chat: the rest of the context (vLLM's default); completions: 16
-            room = engine.max_model_len - max(len(p) for p in prompts)
-            max_tokens = max(1, room) if self.chat else _COMPLETION_DEFAULT_MAX_TOKENS
+        top = ((body.top_logprobs or 0) if body.logprobs else None) if self.chat else body.logprobs
+        max_tokens = self._max_tokens(engine.max_model_len, prompts)
         self.user_logprobs = top
         # A version under canary watch reports its sampled tokens' log-probabilities.
         watched = top is None and self.state.registry.monitored(self.mv)
@@ -161,6 +164,42 @@ class Job:
                                   output_kind="delta" if body.stream else "final_only")
         except InvalidArgumentError as exc:
             raise APIError(400, str(exc), param=exc.argument) from exc
+
+    def _max_tokens(self, max_model_len: int, prompts: list[list[int]]) -> int:
+        """The tokens each sample may generate: as asked (400 when a prompt and they exceed
+        the context), else what fits both the context and the key's per-minute token allowance
+        (capped at 16 for completions, OpenAI's default)."""
+        param = "max_completion_tokens" if self.chat and self.body.max_completion_tokens else "max_tokens"
+        asked = getattr(self.body, param)
+        if asked is not None:
+            self._check_context(max_model_len, prompts, asked, param)
+            return asked
+        room = max_model_len - max(len(p) for p in prompts)  # <= 0: the engine refuses the prompt
+        default = room if self.chat else min(room, _COMPLETION_DEFAULT_MAX_TOKENS)
+        return max(1, min(default, self._quota_room(len(prompts))))
+
+    def _check_context(self, max_model_len: int, prompts: list[list[int]], asked: int, param: str) -> None:
+        """400 (vLLM's message) when a prompt plus ``asked`` tokens exceeds the context; a
+        prompt that alone fills it is left to the engine's refusal."""
+        over = next((len(p) for p in prompts if len(p) < max_model_len < len(p) + asked), None)
+        if over is None:
+            return
+        where = "messages" if self.chat else "prompt"
+        raise APIError(400, f"This model's maximum context length (max_model_len) is {max_model_len} tokens. "
+                       f"However, you requested {over + asked} tokens ({over} in the {where}, {asked} in the "
+                       f"completion). Please reduce the length of the {where} or the completion ({param}).",
+                       param=param, code="context_length_exceeded")
+
+    def _quota_room(self, prompt_count: int) -> int:
+        """The most tokens each sample may generate within the key's tokens_per_minute: what
+        is left of it now, or (nothing left: the request then waits with a 429) its size."""
+        tpm = self.policy.tokens_per_minute if self.policy is not None else None
+        if tpm is None:
+            return sys.maxsize
+        samples = self.body.n * prompt_count
+        left = tpm - self.state.quotas.usage(self.policy.id).tokens_in_window
+        now = (left - self.prompt_tokens) // samples
+        return now if now >= 1 else (tpm - self.prompt_tokens) // samples
 
     # -- outputs ------------------------------------------------------------------
     def observe(self, index: int, out: RequestOutput, gap: float | None, streaming: bool = False) -> None:
@@ -210,11 +249,22 @@ class Job:
                 s.finished = True
                 self.mv.engine.abort_nowait(s.request_id)
 
-    def abandon(self) -> None:
-        """Ends a whole-response request whose client left: status 499, billed at the estimate
-        (what it generated is unknown here)."""
+    async def abandon(self, finals: asyncio.Future) -> None:
+        """Ends a whole-response request whose client left: its engine requests are aborted and
+        their final outputs (``finals``: the list of them) awaited a few seconds, so that the
+        audit line, the metrics and the quota count the tokens generated; status 499. Without
+        them in time, it is billed at its estimate."""
         self.status = 499
-        self._charge_estimate = True
+        for s in self.streams:
+            if not s.finished:  # the stream stays readable: its final output is the one awaited
+                self.mv.engine.abort_nowait(s.request_id)
+        done, _ = await asyncio.wait({finals}, timeout=_ABANDON_WAIT_S)
+        if finals in done and finals.exception() is None:
+            for i, out in enumerate(finals.result()):
+                self.observe(i, out, None, streaming=False)
+        else:
+            finals.cancel()
+            self._charge_estimate = True
         self.end(None)
 
     def dropped(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -267,6 +317,11 @@ class Job:
             model=mv.name if mv is not None else self.body.model, version=mv.version if mv is not None else None,
             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens, ttft=self.ttft, latency=latency,
             finish_reason=reason, status=self.status, prompt=self._prompt_text())
+
+    def prompt_text_of(self, index: int) -> str:
+        """The text of prompt ``index`` (token ids decoded), as ``echo`` repeats it."""
+        prompt = self.body.prompts()[index]
+        return prompt if isinstance(prompt, str) else self.mv.engine.get_tokenizer().decode(prompt)
 
     def _prompt_text(self) -> str | None:
         if self.chat:

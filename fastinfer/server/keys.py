@@ -76,6 +76,12 @@ class KeyPolicy:
         return entry
 
 
+def scope_of(policy: KeyPolicy | None) -> Callable[[str], bool] | None:
+    """The models a caller may see and use, as a predicate over names (None: every model, for a
+    server without keys)."""
+    return None if policy is None else policy.allows
+
+
 def _check_limit(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{name} must be a positive int or null (unlimited), got {short_repr(value)}", name)

@@ -1,20 +1,70 @@
-"""The OpenAI request bodies the server accepts (pydantic): unknown fields and out-of-range
-values are refused with 400 before anything reaches an engine. Ranges follow OpenAI's API
-(and fastinfer's ``SamplingParams`` limits)."""
+"""The OpenAI request bodies the server accepts (pydantic): unknown fields, wrong JSON types and
+out-of-range values are refused with 400 before anything reaches an engine. Ranges follow
+OpenAI's API (and fastinfer's ``SamplingParams`` limits).
+
+Every field is strict: a number sent as a string is refused, as is a boolean for a number (an
+integer is a valid float, as in JSON). A field of several shapes (``prompt``, ``stop``, a
+message's ``content``) is validated against the one shape that matches the input's JSON type, so
+that an error names that shape's rule, not every shape's; the shapes' tags (``BRANCH_TAGS``)
+are left out of an error's location."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, Tag,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from fastinfer.sampling.params import MAX_LOGPROBS, MAX_N
+
+BRANCH_TAGS = frozenset({"a string", "an array", "token ids", "strings", "token-id arrays"})
+
+
+def _float(**bounds: float) -> Any:
+    """A strict, finite JSON number within ``bounds`` (``ge``, ``gt``, ``le``)."""
+    return Annotated[StrictFloat, Field(allow_inf_nan=False, **bounds)]
+
+
+def _json_type(value: Any) -> str | None:
+    """The union branch of a string-or-array field for ``value`` (None: neither)."""
+    return "a string" if isinstance(value, str) else "an array" if isinstance(value, list) else None
+
+
+def _string_or_array(text: Any, array: Any, rule: str) -> Any:
+    """A field that is a string or an array, validated by the shape of the input's JSON type;
+    any other type is refused with ``rule``."""
+    return Annotated[Union[Annotated[text, Tag("a string")], Annotated[array, Tag("an array")]],
+                     Discriminator(_json_type, custom_error_type="wrong_type", custom_error_message=rule)]
+
+
+def _combination(param: str, message: str) -> PydanticCustomError:
+    """A refused combination of fields, reported on ``param``."""
+    return PydanticCustomError("invalid_combination", message, {"param": param})
+
 
 # OpenAI's seed is any int64; temperature in [0, 2]; stops: up to 4 strings.
 _Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 # Stop strings are matched on every step, so each is capped (as are their number).
 _StopStr = Annotated[StrictStr, Field(max_length=256)]
-_Stop = _StopStr | Annotated[list[_StopStr], Field(max_length=4)] | None
-_TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+_Stop = _string_or_array(_StopStr, Annotated[list[_StopStr], Field(max_length=4)],
+                         "must be a string or an array of up to 4 strings") | None
+# Token ids are checked against the model's vocabulary (>= 0 and < its size) once it is routed.
+_TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+def _prompt_array_shape(value: list) -> str:
+    """Which array shape a prompt array is, by its first item (token ids when empty)."""
+    first = value[0] if value else None
+    return "strings" if isinstance(first, str) else "token-id arrays" if isinstance(first, list) else "token ids"
+
+
+_PromptArray = Annotated[
+    Union[Annotated[_TokenIds, Tag("token ids")],
+          Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1, max_length=64), Tag("strings")],
+          Annotated[list[_TokenIds], Field(min_length=1, max_length=64), Tag("token-id arrays")]],
+    Discriminator(_prompt_array_shape)]
+_Prompt = _string_or_array(Annotated[StrictStr, Field(min_length=1)], _PromptArray,
+                           "must be a string, an array of token ids, or an array of strings or of token-id arrays")
 # vLLM's request priority: lower is served first; the range is Engine.add_request's.
 _Priority = Annotated[StrictInt, Field(ge=-(2**62), le=2**62)]
 
@@ -32,39 +82,38 @@ class _Sampling(BaseModel):
     model: StrictStr = Field(min_length=1, max_length=256)
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    temperature: _float(ge=0, le=2) = 1.0
+    top_p: _float(gt=0, le=1) = 1.0
     stop: _Stop = None
     seed: _Seed | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] = 0.0
+    presence_penalty: _float(ge=-2, le=2) = 0.0
+    frequency_penalty: _float(ge=-2, le=2) = 0.0
     user: StrictStr | None = Field(default=None, max_length=256)
     # vLLM's extensions, which OpenAI clients send through extra_body.
     top_k: Annotated[StrictInt, Field(ge=-1)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1.0
+    min_p: _float(ge=0, le=1) = 0.0
+    repetition_penalty: _float(gt=0, le=10) = 1.0
     ignore_eos: StrictBool = False
     priority: _Priority = 0
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise _combination("stream_options", "stream_options is only allowed when stream is true")
         return self
 
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``. ``prompt``: a string, a list of token ids, or a list of either
     (a batch: choice ``i * n + j`` is sample ``j`` of prompt ``i``). ``logprobs``: the top
-    alternatives per token (0 gives only the sampled token's)."""
+    alternatives per token (0 gives only the sampled token's). ``echo``: each choice's text
+    starts with its prompt's."""
 
-    prompt: (Annotated[StrictStr, Field(min_length=1)] | _TokenIds
-             | Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1, max_length=64)]
-             | Annotated[list[_TokenIds], Field(min_length=1, max_length=64)])
+    prompt: _Prompt
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: Literal[False] = False
+    echo: StrictBool = False
     suffix: None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -83,11 +132,13 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | Annotated[list[ContentPart], Field(min_length=1)]
+    content: _string_or_array(StrictStr, Annotated[list[ContentPart], Field(min_length=1)],
+                              "must be a string or an array of content parts")
     name: StrictStr | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The message's text; content parts are joined with a newline, as vLLM does."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -103,7 +154,7 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
+            raise _combination("top_logprobs", "top_logprobs needs logprobs=true")
         return self
 
 
@@ -119,7 +170,7 @@ class LoadBody(VersionBody):
 
 class TrafficBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weights: dict[StrictStr, Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]] = Field(min_length=1)
+    weights: dict[StrictStr, _float(ge=0, le=100)] = Field(min_length=1)
 
 
 class RollbackBody(BaseModel):

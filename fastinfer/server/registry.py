@@ -419,10 +419,10 @@ class ModelRegistry:
 
     # ---- routing
 
-    def route(self, model_field: str) -> ModelVersion:
+    def route(self, model_field: str, allowed: Callable[[str], bool] | None = None) -> ModelVersion:
         """The version a request for ``model_field`` runs on: ``"name"`` draws among the
-        versions with traffic by weight; ``"name@version"`` pins one. APIError 404
-        ``model_not_found`` (naming the served models) otherwise."""
+        versions with traffic by weight; ``"name@version"`` pins one. ``not_found`` otherwise
+        (naming the served models that ``allowed`` accepts: a caller sees only its own)."""
         name, at, version = model_field.partition("@")
         model = self._models.get(name)
         if model is not None and at:
@@ -434,7 +434,13 @@ class ModelRegistry:
             if candidates:
                 weights = [model.weights[v] for v in candidates]
                 return model.versions[self.rng.choices(candidates, weights)[0]]
-        raise _not_found(f"model {model_field!r} not found; available: {', '.join(self.served_names()) or 'none'}")
+        raise self.not_found(model_field, allowed)
+
+    def not_found(self, model_field: str, allowed: Callable[[str], bool] | None = None) -> APIError:
+        """APIError 404 ``model_not_found`` for ``model_field``, naming the served models that
+        ``allowed`` accepts (every one when it is None)."""
+        return _not_found(f"model {model_field!r} not found; available: "
+                          f"{', '.join(self.served_names(allowed)) or 'none'}")
 
     # ---- traffic, promotion, rollback
 
@@ -531,14 +537,15 @@ class ModelRegistry:
                 "stable": model is not None and model.stable == mv.version,
                 "in_flight": mv.in_flight, "memory_bytes": mv.memory_bytes()}
 
-    def served_names(self) -> list[str]:
-        """What ``/v1/models`` lists: every model name and every ``name@version`` that routes."""
+    def served_names(self, allowed: Callable[[str], bool] | None = None) -> list[str]:
+        """What ``/v1/models`` lists: every model name and every ``name@version`` that routes
+        (only the names ``allowed`` accepts, when given)."""
         names: list[str] = []
         for name in sorted(self._models):
             names.append(name)
             versions = self._models[name].versions
             names += [versions[v].key for v in sorted(versions) if versions[v].state == "ready"]
-        return names
+        return names if allowed is None else [n for n in names if allowed(n)]
 
     def versions(self) -> list[ModelVersion]:
         """Every loaded version (for scraping their engines' stats)."""

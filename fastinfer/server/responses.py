@@ -5,7 +5,6 @@ leaves first."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -18,21 +17,28 @@ from fastinfer.server.job import Job
 
 class Shaper:
     """The OpenAI bodies of one request. Streaming, it remembers which choices have sent their
-    finish and, for completions' log-probabilities, where each choice's text stands."""
+    finish and, for completions, which have echoed their prompt and where each one's text
+    stands (for log-probabilities' ``text_offset``)."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self._done: set[int] = set()  # streamed choices whose finish was sent
+        self._echoed: set[int] = set()  # completions' choices whose prompt was echoed
         self._text_offset: dict[int, int] = {}  # streamed completions: logprobs' text_offset so far
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         """One stream chunk carrying ``choices`` (and ``usage``, when given)."""
-        job = self.job
-        chunk = {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
-                 "created": job.created, "model": job.model_name, "choices": choices}
+        chunk = self.head("chat.completion.chunk" if self.job.chat else "text_completion")
+        chunk["choices"] = choices
         if usage is not None:
             chunk["usage"] = usage
         return chunk
+
+    def head(self, kind: str) -> dict:
+        """The fields every response and chunk of the request starts with."""
+        job = self.job
+        return {"id": job.id, "object": kind, "created": job.created, "model": job.model_name,
+                "system_fingerprint": job.fingerprint}
 
     def choice(self, index: int, c, full: bool) -> dict | None:
         """One choice of a response (``full``) or of a stream chunk (a delta); None for a
@@ -43,39 +49,52 @@ class Shaper:
             if c.finish_reason is not None:
                 self._done.add(index)
         reason = _openai_reason(c.finish_reason)
-        logprobs = self._logprobs(c, index) if self.job.user_logprobs is not None and c.logprobs is not None else None
+        wants_logprobs = self.job.user_logprobs is not None and c.logprobs is not None
         if self.job.chat:
+            logprobs = self._chat_logprobs(c) if wants_logprobs else None
             key = "message" if full else "delta"
             content = {"role": "assistant", "content": c.text} if full else ({"content": c.text} if c.text else {})
             return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": reason}
+        echo = self._echo(index)
+        text = (self.job.prompt_text_of(index // self.job.body.n) if echo else "") + c.text
+        logprobs = self._completion_logprobs(c, index, echo) if wants_logprobs else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-    def _logprobs(self, c, index: int) -> dict:
-        tok = self.job.mv.engine.get_tokenizer()
+    def _echo(self, index: int) -> list[int]:
+        """The prompt ids a completion's choice echoes before its text: with ``echo``, in its
+        first chunk only; else none."""
+        job = self.job
+        if not job.body.echo or index in self._echoed:
+            return []
+        self._echoed.add(index)
+        return job.prompt_ids[index // job.body.n]
 
-        def piece(t: int) -> str:
-            return tok.decode([t], skip_special_tokens=False)
+    def _piece(self, token_id: int) -> str:
+        return self.job.mv.engine.get_tokenizer().decode([token_id], skip_special_tokens=False)
 
-        k = self.job.user_logprobs
-        if self.job.chat:
-            content = []
-            for tid, lp in zip(c.token_ids, c.logprobs):
-                top = sorted(lp.items(), key=lambda kv: -kv[1])[:k]
-                s = piece(tid)
-                content.append({"token": s, "logprob": lp[tid], "bytes": list(s.encode()),
-                                "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())}
-                                                 for t, v in top]})
-            return {"content": content}
+    def _chat_logprobs(self, c) -> dict:
+        k, content = self.job.user_logprobs, []
+        for tid, lp in zip(c.token_ids, c.logprobs):
+            s = self._piece(tid)
+            content.append({"token": s, "logprob": lp[tid], "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": self._piece(t), "logprob": v,
+                                              "bytes": list(self._piece(t).encode())} for t, v in _top(lp, k)]})
+        return {"content": content}
+
+    def _completion_logprobs(self, c, index: int, echo: list[int]) -> dict:
+        """OpenAI's completion log-probabilities. Echoed prompt tokens come first with null
+        log-probabilities (the engine does not score the prompt)."""
+        k = max(self.job.user_logprobs, 1)
+        pairs = [(t, None) for t in echo] + list(zip(c.token_ids, c.logprobs))
         tokens, offsets, pos = [], [], self._text_offset.get(index, 0)  # streamed: where the choice's text is
-        for tid in c.token_ids:
-            s = piece(tid)
-            tokens.append(s)
+        for tid, _ in pairs:
+            tokens.append(self._piece(tid))
             offsets.append(pos)
-            pos += len(s)
+            pos += len(tokens[-1])
         self._text_offset[index] = pos
-        return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(c.token_ids, c.logprobs)],
-                "top_logprobs": [{piece(t): v for t, v in sorted(lp.items(), key=lambda kv: -kv[1])[:max(k, 1)]}
-                                 for lp in c.logprobs],
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else lp[t] for t, lp in pairs],
+                "top_logprobs": [None if lp is None else {self._piece(t): v for t, v in _top(lp, k)}
+                                 for _, lp in pairs],
                 "text_offset": offsets}
 
     def usage(self) -> dict:
@@ -85,6 +104,11 @@ class Shaper:
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.output_tokens,
                 "total_tokens": job.prompt_tokens + job.output_tokens,
                 "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+
+
+def _top(logprobs: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely (token id, log-probability) pairs, best first."""
+    return sorted(logprobs.items(), key=lambda kv: -kv[1])[:k]
 
 
 def _openai_reason(reason: str | None) -> str | None:
@@ -106,10 +130,7 @@ async def collect(job: Job) -> Response:
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
-            job.abandon()
+            await job.abandon(work)
             return Response(status_code=499)
         outs = work.result()
     except EngineDeadError as exc:
@@ -145,9 +166,8 @@ def _whole_response(job: Job, outs: list[RequestOutput]) -> Response:
         job.end(exc)
         raise
     job.end(None)
-    return JSONResponse({"id": job.id, "object": "chat.completion" if job.chat else "text_completion",
-                         "created": job.created, "model": job.model_name, "choices": choices,
-                         "usage": shaper.usage()})
+    body = shaper.head("chat.completion" if job.chat else "text_completion")
+    return JSONResponse(body | {"choices": choices, "usage": shaper.usage()})
 
 
 async def _finals(streams) -> list[RequestOutput]:

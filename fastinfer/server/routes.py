@@ -1,16 +1,17 @@
-"""The HTTP routes over a ``ServerState``: ``/health`` and ``/metrics``, the OpenAI endpoints
-under ``/v1`` (behind the API-key and draining gate) and the admin API under ``/admin`` (behind
-the admin key) that loads, promotes, weighs, rolls back and unloads model versions."""
+"""The HTTP routes over a ``ServerState``: ``/health`` and ``/metrics`` (behind the metrics key
+when it has one), the OpenAI endpoints under ``/v1`` (behind ``ApiGate``: the API key and the
+draining check) and the admin API under ``/admin`` (behind the admin key) that loads, promotes,
+weighs, rolls back and unloads model versions."""
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from fastinfer.errors import InvalidArgumentError, ModelLoadError
-from fastinfer.server.auth import authenticate, check_admin
+from fastinfer.server.auth import caller, check_admin, check_metrics
 from fastinfer.server.errors import APIError
 from fastinfer.server.job import Job
-from fastinfer.server.keys import KeyPolicy
+from fastinfer.server.keys import KeyPolicy, scope_of
 from fastinfer.server.protocol import (ChatCompletionRequest, CompletionRequest, LoadBody, RollbackBody,
                                        TrafficBody, VersionBody)
 from fastinfer.server.responses import collect
@@ -25,12 +26,6 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_api_routes(app: FastAPI, state: ServerState) -> None:
-    async def gate(request: Request) -> KeyPolicy | None:
-        policy = authenticate(state, request)
-        if state.draining:
-            raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
-        return policy
-
     @app.get("/health")
     async def health() -> Response:
         if state.draining:
@@ -38,27 +33,37 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        check_metrics(state, request)
         for mv in state.registry.versions():
             state.metrics.engine_stats(mv.name, mv.version, mv.engine.stats())
         data, content_type = state.metrics.render()
         return Response(data, media_type=content_type)
 
     @app.get("/v1/models")
-    async def models(policy: KeyPolicy | None = Depends(gate)) -> dict:
-        names = [n for n in state.registry.served_names() if policy is None or policy.allows(n.split("@")[0])]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "fastinfer"}
-                                           for n in names]}
+    async def models(policy: KeyPolicy | None = Depends(caller)) -> dict:
+        return {"object": "list", "data": [_model_card(n) for n in state.registry.served_names(scope_of(policy))]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, policy: KeyPolicy | None = Depends(caller)) -> dict:
+        if model_id not in state.registry.served_names(scope_of(policy)):
+            raise state.registry.not_found(model_id, scope_of(policy))
+        return _model_card(model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request,
-                          policy: KeyPolicy | None = Depends(gate)) -> Response:
+                          policy: KeyPolicy | None = Depends(caller)) -> Response:
         return await _respond(Job(state, request, policy, body, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               policy: KeyPolicy | None = Depends(gate)) -> Response:
+                               policy: KeyPolicy | None = Depends(caller)) -> Response:
         return await _respond(Job(state, request, policy, body, chat=True))
+
+
+def _model_card(name: str) -> dict:
+    """OpenAI's model object for a served ``name`` or ``name@version``."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "fastinfer"}
 
 
 async def _respond(job: Job) -> Response:

@@ -1,6 +1,7 @@
 """Fixtures of the end-to-end server tests: tiny random Llama models (loaded once per session),
 engines built over them by source name, and ``LiveServer``: ``build_app(state)`` served by
-uvicorn from a daemon thread on 127.0.0.1, reached with the real ``openai`` client and httpx."""
+``build_server`` (uvicorn, as ``fastinfer serve`` runs it) from a daemon thread on 127.0.0.1,
+reached with the real ``openai`` client and httpx."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,6 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-import uvicorn
 
 from fastinfer import SamplingParams
 from fastinfer.engine.async_engine import AsyncEngine
@@ -27,6 +27,7 @@ from fastinfer.server.app import ServerState, build_app
 from fastinfer.server.audit import AuditLog
 from fastinfer.server.keys import KeyPolicy, KeyStore, hash_key
 from fastinfer.server.registry import CanaryMonitor, ModelRegistry
+from fastinfer.server.serving import build_server
 
 from ..conftest import CPU, make_engine, run_to_completion, save_tiny_model
 
@@ -106,7 +107,7 @@ def bank(tiny_path) -> ModelBank:
 class LiveServer:
     """``build_app(state)`` under uvicorn in a daemon thread, on a socket bound to a free
     port of 127.0.0.1. ``loads`` (name, version, source) are loaded in the server's own event
-    loop before it serves (the engines' streams belong to that loop)."""
+    loop before it serves (the engines' streams belong to that loop), ``loop``."""
 
     def __init__(self, state: ServerState, loads: Iterable[tuple[str, str, str]],
                  audit_path: Path | None = None) -> None:
@@ -117,8 +118,8 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
+        self._server = build_server(self.app)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, args=(list(loads),), daemon=True, name="live-server")
         self._thread.start()
@@ -131,6 +132,7 @@ class LiveServer:
 
     def _main(self, loads: list[tuple[str, str, str]]) -> None:
         async def main() -> None:
+            self.loop = asyncio.get_running_loop()
             for name, version, source in loads:
                 await self.state.registry.load(name, version, source)
             await self._server.serve(sockets=[self._sock])
@@ -180,6 +182,7 @@ class ServerSpec:
     monitor: CanaryMonitor | None = None
     max_body_bytes: int = 64 << 10
     shutdown_timeout: float = 5.0
+    options: dict = field(default_factory=dict)  # further ServerState fields (timeouts, metrics key, docs)
 
 
 def start_server(bank: ModelBank, spec: ServerSpec, audit_path: Path | None = None) -> LiveServer:
@@ -187,7 +190,7 @@ def start_server(bank: ModelBank, spec: ServerSpec, audit_path: Path | None = No
     registry = ModelRegistry(bank.factory(spec.backends), monitor=spec.monitor, rng=random.Random(0))
     state = ServerState(registry=registry, keys=KeyStore(spec.policies, plain_keys=spec.plain_keys),
                         audit=AuditLog(audit_path), admin_key=spec.admin_key,
-                        max_body_bytes=spec.max_body_bytes, shutdown_timeout=spec.shutdown_timeout)
+                        max_body_bytes=spec.max_body_bytes, shutdown_timeout=spec.shutdown_timeout, **spec.options)
     return LiveServer(state, spec.loads, audit_path)
 
 

@@ -2,7 +2,8 @@
 10% of the traffic, promote it, roll back to v1), the canary monitor rolling back on its own a
 v2 whose distributions were flattened (lm_head scaled down: the same greedy tokens, a much
 lower log-probability), the admin API's refusals, and a ``fastinfer serve`` process that on
-SIGTERM stops accepting, finishes its in-flight stream and exits 0."""
+SIGTERM answers new requests 503 (still accepting connections), finishes its in-flight stream
+and exits 0."""
 from __future__ import annotations
 
 import asyncio
@@ -230,7 +231,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_in_flight_stream_and_exits_0(tiny_path, tmp_path):
+def test_sigterm_answers_503_finishes_the_in_flight_stream_and_exits_0(tiny_path, tmp_path):
     port, audit = _free_port(), tmp_path / "audit.jsonl"
     cmd = [sys.executable, "-m", "fastinfer.cli.main", "serve", tiny_path, "--served-model-name", "chat",
            "--port", str(port), "--api-key", API_KEY, "--audit-log", str(audit), "--shutdown-timeout", "20",
@@ -257,9 +258,12 @@ def test_sigterm_finishes_the_in_flight_stream_and_exits_0(tiny_path, tmp_path):
                 first = next(line for line in lines if line.startswith("data: "))
                 proc.send_signal(signal.SIGTERM)
                 time.sleep(0.5)
-                with pytest.raises(httpx.TransportError):  # no longer accepting
-                    httpx.get(url + "/health", timeout=2)
+                health = httpx.get(url + "/health", timeout=5)  # still accepting, and saying so
+                refused = httpx.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"},
+                                     headers=headers, timeout=5)
                 rest = [line for line in lines if line.startswith("data: ")]
+        assert (health.status_code, health.json()) == (503, {"status": "draining"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
         assert rest[-1] == "data: [DONE]"
         chunks = [json.loads(line[len("data: "):]) for line in [first, *rest[:-1]]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -268,5 +272,6 @@ def test_sigterm_finishes_the_in_flight_stream_and_exits_0(tiny_path, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    (line,) = read_audit(audit)
+    refusal, line = read_audit(audit)  # the refusal was written while the stream still ran
     assert (line["status"], line["finish_reason"], line["output_tokens"]) == (200, "length", 480)
+    assert (refusal["status"], refusal["finish_reason"], refusal["key_id"]) == (503, "draining", "key-1")
