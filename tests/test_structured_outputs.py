@@ -16,7 +16,7 @@ import torch
 
 from fastinfer.engine.async_engine import AsyncEngine
 from fastinfer.errors import InvalidArgumentError, InvalidRequestError
-from fastinfer.sampling.grammar import GrammarCompileTimeout, TokenMasks, allowed_tokens
+from fastinfer.sampling.grammar import GrammarCompileTimeout, TokenMasks, forbidden_tokens
 from fastinfer.sampling.params import SamplingParams, StructuredOutputsParams
 from tests.conftest import make_engine, run_to_completion
 
@@ -208,15 +208,13 @@ def test_logit_bias_values_are_checked(engine):
 
 
 # ------------------------------------------------------------------ the masks themselves
-def test_allowed_tokens_matches_the_bit_layout():
+def test_forbidden_tokens_match_the_bit_layout():
     rng = np.random.default_rng(0)
-    bitmask = torch.from_numpy(rng.integers(-2**31, 2**31, size=(3, 5), dtype=np.int64).astype(np.int32))
-    got = allowed_tokens(bitmask, 150, torch.device("cpu"))
-    want = torch.tensor([[(int(bitmask[r, i // 32]) >> (i % 32)) & 1 == 1 if i < 160 else False
-                          for i in range(150)] for r in range(3)])
-    assert torch.equal(got, want)
-    wider = allowed_tokens(bitmask, 170, torch.device("cpu"))  # ids past 32 * W: never allowed
-    assert not wider[:, 160:].any() and torch.equal(wider[:, :150], want)
+    words = rng.integers(0, 2**32, size=(3, 5), dtype=np.uint64).astype(np.uint32)
+    want = torch.tensor([[(int(words[r, i // 32]) >> (i % 32)) & 1 == 0 for i in range(150)] for r in range(3)])
+    assert torch.equal(forbidden_tokens(words, 150), want)
+    wider = forbidden_tokens(words, 170)  # ids past 32 * W: never allowed
+    assert wider[:, 160:].all() and torch.equal(wider[:, :150], want)
 
 
 def test_token_masks_apply_to_their_rows_only():

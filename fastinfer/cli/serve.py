@@ -14,9 +14,10 @@ import signal
 import sys
 
 from fastinfer.cli.args import add_kv_cache_args, add_quantization_args, int_arg, kv_cache_options
+from fastinfer.server.tools import PARSERS
 
 _ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
-                   "seed", "block_size", "gpu_memory_utilization")
+                   "seed", "block_size", "gpu_memory_utilization", "grammar_compile_timeout")
 
 
 def add_serve_parser(sub) -> None:
@@ -37,6 +38,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--admin-key", default=None, help="enables the /admin API for this key")
     p.add_argument("--metrics-key", default=None, help="/metrics then needs this key (or the admin key)")
     p.add_argument("--enable-docs", action="store_true", help="serve /docs (an offline page of the routes)")
+    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="how chat replies are read for tool calls (default: from the model's chat template)")
+    p.add_argument("--grammar-compile-timeout", type=_positive_seconds, default=5.0,
+                   help="seconds a structured output's schema or grammar may take to compile (else 400)")
     p.add_argument("--audit-log", default="-", help="audit log file, '-' for stderr, 'none' to turn it off")
     p.add_argument("--log-prompts", action="store_true", help="write prompt texts in the audit log")
     p.add_argument("--max-queued-requests", type=int_arg(lo=1), default=None)
@@ -136,7 +141,8 @@ def build_state(args: argparse.Namespace):
     return ServerState(registry=registry, keys=keys, audit=AuditLog(audit_target, log_prompts=args.log_prompts),
                        admin_key=args.admin_key, max_body_bytes=args.max_body_bytes,
                        shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout,
-                       body_timeout=args.body_timeout, metrics_key=args.metrics_key, enable_docs=args.enable_docs)
+                       body_timeout=args.body_timeout, metrics_key=args.metrics_key, enable_docs=args.enable_docs,
+                       tool_call_parser=args.tool_call_parser)
 
 
 async def load_models(state, specs, traffic: list[str] | None) -> None:

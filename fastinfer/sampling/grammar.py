@@ -97,28 +97,29 @@ class TokenMasks:
         """Sets to -inf, in place, the logits [B, V] of every token row ``rows[i]`` may not
         take. A row whose grammar allows nothing (it ended on an error) may take only EOS."""
         self._done.result()
-        dev = logits.device
-        allowed = allowed_tokens(self.bitmask, logits.shape[1], dev)
-        eos = torch.tensor(self._eos, dtype=torch.long, device=dev)
-        if self._complete:
-            allowed[torch.tensor(self._complete, device=dev).unsqueeze(1), eos] = True
-        allowed[:, eos] |= ~allowed.any(1, keepdim=True)
-        index = torch.tensor(self.rows, dtype=torch.long, device=dev)
+        words = self.bitmask.numpy().view(np.uint32)
+        eos_words = np.array([t >> 5 for t in self._eos], dtype=np.int64)
+        eos_bits = np.array([1 << (t & 31) for t in self._eos], dtype=np.uint32)
+        ending = [j for j in range(len(words)) if j in self._complete or not words[j].any()]
+        for j in ending:
+            np.bitwise_or.at(words[j], eos_words, eos_bits)
+        forbidden = forbidden_tokens(words, logits.shape[1]).to(logits.device, non_blocking=True)
+        index = torch.tensor(self.rows, dtype=torch.long, device=logits.device)
         whole = len(self.rows) == logits.shape[0]
         sub = logits if whole else logits.index_select(0, index)
-        sub.masked_fill_(~allowed, float("-inf"))
+        sub.masked_fill_(forbidden, float("-inf"))
         if not whole:
             logits.index_copy_(0, index, sub)
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-    """A bitmask [R, W] int32 (CPU) -> a bool tensor [R, vocab] on ``device``, True where allowed;
-    ids past ``32 * W`` are not allowed."""
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    allowed = torch.from_numpy(bits).to(device=device, non_blocking=True)
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    return allowed[:, :vocab].bool()
+def forbidden_tokens(words: np.ndarray, vocab: int) -> torch.Tensor:
+    """Bitmask words [R, W] (uint32, a 1 bit allows its token) -> a bool tensor [R, vocab], True
+    where the token is not allowed; ids past ``32 * W`` are never allowed. One unpacking pass:
+    the 0/1 bytes are read as bools in place."""
+    bits = np.unpackbits(np.invert(words).view(np.uint8), axis=1, bitorder="little")
+    if bits.shape[1] < vocab:
+        bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])), constant_values=1)
+    return torch.from_numpy(np.ascontiguousarray(bits[:, :vocab])).view(torch.bool)
 
 
 class StructuredOutputs:

@@ -71,5 +71,8 @@ class ApiGate:
                 raise APIError(503, "the server is shutting down", code="draining", retry_after=DRAINING_RETRY_S)
         except APIError as exc:
             audit_refusal(request, exc.status, exc.code or "refused")
-            return await exc.response()(scope, receive, send)
+            response = exc.response()
+            # The body was never read: the connection cannot carry another request, so it closes.
+            response.headers["connection"] = "close"
+            return await response(scope, receive, send)
         await self.app(scope, receive, send)

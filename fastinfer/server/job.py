@@ -21,6 +21,7 @@ from fastinfer.server.audit import record_quietly
 from fastinfer.server.errors import APIError
 from fastinfer.server.keys import KeyPolicy, QuotaExceeded, scope_of
 from fastinfer.server.state import ServerState
+from fastinfer.server.tools import ToolPlan, detect_parser, named_schema, prompt_messages, required_schema
 
 _COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _INLINE_PROMPT_CHARS = 8192  # longer prompts are tokenized in a worker thread
@@ -46,6 +47,8 @@ class Job:
         self.logprob_sum, self.logprob_count = 0.0, 0
         self.status = 200
         self.user_logprobs: int | None = None
+        self.tools: ToolPlan | None = None  # chat requests with tools: how their replies are read
+        self._structured_param = "structured_outputs"  # the request field that constrains the output
         self._generated: dict[int, int] = {}  # tokens per engine request
         self._observed: set[int] = set()  # engine requests whose final output reached the metrics
         self._engine_dead = False
@@ -129,7 +132,7 @@ class Job:
         if isinstance(error, (EngineShutdownError, EngineDeadError)):
             raise APIError(503, str(error), code="engine_unavailable", retry_after=5) from error
         if isinstance(error, InvalidArgumentError):
-            raise APIError(400, str(error), param=error.argument) from error
+            raise APIError(400, str(error), param=self._param_of(error)) from error
         raise error
 
     def _prompt_chars(self) -> int:
@@ -141,9 +144,8 @@ class Job:
         tok = engine.get_tokenizer()
         try:
             if self.chat:
-                messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                            for m in self.body.messages]
-                return [list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))]
+                messages, extra = prompt_messages(self.body, tok.chat_template)
+                return [list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra))]
             return [tok.encode(p) if isinstance(p, str) else list(p) for p in self.body.prompts()]
         except (InvalidArgumentError, ValueError, TypeError) as exc:
             raise APIError(400, f"cannot build the prompt: {exc}", param="messages" if self.chat else "prompt") from exc
@@ -161,9 +163,37 @@ class Job:
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                   stop=body.stop, seed=body.seed, ignore_eos=body.ignore_eos,
                                   logprobs=0 if watched else top,
-                                  output_kind="delta" if body.stream else "final_only")
+                                  output_kind="delta" if body.stream else "final_only",
+                                  logit_bias=body.logit_bias, structured_outputs=self._structured(engine))
         except InvalidArgumentError as exc:
-            raise APIError(400, str(exc), param=exc.argument) from exc
+            raise APIError(400, str(exc), param=self._param_of(exc)) from exc
+
+    def _structured(self, engine) -> dict | None:
+        """What constrains the output, as ``StructuredOutputsParams`` fields: a tool choice that
+        must call, vLLM's ``structured_outputs``, or ``response_format``. Sets ``self.tools``."""
+        body = self.body
+        mode = body.tool_mode() if self.chat else None
+        if mode is not None:
+            self._structured_param = "tools"
+            parser = self.state.tool_call_parser or detect_parser(engine.get_tokenizer().chat_template)
+            name = body.tool_choice.function.name if mode == "named" else None
+            self.tools = ToolPlan(mode, parser, name)
+            if mode == "named":
+                return {"json": named_schema(next(t.model_dump() for t in body.tools if t.function.name == name))}
+            if mode == "required":
+                return {"json": required_schema([t.model_dump() for t in body.tools], body.parallel_tool_calls)}
+        if body.structured_outputs is not None:
+            return body.structured_outputs.fields()
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        self._structured_param = "response_format"
+        return {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema.json_schema}
+
+    def _param_of(self, exc: InvalidArgumentError) -> str | None:
+        """The request field an engine refusal names (the structured-output spec's source)."""
+        arg = exc.argument
+        return self._structured_param if arg and arg.startswith("structured_outputs") else arg
 
     def _max_tokens(self, max_model_len: int, prompts: list[list[int]]) -> int:
         """The tokens each sample may generate: as asked (400 when a prompt and they exceed

@@ -53,7 +53,8 @@ def _one(error: dict[str, Any]) -> tuple[str | None, str]:
         where = error.get("loc", ())[-1]
         return None, f"the request body is not valid JSON: {ctx.get('error', 'cannot parse it')} at character {where}"
     if kind == "invalid_combination":  # a rule across fields: its message names them
-        return ctx.get("param"), error.get("msg", "")
+        where = [_param(error.get("loc", ())), ctx.get("param")]  # the object's path, then its field
+        return ".".join(p for p in where if p) or None, error.get("msg", "")
     param = _param(error.get("loc", ()))
     rule = _RULES[kind].format(**_plain(ctx)) if kind in _RULES else _rule_of(error.get("msg", "is invalid"))
     subject = param if param is not None else "the request body"

@@ -13,6 +13,7 @@ from fastinfer.engine.outputs import RequestOutput
 from fastinfer.errors import EngineDeadError
 from fastinfer.server.errors import APIError
 from fastinfer.server.job import Job
+from fastinfer.server.tools import ToolStream
 
 
 class Shaper:
@@ -25,6 +26,7 @@ class Shaper:
         self._done: set[int] = set()  # streamed choices whose finish was sent
         self._echoed: set[int] = set()  # completions' choices whose prompt was echoed
         self._text_offset: dict[int, int] = {}  # streamed completions: logprobs' text_offset so far
+        self._tool_streams: dict[int, ToolStream] = {}  # streamed chat choices of a request with tools
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         """One stream chunk carrying ``choices`` (and ``usage``, when given)."""
@@ -52,13 +54,40 @@ class Shaper:
         wants_logprobs = self.job.user_logprobs is not None and c.logprobs is not None
         if self.job.chat:
             logprobs = self._chat_logprobs(c) if wants_logprobs else None
-            key = "message" if full else "delta"
-            content = {"role": "assistant", "content": c.text} if full else ({"content": c.text} if c.text else {})
-            return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
+            message, calls = self._message(c) if full else self._delta(index, c)
+            if calls and reason == "stop":
+                reason = "tool_calls"
+            return {"index": index, "message" if full else "delta": message, "logprobs": logprobs,
+                    "finish_reason": reason}
         echo = self._echo(index)
         text = (self.job.prompt_text_of(index // self.job.body.n) if echo else "") + c.text
         logprobs = self._completion_logprobs(c, index, echo) if wants_logprobs else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _message(self, c) -> tuple[dict, bool]:
+        """A whole chat choice's message, and whether it calls tools."""
+        plan = self.job.tools
+        content, calls = plan.parse(c.text) if plan is not None and c.finish_reason == "stop" else (c.text, [])
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [call.openai() for call in calls]
+        return message, bool(calls)
+
+    def _delta(self, index: int, c) -> tuple[dict, bool]:
+        """A streamed chat choice's delta, and whether it calls tools. With tools, text that is
+        or may become a call is held back; the calls go out whole when the choice ends."""
+        plan = self.job.tools
+        if plan is None:
+            return ({"content": c.text} if c.text else {}), False
+        splitter = self._tool_streams.setdefault(index, plan.stream())
+        text, calls = splitter.feed(c.text), []
+        if c.finish_reason is not None:
+            rest, calls = splitter.finish() if c.finish_reason == "stop" else (splitter.finish_as_text(), [])
+            text += rest
+        delta: dict = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = [call.openai(i) for i, call in enumerate(calls)]
+        return delta, bool(calls)
 
     def _echo(self, index: int) -> list[int]:
         """The prompt ids a completion's choice echoes before its text: with ``echo``, in its

@@ -21,7 +21,9 @@ class ServerState:
     """Everything the app serves with. ``draining``: set by ``drain`` (on SIGTERM); new requests
     get 503. ``header_timeout`` / ``body_timeout``: seconds a client has to send a request's
     head (else the connection is closed) and its body (else 408). ``metrics_key``: when set,
-    ``/metrics`` needs it (or the admin key). ``enable_docs``: serve ``/docs``."""
+    ``/metrics`` needs it (or the admin key). ``enable_docs``: serve ``/docs``. ``tool_call_parser``: how
+    chat replies are read for tool calls (``fastinfer.server.tools.PARSERS``; None: from the
+    model's chat template)."""
 
     registry: ModelRegistry
     keys: KeyStore = field(default_factory=KeyStore)
@@ -35,6 +37,7 @@ class ServerState:
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     metrics_key: str | None = None
     enable_docs: bool = False
+    tool_call_parser: str | None = None  # None: chosen from each model's chat template
     draining: bool = False
 
     def __post_init__(self) -> None:

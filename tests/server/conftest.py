@@ -46,6 +46,7 @@ class Backend:
     max_queued_requests: int | None = None
     max_model_len: int | None = None
     kv_cache_memory: int = 8 << 20
+    grammar_compile_timeout: float = 5.0
 
 
 DEFAULT_BACKENDS = {"v1": Backend(), "v2": Backend(), "v2-flat": Backend(flat=True)}
@@ -78,7 +79,8 @@ class ModelBank:
             if backend is None:
                 raise ModelLoadError(f"model {source!r} is neither a known alias, a .gguf file nor a model folder")
             engine = make_engine(self.loaded(source, backend.flat), kv_cache_memory=backend.kv_cache_memory,
-                                 max_num_seqs=backend.max_num_seqs, max_model_len=backend.max_model_len)
+                                 max_num_seqs=backend.max_num_seqs, max_model_len=backend.max_model_len,
+                                 grammar_compile_timeout=backend.grammar_compile_timeout)
             return AsyncEngine.from_engine(engine, max_queued_requests=backend.max_queued_requests)
 
         return build

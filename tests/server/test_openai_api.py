@@ -258,7 +258,7 @@ def test_key_limited_to_other_models_is_403(api):
     ("completions", {"prompt": [7] * 600}, None),  # longer than max_model_len (512)
     ("completions", {"stream_options": {"include_usage": True}}, None),  # without stream
     ("chat", {"top_logprobs": 2}, None),  # without logprobs
-    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
     ("chat", {"messages": []}, "messages"),
 ], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
 def test_invalid_body_is_400(client, endpoint, change, param):

@@ -231,11 +231,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_answers_503_finishes_the_in_flight_stream_and_exits_0(tiny_path, tmp_path):
+def test_sigterm_answers_503_finishes_the_in_flight_stream_and_exits_0(tmp_path):
     port, audit = _free_port(), tmp_path / "audit.jsonl"
-    cmd = [sys.executable, "-m", "fastinfer.cli.main", "serve", tiny_path, "--served-model-name", "chat",
-           "--port", str(port), "--api-key", API_KEY, "--audit-log", str(audit), "--shutdown-timeout", "20",
-           "--kv-cache-memory", "8MiB", "--device", "cpu", "--dtype", "float32"]
+    # The default model: its 480 tokens take seconds, so the stream is still running at the
+    # SIGTERM (the tiny model's finish in under half a second).
+    cmd = [sys.executable, "-m", "fastinfer.cli.main", "serve", "smollm2-135m", "--served-model-name", "chat",
+           "--port", str(port), "--api-key", API_KEY, "--audit-log", str(audit), "--shutdown-timeout", "30",
+           "--kv-cache-memory", "64MiB", "--max-model-len", "1024", "--device", "cpu", "--dtype", "float32"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {API_KEY}"}

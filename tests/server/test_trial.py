@@ -146,8 +146,8 @@ def test_completion_errors_name_the_field_and_the_rule(api, body, param, message
 @pytest.mark.parametrize("change,param,message", [
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
      "messages.0.content must be a string or an array of content parts, got 5"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role",
-     "messages.0.role must be 'system', 'user', 'assistant' or 'developer', got \"tool\""),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role",
+     "messages.0.role must be 'system', 'user', 'assistant', 'developer' or 'tool', got \"robot\""),
     ({"messages": [{"content": "x"}]}, "messages.0.role", "messages.0.role is required"),
     ({"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs=true"),
 ], ids=["content", "role", "missing", "combination"])

@@ -1,0 +1,87 @@
+"""The tool-call parsers of each model family (Hermes, Llama-3 JSON, Mistral), the choice of
+parser from a template, and the streamed splitter that holds back a call's text."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastinfer.server.tools import ToolPlan, detect_parser, parse_auto, required_schema, template_takes_tools
+
+
+def _calls(calls) -> list[tuple[str, dict]]:
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("parser, text, content, calls", [
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>',
+     "Let me check.", [("f", {"x": 1})]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": '
+     '{"y": "z"}}</tool_call>', None, [("f", {}), ("g", {"y": "z"})]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"x": 1}}', None, [("f", {"x": 1})]),  # EOS before the close
+    ("hermes", "No tools needed: 4.", "No tools needed: 4.", []),
+    ("hermes", "<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+    ("llama3_json", '{"name": "f", "parameters": {"x": 1}}', None, [("f", {"x": 1})]),
+    ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"a": [1]}}',
+     None, [("f", {}), ("g", {"a": [1]})]),
+    ("llama3_json", "The answer is {x}.", "The answer is {x}.", []),
+    ("mistral", '[TOOL_CALLS] [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]', None,
+     [("f", {"x": 1}), ("g", {})]),
+    ("mistral", "[1, 2, 3]", "[1, 2, 3]", []),
+])
+def test_parsers(parser, text, content, calls):
+    got_content, got_calls = parse_auto(text, parser)
+    assert got_content == content and _calls(got_calls) == calls
+    assert all(c.id.startswith("call_") for c in got_calls)
+
+
+@pytest.mark.parametrize("template, parser, takes", [
+    ("{{ '[TOOL_CALLS]' }}{% if tools %}{% endif %}", "mistral", True),
+    ("{% if tools %}<|python_tag|>{% endif %}", "llama3_json", True),
+    ("{% for tool in tools %}<tool_call>{% endfor %}", "hermes", True),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes", False),
+    (None, "hermes", False),
+])
+def test_parser_and_tools_from_the_template(template, parser, takes):
+    assert detect_parser(template) == parser and template_takes_tools(template) == takes
+
+
+def _stream(plan: ToolPlan, pieces: list[str]) -> tuple[str, list]:
+    splitter = plan.stream()
+    text = "".join(splitter.feed(p) for p in pieces)
+    rest, calls = splitter.finish()
+    return text + rest, calls
+
+
+def test_stream_sends_content_and_holds_the_call():
+    plan = ToolPlan("auto", "hermes")
+    splitter = plan.stream()
+    assert splitter.feed("Checking <tool") == "Checking "  # a marker may be starting: held
+    assert splitter.feed("_call>{\"name\": \"f\", ") == ""
+    assert splitter.feed('"arguments": {"x": 1}}</tool_call>') == ""
+    rest, calls = splitter.finish()
+    assert rest == "" and _calls(calls) == [("f", {"x": 1})]
+
+
+@pytest.mark.parametrize("plan, pieces, text, calls", [
+    (ToolPlan("auto", "hermes"), ["Just ", "<b>text</b>", " <tool"], "Just <b>text</b> <tool", []),
+    (ToolPlan("auto", "llama3_json"), ["  ", '{"name": "f", ', '"parameters": {}}'], "", [("f", {})]),
+    (ToolPlan("auto", "llama3_json"), ["Hello ", '{"name": "f"}'], 'Hello {"name": "f"}', []),
+    (ToolPlan("auto", "mistral"), ["[TOOL_CALLS]", ' [{"name": "g", "arguments": {"a": 1}}]'], "", [("g", {"a": 1})]),
+    (ToolPlan("named", name="f"), ['{"x"', ": 2}"], "", [("f", {"x": 2})]),
+    (ToolPlan("required"), ['[{"name": "f", "arguments": {}}', "]"], "", [("f", {})]),
+])
+def test_stream_splits_like_the_whole_parse(plan, pieces, text, calls):
+    got_text, got_calls = _stream(plan, pieces)
+    assert got_text == text and _calls(got_calls) == calls
+    whole_content, whole_calls = plan.parse("".join(pieces))
+    assert _calls(whole_calls) == calls and (whole_content or "") == (text if not calls else "")
+
+
+def test_required_schema_limits_parallel_calls():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "g"}}]
+    schema = required_schema(tools, parallel=False)
+    assert schema["maxItems"] == 1 and schema["minItems"] == 1
+    names = [v["properties"]["name"]["const"] for v in schema["items"]["anyOf"]]
+    assert names == ["f", "g"] and "maxItems" not in required_schema(tools, parallel=True)
