@@ -10,13 +10,14 @@ from fastinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOu
 from fastinfer.errors import (ArgumentTypeError, ConfigError, EngineDeadError, EngineOverloadedError,
                               EngineShutdownError, FastInferError, InvalidArgumentError, InvalidRequestError,
                               ModelLoadError, RequestTooLargeError, RequestTypeError)
-from fastinfer.sampling.params import SamplingParams
+from fastinfer.sampling.grammar import GrammarCompileTimeout
+from fastinfer.sampling.params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "ArgumentTypeError", "AsyncEngine", "CompletionOutput", "ConfigError", "Engine", "EngineConfig",
-    "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "FastInferError",
+    "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "FastInferError", "GrammarCompileTimeout",
     "InvalidArgumentError", "InvalidRequestError", "ModelLoadError", "RequestMetrics", "RequestOutput",
-    "RequestTooLargeError", "RequestTypeError", "SamplingParams", "__version__",
+    "RequestTooLargeError", "RequestTypeError", "SamplingParams", "StructuredOutputsParams", "__version__",
 ]

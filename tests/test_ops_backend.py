@@ -5,6 +5,7 @@ lengths, chunked prefill, decode)."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fastinfer.engine.memory import profile_step
 from fastinfer.errors import ConfigError
 from fastinfer.model.runner import ModelRunner
 from fastinfer.ops import dispatch, reference
+from fastinfer.sampling.sampler import SCRATCH_BYTES_PER_LOGIT
 
 from .conftest import run_to_completion, save_tiny_model
 
@@ -120,10 +122,32 @@ def test_decode_graph_buffers_and_padding_match_eager(tiny_gqa, reference_tokens
     assert sum(fed) >= (NEW_TOKENS - 2 if async_scheduling else 0) and (async_scheduling or not any(fed))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no GPU)")
+def test_structured_outputs_mask_outside_the_decode_graph(tiny_gqa, monkeypatch):
+    """Decode steps replayed from (emulated) graphs give logits; the grammar's mask is applied
+    to them outside the graph: the constrained tokens equal the eager engine's and match."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    params = SamplingParams(max_tokens=8, temperature=0, structured_outputs={"regex": "[a-c]{2,5}-[0-9]{3}"})
+
+    def constrained(engine):
+        ids = [engine.add_request(p, params) for p in PROMPTS[:2]]
+        finals = run_to_completion(engine)
+        return [finals[i].outputs[0].text for i in ids]
+
+    graphed = new_engine(tiny_gqa, max_num_seqs=2)
+    assert graphed.runner.capture_graphs(2, graphed.max_model_len, emulate=True)
+    replays = []
+    real_run = graphed.runner.graphs.run
+    monkeypatch.setattr(graphed.runner.graphs, "run", lambda hb, feed=None: replays.append(1) or real_run(hb, feed))
+    texts = constrained(graphed)
+    assert replays and texts == constrained(new_engine(tiny_gqa, max_num_seqs=2))
+    assert all(re.fullmatch("[a-c]{2,5}-[0-9]{3}", t) for t in texts), texts
+
+
 def test_profile_step_runs_the_largest_step_over_a_scratch_cache(tiny_gqa, monkeypatch):
     """The GPU memory profile's step, run on the CPU with torch.cuda's memory counters stubbed:
     it builds block tables for the given lengths, runs them with logits, and adds the sampler's
-    three [B, vocab] float32 buffers to the measured peak."""
+    scratch memory per logit to the measured peak."""
     engine = new_engine(tiny_gqa)
     seen = {}
     real_execute = ModelRunner.execute
@@ -139,7 +163,7 @@ def test_profile_step_runs_the_largest_step_over_a_scratch_cache(tiny_gqa, monke
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 1500)
     peak = profile_step(engine.config, engine.loaded, engine.device, engine.kv_dtype, [40, 17, 1])
     vocab = engine.loaded.config.vocab_size
-    assert peak == 500 + 3 * 3 * vocab * 4
+    assert peak == 500 + 3 * vocab * SCRATCH_BYTES_PER_LOGIT
     assert seen["lens"] == [40, 17, 1]
     bs = engine.config.block_size
     assert [len(t) for t in seen["tables"]] == [-(-40 // bs), -(-17 // bs), 1]

@@ -1,7 +1,8 @@
 """``fastinfer bench``: throughput, latency and prefix benchmarks of fastinfer beside PyTorch
 baselines measured in the same run (prefix: with the prefix cache on and off), ``kv-cache``
 (multi-turn, host-tier reload, a long prompt among decodes, the scheduler's step; each with
-the cache on and off), ``serve`` (a request-rate sweep of the server), ``gpu`` (random-weight
+the cache on and off), ``structured`` (JSON-schema requests against free text), ``serve``
+(a request-rate sweep of the server), ``gpu`` (random-weight
 models of real shapes on a GPU, with kernel and bandwidth figures), and ``compare`` for CI
 regression gates."""
 from __future__ import annotations
@@ -86,6 +87,7 @@ def add_bench_parser(sub) -> None:
     pre.add_argument("--no-prefix-cache-baseline", action="store_true",
                      help=f"skip the run with the prefix cache off (system {NO_PREFIX_CACHE!r})")
     _kv_cache_parser(bsub)
+    _structured_parser(bsub)
     _serve_args(bsub.add_parser("serve", help="request-rate sweep: the OpenAI server, the in-process engine "
                                                "and llama-server; TTFT/TPOT percentiles, goodput"))
     _gpu_parser(bsub)
@@ -123,6 +125,21 @@ def _kv_cache_parser(bsub) -> None:
     kv.add_argument("--json", type=output_path_arg, default=None, help="write the result document here")
     kv.add_argument("--markdown", type=output_path_arg, default=None, help="write Markdown tables here")
     kv.add_argument("--quick", action="store_true", help="a small CI-sized run")
+
+
+def _structured_parser(bsub) -> None:
+    st = bsub.add_parser("structured", help="structured outputs: JSON-schema requests against free text of the "
+                         "same lengths, TPOT at batch 1 and 32, and schema compile times")
+    st.add_argument("--model", default="smollm2-135m")
+    st.add_argument("--dtype", default="auto")
+    st.add_argument("--device", default="auto")
+    st.add_argument("--kv-cache-memory", default="1GiB")
+    add_quantization_args(st)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--batch", type=int_list, default=[1, 32], help="batch sizes, comma-separated (default 1,32)")
+    st.add_argument("--repeats", type=int_arg(lo=1), default=3, help="alternating pairs per batch size (default 3)")
+    st.add_argument("--json", type=output_path_arg, default=None, help="write the result document here")
+    st.add_argument("--markdown", type=output_path_arg, default=None, help="write the table here")
 
 
 def int_list(text: str) -> list[int]:
@@ -212,6 +229,10 @@ def run_bench(args: argparse.Namespace) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, quick if args.quick else full)
         return run_kv_cache_bench(args, command_line=_command_line())
+    if args.bench_command == "structured":
+        from fastinfer.bench.structured import run_structured_bench
+
+        return run_structured_bench(args, command_line=_command_line())
     _apply_quick(args)
     if args.bench_command == "serve":
         from fastinfer.bench.serve_driver import run_serve_benchmark

@@ -11,6 +11,7 @@ import torch
 from fastinfer.errors import ConfigError
 from fastinfer.kv_cache.cache import KVCache, bytes_per_block
 from fastinfer.model.runner import ModelRunner, StepInput
+from fastinfer.sampling.sampler import SCRATCH_BYTES_PER_LOGIT
 from fastinfer.validation import format_bytes
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ def profile_activations(config: EngineConfig, loaded: LoadedModel, device: torch
 def profile_step(config: EngineConfig, loaded: LoadedModel, device: torch.device, kv_dtype: torch.dtype,
                  lens: list[int]) -> int:
     """Peak bytes allocated while one step of sequences of ``lens`` tokens (from position 0)
-    runs, its logits are computed, and the sampler's three ``[B, vocab]`` float32 buffers."""
+    runs, its logits are computed, and the sampler's scratch memory (``SCRATCH_BYTES_PER_LOGIT``)."""
     mcfg, bs = loaded.config, config.block_size
     tables, next_block = [], 0
     for length in lens:
@@ -126,7 +127,7 @@ def profile_step(config: EngineConfig, loaded: LoadedModel, device: torch.device
     before = torch.cuda.memory_allocated(device)
     logits = runner.execute(StepInput([[0] * m for m in lens], [0] * len(lens), tables))
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before + 3 * logits.numel() * 4
+    peak = torch.cuda.max_memory_allocated(device) - before + SCRATCH_BYTES_PER_LOGIT * logits.numel()
     del logits, runner, scratch
     torch.cuda.empty_cache()
     return peak

@@ -28,6 +28,9 @@ from fastinfer.sampling.processors import apply_logit_bias_, apply_penalties_, m
 # more, then sort the whole row: most nuclei are small; at V = 49152 topk(64) costs ~60 us a
 # row, topk(4096) ~0.6 ms and a full sort ~3 ms.
 TOP_P_CANDIDATES = (64, 512, 4096)
+SCRATCH_BYTES_PER_LOGIT = 4 * 4 + 1
+"""The sampler's most memory per logit of a step: four float32 ``[B, V]`` scratch buffers
+(constrained, penalised, and two of working space) and a grammar's one-byte mask."""
 
 
 @dataclass(slots=True)
@@ -51,7 +54,7 @@ class SamplerOutput:
 class Sampler:
     """Samples one token per row of a [B, V] logits tensor; see the module docstring.
 
-    Holds reusable [B, V] float32 scratch buffers (three: 144 MiB at B=256, V=49152): fresh
+    Holds reusable [B, V] float32 scratch buffers (up to four: 192 MiB at B=256, V=49152): fresh
     buffers of that size page-fault on every step, which at B=32 costs more than the math.
     So one ``Sampler`` serves one engine loop; it is not safe to call from two threads at once.
     """
