@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastinfer.bench.json_schemas import slow_schema
 from fastinfer.engine.async_engine import AsyncEngine
 from fastinfer.errors import InvalidArgumentError, InvalidRequestError
 from fastinfer.sampling.grammar import GrammarCompileTimeout, TokenMasks, forbidden_tokens
@@ -139,6 +140,8 @@ def test_unconstrained_rows_are_unchanged_beside_constrained_ones(engine):
     ({"json": {"type": "object", "properties": {"a": {"type": "strin"}}}}, "json"),
     ({"regex": "([a-z"}, "regex"),
     ({"grammar": "start: missing_rule"}, "grammar"),
+    ({"grammar": "root ::= missing"}, "grammar"),  # GBNF whose conversion fails
+    ({"grammar": "hello"}, "grammar"),
 ])
 def test_invalid_specs_are_refused_at_submission(engine, spec, match):
     with pytest.raises(InvalidRequestError, match=f"structured_outputs.{match}"):
@@ -153,11 +156,6 @@ def test_bad_structured_outputs_values(spec):
         SamplingParams(structured_outputs=spec)
 
 
-def _slow_schema() -> dict:
-    # A large enum: llguidance builds its lexer for it eagerly (hundreds of ms here).
-    return {"type": "string", "enum": [f"w{i}x{i * 7919 % 100_003}" for i in range(200_000)]}
-
-
 def test_slow_compile_times_out_alone(smollm):
     """A compile past the limit refuses its request; another request, submitted meanwhile, is
     served at once (the compile runs off the engine's thread)."""
@@ -168,7 +166,7 @@ def test_slow_compile_times_out_alone(smollm):
     async def run():
         async def slow():
             with pytest.raises(GrammarCompileTimeout, match="did not compile within 0.05 s"):
-                await async_engine.add_request("x", SamplingParams(structured_outputs={"json": _slow_schema()}))
+                await async_engine.add_request("x", SamplingParams(structured_outputs={"json": slow_schema()}))
             return time.monotonic()
 
         async def fast():
@@ -247,3 +245,16 @@ def test_masks_are_filled_off_the_callers_thread(engine):
     assert [engine.tokenizer.decode([t]) for t in allowed] and all(
         engine.tokenizer.decode([t]).startswith("{") for t in allowed)
     assert torch.isfinite(logits[0]).all()
+
+
+def test_a_grammar_error_aborts_the_sample(engine, monkeypatch):
+    """A token the grammar refuses (only a bug or a resource limit can lead to one: here the
+    masks are switched off) ends the sample as aborted, never as a "stop" whose text would not
+    match; other requests are untouched."""
+    monkeypatch.setattr(engine.structured, "start_masks", lambda matchers: None)
+    bad = engine.add_request("Say something:", SamplingParams(max_tokens=8, temperature=0,
+                                                              structured_outputs={"choice": ["zzzz qqqq"]}))
+    good = engine.add_request("Say something:", SamplingParams(max_tokens=4, temperature=0))
+    finals = run_to_completion(engine)
+    assert finals[bad].outputs[0].finish_reason == "abort" and len(finals[bad].outputs[0].token_ids) == 1
+    assert finals[good].outputs[0].finish_reason == "length"

@@ -339,3 +339,10 @@ SCHEMAS: list[NamedSchema] = [
          "multiple_choice": False, "closes_on": "2025-05-30"},
     ),
 ]
+
+
+def slow_schema(variant: int = 0, size: int = 200_000) -> dict[str, Any]:
+    """A schema that is slow to compile on purpose (hundreds of ms with llguidance, which builds
+    the lexer of a large enum eagerly): ``size`` distinct strings; each ``variant`` is another
+    schema (no compile cache hit). For tests of the compile time limit."""
+    return {"type": "string", "enum": [f"w{variant}x{i}x{i * 7919 % 100_003}" for i in range(size)]}

@@ -4,12 +4,15 @@ stop, and builds the step's ``RequestOutput``s. Speculative decoding will accept
 tokens of a sample in one step by calling :meth:`OutputProcessor.accept` for each in turn."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.engine.request import Request, Sample
 from fastinfer.scheduler.sequence import Sequence
+
+_log = logging.getLogger("fastinfer.engine")
 
 
 class OutputProcessor:
@@ -30,7 +33,12 @@ class OutputProcessor:
         if smp.logprobs is not None:
             smp.logprobs.append(logprobs)
         grammar_ended = smp.grammar is not None and smp.grammar.advance(token)
-        if token in params.stop_token_ids:
+        if grammar_ended and smp.grammar.error is not None:
+            # Its text would not match: ended as aborted (a server answers 503), never "stop".
+            _log.warning("request %s: its grammar failed (%s); the sample is aborted", req.request_id,
+                         smp.grammar.error)
+            self.finish(smp, "abort", None)
+        elif token in params.stop_token_ids:
             self.finish(smp, "stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
             self.finish(smp, "stop", None)

@@ -29,8 +29,8 @@ from fastinfer.sampling.params import StructuredOutputsParams
 # Compiled grammars kept for reuse (least recently used dropped first).
 _CACHE_SIZE = 256
 # Threads that compile grammars: a compile past its time limit keeps its thread until it ends
-# (a native call cannot be interrupted), so a second one keeps serving the others.
-_COMPILE_THREADS = 2
+# (a native call cannot be interrupted), so the others keep serving the other requests.
+_COMPILE_THREADS = 4
 
 
 class GrammarCompileTimeout(InvalidRequestError):
@@ -58,9 +58,9 @@ class GrammarMatcher:
         self.ended = False
 
     def advance(self, token: int) -> bool:
-        """Feeds a sampled token; returns True when the grammar has ended with it (an EOS
-        after complete text, or a grammar that allows nothing more). A token the grammar
-        refuses (only a bug can sample one) also ends it, as an error is never left running."""
+        """Feeds a sampled token; returns True when the grammar has ended with it: an EOS after
+        complete text, a grammar that allows nothing more, or an error (``error`` then says
+        why: a refused token, or a resource limit of llguidance's that left no token allowed)."""
         if token in self.eos_ids and self.matcher.is_accepting():
             self.ended = True
         elif not self.matcher.consume_token(token):
@@ -69,15 +69,10 @@ class GrammarMatcher:
             self.ended = self.matcher.is_stopped()
         return self.ended
 
-    def rollback(self, num_tokens: int) -> None:
-        """Forgets the last ``num_tokens`` tokens fed (rejected speculative tokens)."""
-        self.matcher.rollback(num_tokens)
-        self.ended = False
-
     @property
     def error(self) -> str | None:
-        """Why the matcher stopped on an error (a refused token), or None."""
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        """Why the matcher stopped on an error, or None."""
+        return self.matcher.get_error() or "error" if self.matcher.is_error() else None
 
 
 class TokenMasks:
@@ -103,7 +98,7 @@ class TokenMasks:
         ending = [j for j in range(len(words)) if j in self._complete or not words[j].any()]
         for j in ending:
             np.bitwise_or.at(words[j], eos_words, eos_bits)
-        forbidden = forbidden_tokens(words, logits.shape[1]).to(logits.device, non_blocking=True)
+        forbidden = forbidden_tokens(words, logits.shape[1], logits.device)
         index = torch.tensor(self.rows, dtype=torch.long, device=logits.device)
         whole = len(self.rows) == logits.shape[0]
         sub = logits if whole else logits.index_select(0, index)
@@ -112,10 +107,19 @@ class TokenMasks:
             logits.index_copy_(0, index, sub)
 
 
-def forbidden_tokens(words: np.ndarray, vocab: int) -> torch.Tensor:
-    """Bitmask words [R, W] (uint32, a 1 bit allows its token) -> a bool tensor [R, vocab], True
-    where the token is not allowed; ids past ``32 * W`` are never allowed. One unpacking pass:
-    the 0/1 bytes are read as bools in place."""
+def forbidden_tokens(words: np.ndarray, vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bitmask words [R, W] (uint32, a 1 bit allows its token) -> a bool tensor [R, vocab] on
+    ``device`` (default the CPU), True where the token is not allowed; ids past ``32 * W`` are
+    never allowed. On the CPU one unpacking pass (the 0/1 bytes read as bools in place); on a
+    GPU the packed words go over (32 times fewer bytes) and are unpacked there."""
+    if device is not None and device.type != "cpu":
+        packed = torch.from_numpy(words.view(np.int32)).to(device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(len(words), -1)
+        forbidden = bits == 0
+        if forbidden.shape[1] < vocab:
+            forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[1]), value=True)
+        return forbidden[:, :vocab]
     bits = np.unpackbits(np.invert(words).view(np.uint8), axis=1, bitorder="little")
     if bits.shape[1] < vocab:
         bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])), constant_values=1)
@@ -165,9 +169,18 @@ class StructuredOutputs:
         try:
             return fut.result(timeout=limit)
         except concurrent.futures.TimeoutError:
+            self._give_up(spec.key(), fut)
             raise GrammarCompileTimeout(
                 f"structured_outputs.{spec.kind} did not compile within {limit:g} s "
                 "(grammar_compile_timeout); simplify it", "structured_outputs") from None
+
+    def _give_up(self, key: tuple, fut: concurrent.futures.Future) -> None:
+        """After a timeout: a compile still queued is cancelled and forgotten, so that it holds
+        no thread (one running cannot be stopped; it is cached when it ends)."""
+        if fut.cancel():
+            with self._lock:
+                if self._cache.get(key) is fut:
+                    del self._cache[key]
 
     def compile_now(self, spec: StructuredOutputsParams) -> Grammar:
         """Compiles ``spec`` on the calling thread, past the cache and with no time limit (what
@@ -210,7 +223,7 @@ class StructuredOutputs:
         import llguidance  # noqa: PLC0415
         try:
             text = _grammar_text(llguidance, spec)
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 -- the GBNF converter raises bare Exceptions
             raise InvalidRequestError(f"structured_outputs.{spec.kind} is invalid: {exc}",
                                       "structured_outputs") from None
         template = llguidance.LLMatcher(self._lltok, text, log_level=0)

@@ -50,6 +50,8 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     whitespace_flexible: bool = False
+    kind: str = field(init=False, repr=False, compare=False, default="")
+    _key: tuple = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
@@ -70,17 +72,15 @@ class StructuredOutputsParams:
         else:
             check_str(name, value)
         check_bool("structured_outputs.whitespace_flexible", self.whitespace_flexible)
-
-    @property
-    def kind(self) -> str:
-        """Which form this is: one of ``STRUCTURED_KINDS``."""
-        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+        object.__setattr__(self, "kind", given[0])  # which form this is: one of STRUCTURED_KINDS
+        value = getattr(self, given[0])
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        object.__setattr__(self, "_key", (given[0], text, self.whitespace_flexible))
 
     def key(self) -> tuple[str, str, bool]:
-        """A hashable key that names the same grammar for equal specs (the compile cache's)."""
-        value = getattr(self, self.kind)
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        return self.kind, text, self.whitespace_flexible
+        """A hashable key that names the same grammar for equal specs (the compile cache's);
+        computed once, at construction."""
+        return self._key
 
     @classmethod
     def coerce(cls, value: Any) -> StructuredOutputsParams | None:

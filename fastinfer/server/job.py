@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import uuid
@@ -48,7 +49,8 @@ class Job:
         self.status = 200
         self.user_logprobs: int | None = None
         self.tools: ToolPlan | None = None  # chat requests with tools: how their replies are read
-        self._structured_param = "structured_outputs"  # the request field that constrains the output
+        # The request field that constrains the output, and how its refusals name it.
+        self._structured_param = self._structured_label = "structured_outputs"
         self._generated: dict[int, int] = {}  # tokens per engine request
         self._observed: set[int] = set()  # engine requests whose final output reached the metrics
         self._engine_dead = False
@@ -132,7 +134,7 @@ class Job:
         if isinstance(error, (EngineShutdownError, EngineDeadError)):
             raise APIError(503, str(error), code="engine_unavailable", retry_after=5) from error
         if isinstance(error, InvalidArgumentError):
-            raise APIError(400, str(error), param=self._param_of(error)) from error
+            raise self._refusal(error) from error
         raise error
 
     def _prompt_chars(self) -> int:
@@ -166,7 +168,7 @@ class Job:
                                   output_kind="delta" if body.stream else "final_only",
                                   logit_bias=body.logit_bias, structured_outputs=self._structured(engine))
         except InvalidArgumentError as exc:
-            raise APIError(400, str(exc), param=self._param_of(exc)) from exc
+            raise self._refusal(exc) from exc
 
     def _structured(self, engine) -> dict | None:
         """What constrains the output, as ``StructuredOutputsParams`` fields: a tool choice that
@@ -174,26 +176,37 @@ class Job:
         body = self.body
         mode = body.tool_mode() if self.chat else None
         if mode is not None:
-            self._structured_param = "tools"
+            self._structured_param = self._structured_label = "tools"
             parser = self.state.tool_call_parser or detect_parser(engine.get_tokenizer().chat_template)
             name = body.tool_choice.function.name if mode == "named" else None
-            self.tools = ToolPlan(mode, parser, name)
+            self.tools = ToolPlan(mode, parser, name, body.parallel_tool_calls)
+            tools = [t.model_dump() for t in body.tools]
             if mode == "named":
-                return {"json": named_schema(next(t.model_dump() for t in body.tools if t.function.name == name))}
+                i = next(i for i, t in enumerate(body.tools) if t.function.name == name)
+                self._structured_label = f"tools[{i}].function.parameters"
+                return {"json": named_schema(tools[i])}
             if mode == "required":
-                return {"json": required_schema([t.model_dump() for t in body.tools], body.parallel_tool_calls)}
+                return {"json": required_schema(tools, body.parallel_tool_calls)}
         if body.structured_outputs is not None:
             return body.structured_outputs.fields()
         fmt = body.response_format
         if fmt is None or fmt.type == "text":
             return None
         self._structured_param = "response_format"
-        return {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema.json_schema}
+        if fmt.type == "json_object":
+            self._structured_label = "response_format"
+            return {"json_object": True}
+        self._structured_label = "response_format.json_schema.schema"
+        return {"json": fmt.json_schema.json_schema}
 
-    def _param_of(self, exc: InvalidArgumentError) -> str | None:
-        """The request field an engine refusal names (the structured-output spec's source)."""
-        arg = exc.argument
-        return self._structured_param if arg and arg.startswith("structured_outputs") else arg
+    def _refusal(self, exc: InvalidArgumentError) -> APIError:
+        """The 400 of an engine refusal, naming the request field it is about (a structured
+        output's spec is named as the client sent it: response_format, tools...)."""
+        arg, message = exc.argument, str(exc)
+        if arg and arg.startswith("structured_outputs") and self._structured_label != "structured_outputs":
+            message = re.sub(r"^structured_outputs(\.\w+)?", self._structured_label, message)
+            arg = self._structured_param
+        return APIError(400, message, param=arg)
 
     def _max_tokens(self, max_model_len: int, prompts: list[list[int]]) -> int:
         """The tokens each sample may generate: as asked (400 when a prompt and they exceed

@@ -147,7 +147,7 @@ class _Sampling(BaseModel):
     structured_outputs: StructuredOutputsBody | None = None
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self):
+    def _field_combinations(self):
         if self.stream_options is not None and not self.stream:
             raise _combination("stream_options", "stream_options is only allowed when stream is true")
         if self.structured_outputs is not None and self.response_format is not None \

@@ -74,20 +74,31 @@ class Shaper:
         return message, bool(calls)
 
     def _delta(self, index: int, c) -> tuple[dict, bool]:
-        """A streamed chat choice's delta, and whether it calls tools. With tools, text that is
-        or may become a call is held back; the calls go out whole when the choice ends."""
+        """A streamed chat choice's delta, and whether it called tools (see ``ToolStream``)."""
         plan = self.job.tools
         if plan is None:
             return ({"content": c.text} if c.text else {}), False
         splitter = self._tool_streams.setdefault(index, plan.stream())
-        text, calls = splitter.feed(c.text), []
+        text, calls = splitter.feed(c.text)
+        called = False
         if c.finish_reason is not None:
-            rest, calls = splitter.finish() if c.finish_reason == "stop" else (splitter.finish_as_text(), [])
-            text += rest
+            rest, more, called = splitter.finish(c.finish_reason == "stop")
+            text, calls = text + rest, calls + more
         delta: dict = {"content": text} if text else {}
         if calls:
-            delta["tool_calls"] = [call.openai(i) for i, call in enumerate(calls)]
-        return delta, bool(calls)
+            delta["tool_calls"] = calls
+        return delta, called
+
+    @staticmethod
+    def finish_apart(choices: list[dict]) -> list[list[dict]]:
+        """A stream chunk's choices as the chunks to send: a choice that ends with tool-call
+        deltas sends its ``finish_reason`` in a chunk of its own, as OpenAI does."""
+        ending = [c for c in choices if c["finish_reason"] is not None and c["delta"].get("tool_calls")]
+        if not ending:
+            return [choices]
+        last = [{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}
+                for c in ending]
+        return [[c | {"finish_reason": None} if c in ending else c for c in choices], last]
 
     def _echo(self, index: int) -> list[int]:
         """The prompt ids a completion's choice echoes before its text: with ``echo``, in its

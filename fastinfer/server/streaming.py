@@ -49,7 +49,8 @@ async def _events(job: Job) -> AsyncIterator[str]:
                        if c.token_ids or c.text or c.finish_reason]
             choices = [c for c in choices if c is not None]
             if choices:
-                yield _event(shaper.chunk(choices))
+                for part in shaper.finish_apart(choices) if job.chat else [choices]:
+                    yield _event(shaper.chunk(part))
         if job.body.stream_options is not None and job.body.stream_options.include_usage:
             yield _event(shaper.chunk([], usage=shaper.usage()))
         yield "data: [DONE]\n\n"

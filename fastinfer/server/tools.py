@@ -78,18 +78,8 @@ def hermes_text(calls: list[dict[str, Any]]) -> str:
     """An assistant message's ``tool_calls`` written as Hermes-style text (for templates that do
     not render calls themselves)."""
     return "\n".join("<tool_call>" + json.dumps({"name": c["function"]["name"],
-                                                 "arguments": _arguments(c["function"]["arguments"])},
+                                                 "arguments": _json_or_text(c["function"]["arguments"])},
                                                 ensure_ascii=False) + "</tool_call>" for c in calls)
-
-
-def _arguments(text: Any) -> Any:
-    """Arguments as a JSON value (OpenAI sends them as JSON text; text that is not JSON stays)."""
-    if not isinstance(text, str):
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
@@ -99,23 +89,49 @@ def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
 
 def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """The schema of a ``required`` reply: an array of calls to any of ``tools`` (one at most
-    without ``parallel``)."""
-    variants = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                 "properties": {"name": {"const": t["function"]["name"]}, "arguments": named_schema(t)}}
-                for t in tools]
+    without ``parallel``). Each tool's ``$defs`` move to the root under the tool's index, its
+    ``$ref``s rewritten, since a reference resolves from the root of the whole schema."""
+    defs: dict[str, Any] = {}
+    variants = []
+    for i, t in enumerate(tools):
+        arguments = _hoist_defs(named_schema(t), f"tool{i}_", defs)
+        variants.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                         "properties": {"name": {"const": t["function"]["name"]}, "arguments": arguments}})
     array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
     if not parallel:
         array["maxItems"] = 1
+    if defs:
+        array["$defs"] = defs
     return array
+
+
+def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` (and ``definitions``) moved into ``defs`` as ``prefix +
+    name`` and every local reference to them rewritten."""
+    own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not own:
+        return schema
+
+    def moved(ref: str) -> str:
+        for old in ("#/$defs/", "#/definitions/"):
+            if ref.startswith(old):
+                return "#/$defs/" + prefix + ref[len(old):]
+        return ref
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: moved(v) if k == "$ref" and isinstance(v, str) else rewrite(v) for k, v in node.items()}
+        return [rewrite(v) for v in node] if isinstance(node, list) else node
+
+    for name, sub in own.items():
+        defs[prefix + name] = rewrite(sub)
+    return rewrite({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
 
 
 def parse_required(text: str) -> list[ToolCall]:
     """The calls of a ``required`` reply (constrained: it parses unless cut by ``max_tokens``)."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        return []
-    return [new_call(i["name"], i["arguments"]) for i in items if isinstance(i, dict) and "name" in i]
+    items = _json_value(text)
+    return [new_call(i["name"], i["arguments"]) for i in items or () if isinstance(i, dict) and "name" in i]
 
 
 def parse_auto(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
@@ -151,30 +167,45 @@ def _call_from_json(text: str) -> ToolCall | None:
     return new_call(value["name"], args) if isinstance(args, (dict, str)) else None
 
 
-def _json_value(text: str) -> Any:
+_NOT_JSON = object()
+
+
+def _json_value(text: str, default: Any = None) -> Any:
+    """``text`` parsed as JSON, or ``default`` when it is not JSON."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
-        return None
+    except (json.JSONDecodeError, TypeError):
+        return default
+
+
+def _json_or_text(value: Any) -> Any:
+    """Arguments as a JSON value (OpenAI sends them as JSON text; text that is not JSON stays)."""
+    if not isinstance(value, str):
+        return value
+    parsed = _json_value(value, _NOT_JSON)
+    return value if parsed is _NOT_JSON else parsed
 
 
 @dataclass(frozen=True, slots=True)
 class ToolPlan:
     """How one chat request uses its tools: ``mode`` (``auto``, ``required`` or ``named``),
-    the reply's parser (for ``auto``) and, for ``named``, the function."""
+    the reply's parser (for ``auto``), for ``named`` the function, and whether several calls
+    may come in one reply (``parallel_tool_calls``)."""
 
     mode: str
     parser: str = "hermes"
     name: str | None = None
+    parallel: bool = True
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The reply's content and calls."""
+        """A finished reply's content and calls."""
         if self.mode == "named":
             return (None, [new_call(self.name, text)]) if _json_value(text) is not None else (text, [])
         if self.mode == "required":
             calls = parse_required(text)
             return (None, calls) if calls else (text, [])
-        return parse_auto(text, self.parser)
+        content, calls = parse_auto(text, self.parser)
+        return content, calls if self.parallel else calls[:1]
 
     def stream(self) -> ToolStream:
         """A streamed choice's splitter of content and calls."""
@@ -182,45 +213,54 @@ class ToolPlan:
 
 
 class ToolStream:
-    """One streamed choice: ``feed`` returns the content that may be sent now; text that is, or
-    may become, a call is held back until ``finish`` parses it. With ``required`` or a named
-    function the whole reply is a call, so all of it is held."""
+    """One streamed choice, as OpenAI streams it: ``feed`` returns the content that may be sent
+    now and the ``tool_calls`` deltas. A named function's call starts at once (its id, type and
+    name, then its arguments as they are generated); otherwise text that is, or may become, a
+    call is held back until ``finish`` parses it, and each call then goes out whole."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.held = ""
         self.sent_any = False
         self.calling = plan.mode != "auto"
+        self._named: ToolCall | None = None  # the named function's call, once started
 
-    def feed(self, delta: str) -> str:
-        """Adds a text delta; returns the part of the text now known to be content."""
+    def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
+        """Adds a text delta; returns (content to send now, tool_calls deltas)."""
+        if self.plan.mode == "named":
+            return "", self._named_delta(delta)
         buf = self.held + delta
         undecided = self.plan.parser != "hermes" and not self.sent_any and not buf.strip()
         if self.calling or undecided:
             self.held = buf
-            return ""
+            return "", []
         cut = self._call_start(buf)
         if cut is not None:
             self.calling = True
         else:
             cut = len(buf) - _marker_prefix(buf, _MARKERS[self.plan.parser][:1])
-        self.held = buf[cut:]
-        out = buf[:cut]
+        self.held, out = buf[cut:], buf[:cut]
         self.sent_any |= bool(out)
-        return out
+        return out, []
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the end: the held content (maybe empty) and the calls parsed from the rest."""
+    def finish(self, complete: bool) -> tuple[str, list[dict[str, Any]], bool]:
+        """At the choice's end (``complete``: it ended by itself, not cut by ``max_tokens`` or
+        aborted): the held content, the calls' deltas, and whether the reply called tools."""
         held, self.held = self.held, ""
-        if not held:
-            return "", []
-        content, calls = self.plan.parse(held) if self.calling else (held, [])
-        return content or "", calls
+        if self.plan.mode == "named":
+            return "", [], complete and self._named is not None and _json_value(self._named.arguments) is not None
+        if not held or not complete or not self.calling:
+            return held, [], False
+        content, calls = self.plan.parse(held)
+        return content or "", [c.openai(i) for i, c in enumerate(calls)], bool(calls)
 
-    def finish_as_text(self) -> str:
-        """At an end that is no call's (``length``, an abort): whatever was held, as content."""
-        held, self.held = self.held, ""
-        return held
+    def _named_delta(self, delta: str) -> list[dict[str, Any]]:
+        """The named call's delta: its header with the first arguments, then argument pieces."""
+        if self._named is None:
+            self._named = new_call(self.plan.name, delta)
+            return [self._named.openai(0)]
+        self._named = ToolCall(self._named.name, self._named.arguments + delta, self._named.id)
+        return [{"index": 0, "function": {"arguments": delta}}] if delta else []
 
     def _call_start(self, buf: str) -> int | None:
         """Where a call starts in ``buf`` (None: nowhere yet). Hermes calls may follow content;
@@ -268,7 +308,7 @@ def _template_message(m, takes_tools: bool) -> dict[str, Any]:
     if m.tool_calls:
         calls = [c.model_dump() for c in m.tool_calls]
         if takes_tools:
-            msg["tool_calls"] = [c | {"function": c["function"] | {"arguments": _arguments(c["function"]["arguments"])}}
+            msg["tool_calls"] = [c | {"function": c["function"] | {"arguments": _json_or_text(c["function"]["arguments"])}}
                                  for c in calls]
         else:
             msg["content"] = "\n".join(filter(None, [msg["content"], hermes_text(calls)]))

@@ -46,21 +46,36 @@ def test_parser_and_tools_from_the_template(template, parser, takes):
     assert detect_parser(template) == parser and template_takes_tools(template) == takes
 
 
-def _stream(plan: ToolPlan, pieces: list[str]) -> tuple[str, list]:
+def _stream(plan: ToolPlan, pieces: list[str], complete: bool = True) -> tuple[str, list, bool]:
     splitter = plan.stream()
-    text = "".join(splitter.feed(p) for p in pieces)
-    rest, calls = splitter.finish()
-    return text + rest, calls
+    text, deltas = "", []
+    for p in pieces:
+        out, more = splitter.feed(p)
+        text, deltas = text + out, deltas + more
+    rest, more, called = splitter.finish(complete)
+    return text + rest, deltas + more, called
+
+
+def _accumulated(deltas: list[dict]) -> list[tuple[str, dict]]:
+    """The calls a client (the openai SDK) builds from the deltas: by index, names and arguments
+    concatenated, the id from the first."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        entry = calls.setdefault(d["index"], {"id": d.get("id"), "name": "", "arguments": ""})
+        assert "id" not in d or d["type"] == "function"
+        entry["name"] += d.get("function", {}).get("name", "")
+        entry["arguments"] += d.get("function", {}).get("arguments", "")
+    assert all(c["id"].startswith("call_") for c in calls.values())
+    return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
 
 
 def test_stream_sends_content_and_holds_the_call():
-    plan = ToolPlan("auto", "hermes")
-    splitter = plan.stream()
-    assert splitter.feed("Checking <tool") == "Checking "  # a marker may be starting: held
-    assert splitter.feed("_call>{\"name\": \"f\", ") == ""
-    assert splitter.feed('"arguments": {"x": 1}}</tool_call>') == ""
-    rest, calls = splitter.finish()
-    assert rest == "" and _calls(calls) == [("f", {"x": 1})]
+    splitter = ToolPlan("auto", "hermes").stream()
+    assert splitter.feed("Checking <tool") == ("Checking ", [])  # a marker may be starting: held
+    assert splitter.feed("_call>{\"name\": \"f\", ") == ("", [])
+    assert splitter.feed('"arguments": {"x": 1}}</tool_call>') == ("", [])
+    rest, deltas, called = splitter.finish(True)
+    assert rest == "" and called and _accumulated(deltas) == [("f", {"x": 1})]
 
 
 @pytest.mark.parametrize("plan, pieces, text, calls", [
@@ -70,12 +85,32 @@ def test_stream_sends_content_and_holds_the_call():
     (ToolPlan("auto", "mistral"), ["[TOOL_CALLS]", ' [{"name": "g", "arguments": {"a": 1}}]'], "", [("g", {"a": 1})]),
     (ToolPlan("named", name="f"), ['{"x"', ": 2}"], "", [("f", {"x": 2})]),
     (ToolPlan("required"), ['[{"name": "f", "arguments": {}}', "]"], "", [("f", {})]),
+    (ToolPlan("auto", "hermes", parallel=False),
+     ['<tool_call>{"name": "f", "arguments": {}}</tool_call>', '<tool_call>{"name": "g", "arguments": {}}'],
+     "", [("f", {})]),
 ])
 def test_stream_splits_like_the_whole_parse(plan, pieces, text, calls):
-    got_text, got_calls = _stream(plan, pieces)
-    assert got_text == text and _calls(got_calls) == calls
+    got_text, deltas, called = _stream(plan, pieces)
+    assert got_text == text and called == bool(calls)
+    assert (_accumulated(deltas) if deltas else []) == calls
     whole_content, whole_calls = plan.parse("".join(pieces))
     assert _calls(whole_calls) == calls and (whole_content or "") == (text if not calls else "")
+
+
+def test_named_call_streams_its_arguments_as_they_come():
+    splitter = ToolPlan("named", name="f").stream()
+    (first,) = splitter.feed('{"x"')[1]
+    assert first["id"].startswith("call_") and first["function"] == {"name": "f", "arguments": '{"x"'}
+    assert splitter.feed(": 2}") == ("", [{"index": 0, "function": {"arguments": ": 2}"}}])
+    assert splitter.finish(True) == ("", [], True)
+    cut = ToolPlan("named", name="f").stream()
+    cut.feed('{"x": ')
+    assert cut.finish(False)[2] is False  # cut by max_tokens: no call, finish_reason "length"
+
+
+def test_a_cut_reply_is_content():
+    assert _stream(ToolPlan("auto", "hermes"), ["<tool_call>{\"name\": "], complete=False) == \
+        ('<tool_call>{"name": ', [], False)
 
 
 def test_required_schema_limits_parallel_calls():
@@ -85,3 +120,14 @@ def test_required_schema_limits_parallel_calls():
     assert schema["maxItems"] == 1 and schema["minItems"] == 1
     names = [v["properties"]["name"]["const"] for v in schema["items"]["anyOf"]]
     assert names == ["f", "g"] and "maxItems" not in required_schema(tools, parallel=True)
+
+
+def test_required_schema_hoists_each_tools_defs():
+    loc = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"at": {"$ref": "#/$defs/Loc"}}, "required": ["at"], "$defs": {"Loc": loc}}}}
+    schema = required_schema([tool, tool], parallel=True)
+    assert schema["$defs"] == {"tool0_Loc": loc, "tool1_Loc": loc}
+    refs = [v["properties"]["arguments"]["properties"]["at"]["$ref"] for v in schema["items"]["anyOf"]]
+    assert refs == ["#/$defs/tool0_Loc", "#/$defs/tool1_Loc"]
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["arguments"]
