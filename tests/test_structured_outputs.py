@@ -225,12 +225,20 @@ def test_token_masks_apply_to_their_rows_only():
     logits = torch.randn(3, 40)
     before = logits.clone()
     # Row 2's grammar allows nothing (an error): it may only end (EOS 39); 39 is complete-only.
-    TokenMasks([1, 2], bitmask, done, complete=[], eos_ids=[39]).apply_(logits)
+    TokenMasks([1, 2], bitmask, done, complete=[], eos_ids=[39]).apply(logits, out=logits)
     assert torch.equal(logits[0], before[0])
     assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [1, 3]
     assert torch.isfinite(logits[2]).nonzero().flatten().tolist() == [39]
-    TokenMasks([0], bitmask[:1], done, complete=[0], eos_ids=[39]).apply_(logits)
-    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [1, 3, 39]
+    out = torch.empty_like(logits)
+    TokenMasks([0], bitmask[:1], done, complete=[0], eos_ids=[39]).apply(logits, out=out)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [1, 3, 39]
+    assert torch.equal(out[1:], logits[1:]) and torch.equal(logits[0], before[0])  # logits unchanged
+    fresh = torch.zeros((2, 2), dtype=torch.int32)
+    fresh[0, 0], fresh[1, 1] = 0b1010, 1 << 3  # every row masked: one pass (row 1 may take 35)
+    whole = torch.empty(2, 40)
+    TokenMasks([0, 1], fresh, done, complete=[], eos_ids=[39]).apply(before[:2], out=whole)
+    assert [torch.isfinite(r).nonzero().flatten().tolist() for r in whole] == [[1, 3], [35]]
+    assert torch.equal(whole[torch.isfinite(whole)], before[:2][torch.isfinite(whole)])
 
 
 def test_masks_are_filled_off_the_callers_thread(engine):
@@ -240,7 +248,7 @@ def test_masks_are_filled_off_the_callers_thread(engine):
     names = [t.name for t in threading.enumerate()]
     assert any(n.startswith("fastinfer-masks") for n in names)
     logits = torch.zeros(2, engine.loaded.config.vocab_size)
-    masks.apply_(logits)
+    masks.apply(logits, out=logits)
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert [engine.tokenizer.decode([t]) for t in allowed] and all(
         engine.tokenizer.decode([t]).startswith("{") for t in allowed)

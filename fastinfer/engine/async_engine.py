@@ -21,6 +21,7 @@ from fastinfer.engine.engine import Engine
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.errors import EngineDeadError, EngineOverloadedError, EngineShutdownError, InvalidRequestError
 from fastinfer.kv_cache.events import KVEventBatch
+from fastinfer.sampling.grammar import Grammar
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.validation import Prompt, check_float, check_int, check_str, fail
 
@@ -176,13 +177,14 @@ class AsyncEngine:
         self._check_accepting()
         rid = uuid.uuid4().hex if request_id is None else check_str("request_id", request_id,
                                                                     error=InvalidRequestError)
+        grammar = None
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # Compiled here, on a worker thread and under the time limit, never on the engine's.
-            await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
+            grammar = await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
         stream = RequestStream(rid, asyncio.get_running_loop())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         # The engine thread validates ``priority`` (in Engine.add_request) and answers ``accepted``.
-        self._post(("add", rid, prompt, params, priority, stream, accepted))
+        self._post(("add", rid, prompt, params, priority, stream, accepted, grammar))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -303,7 +305,7 @@ class AsyncEngine:
                 self.engine.abort(rid)
 
     def _add(self, rid: str, prompt: Prompt, params: SamplingParams | None, priority: int,
-             stream: RequestStream, accepted: concurrent.futures.Future) -> None:
+             stream: RequestStream, accepted: concurrent.futures.Future, grammar: Grammar | None) -> None:
         if not accepted.set_running_or_notify_cancel():
             return  # the caller was cancelled before the engine saw it
         if self._stop_waiter is not None:
@@ -311,7 +313,7 @@ class AsyncEngine:
             return
         admitted: list[int] = []  # what ``_admit`` accepted: the request's prefill tokens
         try:
-            self.engine.add_request(prompt, params, rid, priority=priority,
+            self.engine.add_request(prompt, params, rid, priority=priority, grammar=grammar,
                                     admit=lambda n: admitted.append(self._admit(n)))
         except Exception as exc:  # bad input or a full queue: refused, nothing changed
             accepted.set_exception(exc)

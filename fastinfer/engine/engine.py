@@ -130,7 +130,7 @@ class Engine:
     # ----------------------------------------------------------------- submission
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None, *, priority: int = 0, cache_salt: str | None = None,
-                    admit: Callable[[int], None] | None = None) -> str:
+                    admit: Callable[[int], None] | None = None, grammar: Grammar | None = None) -> str:
         """Validates and queues one request; returns its id. Bad input raises
         ``InvalidRequestError`` (a ``ValueError``) and leaves the engine untouched.
         ``priority``: a lower value is served first (FCFS within one value), and under memory
@@ -139,7 +139,9 @@ class Engine:
         share cached blocks, e.g. one per tenant or model version). ``admit``,
         when given, is called with the tokens the request will prefill (prompt tokens times
         ``n``) once it is valid and before it is queued; whatever it raises refuses the
-        request, leaving the engine untouched (``AsyncEngine``'s queue limits)."""
+        request, leaving the engine untouched (``AsyncEngine``'s queue limits). ``grammar``: the
+        grammar of ``params.structured_outputs`` compiled beforehand (``self.structured.compile``,
+        as ``AsyncEngine`` does off this thread); else it is compiled here, under the time limit."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             fail("params", "a SamplingParams", params, InvalidRequestError, wrong_type=True)
@@ -156,7 +158,7 @@ class Engine:
         text, ids = self._prompt_ids(as_prompt(prompt))
         self._check_fits(ids, params)
         self._check_logit_bias(params)
-        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
+        grammar = self._grammar(params, grammar)
         if admit is not None:
             admit(len(ids) * params.n)
         now = time.monotonic()
@@ -206,6 +208,15 @@ class Engine:
             raise RequestTooLargeError(
                 f"request needs {need} KV-cache blocks {each}({total} tokens) but the whole cache has "
                 f"{self.block_manager.num_total}; lower max_tokens or raise kv_cache_memory", "max_tokens")
+
+    def _grammar(self, params: SamplingParams, given: Grammar | None) -> Grammar | None:
+        """The compiled grammar of the request's structured output (None without one)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if given is not None and given.key == spec.key():
+            return given
+        return self.structured.compile(spec)
 
     def _check_logit_bias(self, params: SamplingParams) -> None:
         vocab = self.loaded.config.vocab_size

@@ -5,7 +5,7 @@ The engine asks :class:`StructuredOutputs` for a compiled :class:`Grammar` when 
 arrives (``compile``), gives each sample a :class:`GrammarMatcher` of it, starts the step's
 masks (:meth:`StructuredOutputs.start_masks`) before the forward pass, so llguidance fills the
 bitmask on its own thread while the model runs, and the sampler applies them
-(:meth:`TokenMasks.apply_`) to the logits. Each sampled token then advances its matcher
+(:meth:`TokenMasks.apply`) to the logits. Each sampled token then advances its matcher
 (:meth:`GrammarMatcher.advance`). Why llguidance: ``benchmarks/grammar_engines.py`` measured
 it against xgrammar on this machine's CPUs (see its module docstring).
 
@@ -77,7 +77,7 @@ class GrammarMatcher:
 
 class TokenMasks:
     """One step's bitmask for the batch rows ``rows`` (those with a grammar), being filled on
-    a worker thread; :meth:`apply_` waits for it and masks the logits. ``complete``: the
+    a worker thread; :meth:`apply` waits for it and masks the logits. ``complete``: the
     positions in ``rows`` whose grammar is complete (every EOS id may end it, not only the one
     llguidance knows)."""
 
@@ -88,9 +88,10 @@ class TokenMasks:
         self.rows, self.bitmask, self._done = rows, bitmask, done
         self._complete, self._eos = complete, eos_ids
 
-    def apply_(self, logits: torch.Tensor) -> None:
-        """Sets to -inf, in place, the logits [B, V] of every token row ``rows[i]`` may not
-        take. A row whose grammar allows nothing (it ended on an error) may take only EOS."""
+    def apply(self, logits: torch.Tensor, out: torch.Tensor) -> None:
+        """Writes ``logits`` [B, V] to ``out`` (float32, same shape; may be ``logits``) with -inf
+        for every token row ``rows[i]`` may not take, in one pass over the whole batch's rows.
+        A row whose grammar allows nothing (it ended on an error) may take only EOS."""
         self._done.result()
         words = self.bitmask.numpy().view(np.uint32)
         eos_words = np.array([t >> 5 for t in self._eos], dtype=np.int64)
@@ -99,12 +100,14 @@ class TokenMasks:
         for j in ending:
             np.bitwise_or.at(words[j], eos_words, eos_bits)
         forbidden = forbidden_tokens(words, logits.shape[1], logits.device)
+        minus_inf = torch.tensor(float("-inf"), device=logits.device)
+        if len(self.rows) == logits.shape[0]:
+            torch.where(forbidden, minus_inf, logits, out=out)
+            return
+        if out is not logits:
+            out.copy_(logits)
         index = torch.tensor(self.rows, dtype=torch.long, device=logits.device)
-        whole = len(self.rows) == logits.shape[0]
-        sub = logits if whole else logits.index_select(0, index)
-        sub.masked_fill_(forbidden, float("-inf"))
-        if not whole:
-            logits.index_copy_(0, index, sub)
+        out.index_copy_(0, index, torch.where(forbidden, minus_inf, out.index_select(0, index)))
 
 
 def forbidden_tokens(words: np.ndarray, vocab: int, device: torch.device | None = None) -> torch.Tensor:

@@ -112,10 +112,11 @@ class Sampler:
         if masks is None and all(p.logit_bias is None for p in params):
             return logits.float()
         raw = self._buffer("constrained", logits.shape[0], logits)
-        raw.copy_(logits)
+        if masks is not None:  # the copy and the mask in one pass; a bias cannot lift a -inf
+            masks.apply(logits.float(), out=raw)
+        else:
+            raw.copy_(logits)
         apply_logit_bias_(raw, params)
-        if masks is not None:
-            masks.apply_(raw)
         return raw
 
     def _sample_random(self, work: torch.Tensor, idx: list[int], rows: Sequence[SamplingRow],

@@ -52,7 +52,7 @@ def api(bank, smollm):
         return tiny(name, version, source)
 
     spec = ServerSpec(loads=[("chat", "v1", "v1"), ("slow", "v1", "slow"), ("real", "v1", "real")],
-                      max_body_bytes=8 << 20)  # room for the slow schema (3 MB)
+                      max_body_bytes=8 << 20)  # room for the slow schema (750 KB)
     bank_view = SimpleNamespace(factory=lambda _backends: factory)
     server = start_server(bank_view, spec)
     yield server
