@@ -266,3 +266,10 @@ def test_a_grammar_error_aborts_the_sample(engine, monkeypatch):
     finals = run_to_completion(engine)
     assert finals[bad].outputs[0].finish_reason == "abort" and len(finals[bad].outputs[0].token_ids) == 1
     assert finals[good].outputs[0].finish_reason == "length"
+
+
+def test_a_grammar_given_for_another_spec_is_not_used(engine):
+    other = engine.structured.compile(StructuredOutputsParams(regex="x+"))
+    rid = engine.add_request("Go:", SamplingParams(max_tokens=4, temperature=0, structured_outputs={"choice": ["yes"]}),
+                             grammar=other)
+    assert run_to_completion(engine)[rid].outputs[0].text == "yes"

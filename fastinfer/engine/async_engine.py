@@ -179,8 +179,8 @@ class AsyncEngine:
                                                                     error=InvalidRequestError)
         grammar = None
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
-            # Compiled here, on a worker thread and under the time limit, never on the engine's.
-            grammar = await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
+            # Compiled off the engine's thread, under the time limit; this coroutine waits for it.
+            grammar = await self.engine.structured.compile_async(params.structured_outputs)
         stream = RequestStream(rid, asyncio.get_running_loop())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         # The engine thread validates ``priority`` (in Engine.add_request) and answers ``accepted``.

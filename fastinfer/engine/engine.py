@@ -214,7 +214,7 @@ class Engine:
         spec = params.structured_outputs
         if spec is None:
             return None
-        if given is not None and given.key == spec.key():
+        if given is not None and given.key == spec.key() and given.owner is self.structured:
             return given
         return self.structured.compile(spec)
 

@@ -14,6 +14,10 @@ from fastinfer.scheduler.sequence import Sequence
 
 _log = logging.getLogger("fastinfer.engine")
 
+GRAMMAR_ERROR = "grammar_error"
+"""The ``stop_reason`` of a sample aborted because its grammar failed (a refused token, or a
+resource limit of the grammar engine): its text does not match the structured output."""
+
 
 class OutputProcessor:
     """``finish(seq)`` releases a sequence that stopped (the scheduler's); ``forget(request)``
@@ -34,10 +38,10 @@ class OutputProcessor:
             smp.logprobs.append(logprobs)
         grammar_ended = smp.grammar is not None and smp.grammar.advance(token)
         if grammar_ended and smp.grammar.error is not None:
-            # Its text would not match: ended as aborted (a server answers 503), never "stop".
+            # Its text would not match: ended as aborted, never "stop".
             _log.warning("request %s: its grammar failed (%s); the sample is aborted", req.request_id,
                          smp.grammar.error)
-            self.finish(smp, "abort", None)
+            self.finish(smp, "abort", GRAMMAR_ERROR)
         elif token in params.stop_token_ids:
             self.finish(smp, "stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:

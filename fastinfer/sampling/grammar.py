@@ -14,6 +14,7 @@ allowed), as both llguidance and xgrammar lay it out.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import threading
@@ -44,6 +45,7 @@ class Grammar:
 
     key: tuple[str, str, bool]
     template: object  # llguidance.LLMatcher, never advanced
+    owner: object  # the StructuredOutputs (one tokenizer) that compiled it
 
 
 class GrammarMatcher:
@@ -116,9 +118,9 @@ def forbidden_tokens(words: np.ndarray, vocab: int, device: torch.device | None 
     never allowed. On the CPU one unpacking pass (the 0/1 bytes read as bools in place); on a
     GPU the packed words go over (32 times fewer bytes) and are unpacked there."""
     if device is not None and device.type != "cpu":
-        packed = torch.from_numpy(words.view(np.int32)).to(device, non_blocking=True)
-        shifts = torch.arange(32, dtype=torch.int32, device=device)
-        bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(len(words), -1)
+        packed = torch.from_numpy(words.view(np.uint8)).to(device, non_blocking=True)  # little-endian bytes
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(len(words), -1)  # one byte a token
         forbidden = bits == 0
         if forbidden.shape[1] < vocab:
             forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[1]), value=True)
@@ -172,18 +174,22 @@ class StructuredOutputs:
         try:
             return fut.result(timeout=limit)
         except concurrent.futures.TimeoutError:
-            self._give_up(spec.key(), fut)
-            raise GrammarCompileTimeout(
-                f"structured_outputs.{spec.kind} did not compile within {limit:g} s "
-                "(grammar_compile_timeout); simplify it", "structured_outputs") from None
+            raise self._timed_out(spec, limit) from None
 
-    def _give_up(self, key: tuple, fut: concurrent.futures.Future) -> None:
-        """After a timeout: a compile still queued is cancelled and forgotten, so that it holds
-        no thread (one running cannot be stopped; it is cached when it ends)."""
-        if fut.cancel():
-            with self._lock:
-                if self._cache.get(key) is fut:
-                    del self._cache[key]
+    async def compile_async(self, spec: StructuredOutputsParams) -> Grammar:
+        """``compile`` for a coroutine: waits on the event loop, holding no thread. A compile
+        past the limit is left running (others may wait for the same one; it is cached when it
+        ends), never cancelled."""
+        fut = self.submit(spec)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), self.compile_timeout)
+        except asyncio.TimeoutError:
+            raise self._timed_out(spec, self.compile_timeout) from None
+
+    @staticmethod
+    def _timed_out(spec: StructuredOutputsParams, limit: float) -> GrammarCompileTimeout:
+        return GrammarCompileTimeout(f"structured_outputs.{spec.kind} did not compile within {limit:g} s "
+                                     "(grammar_compile_timeout); simplify it", "structured_outputs")
 
     def compile_now(self, spec: StructuredOutputsParams) -> Grammar:
         """Compiles ``spec`` on the calling thread, past the cache and with no time limit (what
@@ -233,7 +239,7 @@ class StructuredOutputs:
         if template.is_error():
             raise InvalidRequestError(f"structured_outputs.{spec.kind} is invalid: "
                                       f"{_first_line(template.get_error())}", "structured_outputs")
-        return Grammar(key, template)
+        return Grammar(key, template, self)
 
     def _rows_bitmask(self, rows: int) -> torch.Tensor:
         """A [rows, W] int32 bitmask from a buffer reused between steps (the previous step's

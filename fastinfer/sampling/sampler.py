@@ -28,9 +28,10 @@ from fastinfer.sampling.processors import apply_logit_bias_, apply_penalties_, m
 # more, then sort the whole row: most nuclei are small; at V = 49152 topk(64) costs ~60 us a
 # row, topk(4096) ~0.6 ms and a full sort ~3 ms.
 TOP_P_CANDIDATES = (64, 512, 4096)
-SCRATCH_BYTES_PER_LOGIT = 4 * 4 + 1
+SCRATCH_BYTES_PER_LOGIT = 4 * 4 + 3
 """The sampler's most memory per logit of a step: four float32 ``[B, V]`` scratch buffers
-(constrained, penalised, and two of working space) and a grammar's one-byte mask."""
+(constrained, penalised, and two of working space) and a grammar's mask (on a GPU it is
+unpacked through two one-byte temporaries into a one-byte mask)."""
 
 
 @dataclass(slots=True)
@@ -112,10 +113,12 @@ class Sampler:
         if masks is None and all(p.logit_bias is None for p in params):
             return logits.float()
         raw = self._buffer("constrained", logits.shape[0], logits)
-        if masks is not None:  # the copy and the mask in one pass; a bias cannot lift a -inf
-            masks.apply(logits.float(), out=raw)
+        if masks is not None and logits.dtype == torch.float32:  # the copy and the mask in one pass
+            masks.apply(logits, out=raw)
         else:
             raw.copy_(logits)
+            if masks is not None:
+                masks.apply(raw, out=raw)
         apply_logit_bias_(raw, params)
         return raw
 

@@ -176,16 +176,16 @@ class Job:
         body = self.body
         mode = body.tool_mode() if self.chat else None
         if mode is not None:
-            self._structured_param = self._structured_label = "tools"
             parser = self.state.tool_call_parser or detect_parser(engine.get_tokenizer().chat_template)
             name = body.tool_choice.function.name if mode == "named" else None
             self.tools = ToolPlan(mode, parser, name, body.parallel_tool_calls)
             tools = [t.model_dump() for t in body.tools]
             if mode == "named":
                 i = next(i for i, t in enumerate(body.tools) if t.function.name == name)
-                self._structured_label = f"tools[{i}].function.parameters"
+                self._structured_param, self._structured_label = "tools", f"tools[{i}].function.parameters"
                 return {"json": named_schema(tools[i])}
             if mode == "required":
+                self._structured_param = self._structured_label = "tools"
                 return {"json": required_schema(tools, body.parallel_tool_calls)}
         if body.structured_outputs is not None:
             return body.structured_outputs.fields()

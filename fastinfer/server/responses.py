@@ -9,6 +9,7 @@ import asyncio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from fastinfer.engine.output_processor import GRAMMAR_ERROR
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.errors import EngineDeadError
 from fastinfer.server.errors import APIError
@@ -157,8 +158,12 @@ def _openai_reason(reason: str | None) -> str | None:
 
 # The engine ended a request the client still waits for (its version was unloaded, or the
 # server is shutting down): an error, never a truncated answer that looks complete.
-def server_abort() -> APIError:
-    """The error for a request the server aborted (503, retry)."""
+def server_abort(outputs=()) -> APIError:
+    """The error for a request with an aborted sample among ``outputs`` (completion outputs): a
+    failed grammar (500), else the server aborted it (503, retry)."""
+    if any(c.stop_reason == GRAMMAR_ERROR for c in outputs):
+        return APIError(500, "the structured output's grammar failed while generating (see the server log); "
+                        "the text would not match it", code="grammar_error")
     return APIError(503, "the request was aborted by the server (shutdown or model unload); retry it",
                     code="aborted_by_server", retry_after=1)
 
@@ -194,7 +199,7 @@ def _whole_response(job: Job, outs: list[RequestOutput]) -> Response:
         for i, out in enumerate(outs):
             job.observe(i, out, None, streaming=False)
         if any(c.finish_reason == "abort" for out in outs for c in out.outputs):
-            raise server_abort()
+            raise server_abort([c for out in outs for c in out.outputs])
         choices = []
         for pi, out in enumerate(outs):
             for c in out.outputs:

@@ -44,7 +44,7 @@ async def _events(job: Job) -> AsyncIterator[str]:
             job.observe(pi, out, now - last[pi] if pi in last else None, streaming=True)
             last[pi] = now
             if any(c.finish_reason == "abort" for c in out.outputs):
-                raise server_abort()
+                raise server_abort(out.outputs)
             choices = [shaper.choice(pi * n + c.index, c, full=False) for c in out.outputs
                        if c.token_ids or c.text or c.finish_reason]
             choices = [c for c in choices if c is not None]
@@ -56,8 +56,8 @@ async def _events(job: Job) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     except (EngineDeadError, APIError) as exc:  # the stream is open: an error event ends it
         error = exc
-        job.status = 503
-        yield _event(error_body(503, str(exc), code=getattr(exc, "code", None) or "engine_unavailable"))
+        job.status = getattr(exc, "status", 503)
+        yield _event(error_body(job.status, str(exc), code=getattr(exc, "code", None) or "engine_unavailable"))
     except BaseException as exc:  # the client left (cancelled) or a bug
         error = exc
         job.status = 499 if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else 500

@@ -89,43 +89,25 @@ def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
 
 def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """The schema of a ``required`` reply: an array of calls to any of ``tools`` (one at most
-    without ``parallel``). Each tool's ``$defs`` move to the root under the tool's index, its
-    ``$ref``s rewritten, since a reference resolves from the root of the whole schema."""
-    defs: dict[str, Any] = {}
-    variants = []
-    for i, t in enumerate(tools):
-        arguments = _hoist_defs(named_schema(t), f"tool{i}_", defs)
-        variants.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                         "properties": {"name": {"const": t["function"]["name"]}, "arguments": arguments}})
-    array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
+    without ``parallel``). Each tool's parameters schema moves whole under the root's ``$defs``
+    (as ``tool<i>``), its local references rewritten to point there: a reference resolves from
+    the root of the whole schema, so ``#/$defs/X`` or ``#`` of a tool would otherwise miss."""
+    defs = {f"tool{i}": _relocated(named_schema(t), f"#/$defs/tool{i}") for i, t in enumerate(tools)}
+    variants = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                 "properties": {"name": {"const": t["function"]["name"]}, "arguments": {"$ref": f"#/$defs/tool{i}"}}}
+                for i, t in enumerate(tools)]
+    array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}, "$defs": defs}
     if not parallel:
         array["maxItems"] = 1
-    if defs:
-        array["$defs"] = defs
     return array
 
 
-def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with its ``$defs`` (and ``definitions``) moved into ``defs`` as ``prefix +
-    name`` and every local reference to them rewritten."""
-    own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
-    if not own:
-        return schema
-
-    def moved(ref: str) -> str:
-        for old in ("#/$defs/", "#/definitions/"):
-            if ref.startswith(old):
-                return "#/$defs/" + prefix + ref[len(old):]
-        return ref
-
-    def rewrite(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: moved(v) if k == "$ref" and isinstance(v, str) else rewrite(v) for k, v in node.items()}
-        return [rewrite(v) for v in node] if isinstance(node, list) else node
-
-    for name, sub in own.items():
-        defs[prefix + name] = rewrite(sub)
-    return rewrite({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
+def _relocated(node: Any, base: str) -> Any:
+    """``node`` with every local ``$ref`` (``#`` or ``#/...``) made relative to ``base``."""
+    if isinstance(node, dict):
+        return {k: base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _relocated(v, base)
+                for k, v in node.items()}
+    return [_relocated(v, base) for v in node] if isinstance(node, list) else node
 
 
 def parse_required(text: str) -> list[ToolCall]:

@@ -258,17 +258,18 @@ def test_logit_bias_removes_the_greedy_token(client, smollm):
 
 
 def test_slow_compiling_schema_times_out_alone(client):
-    results: dict[str, object] = {}
+    results: list[tuple[dict, float]] = []
 
     def refused(variant: int):
         fmt = {"type": "json_schema", "json_schema": {"name": "big", "schema": slow_schema(variant)}}
         try:
             client.chat.completions.create(model="slow", messages=ASK, max_tokens=4, response_format=fmt)
         except openai.BadRequestError as exc:
-            results["slow"] = (exc.body, time.monotonic())
+            results.append((exc.body, time.monotonic()))
 
     start = time.monotonic()
-    threads = [threading.Thread(target=refused, args=(v,)) for v in range(2)]  # two distinct slow schemas
+    # Two distinct slow schemas, one of them sent twice (both wait for the same compile).
+    threads = [threading.Thread(target=refused, args=(v,)) for v in (0, 1, 0)]
     for t in threads:
         t.start()
     time.sleep(0.2)  # both slow compiles hold a compile thread now
@@ -277,12 +278,13 @@ def test_slow_compiling_schema_times_out_alone(client):
                                                  response_format=_format(SCHEMAS[0]))
     for t in threads:
         t.join(30)
-    body, slow_done = results["slow"]
-    assert body["param"] == "response_format"
-    assert body["message"].startswith("response_format.json_schema.schema did not compile within 0.05 s")
+    assert len(results) == 3
+    for body, slow_done in results:
+        assert body["param"] == "response_format"
+        assert body["message"].startswith("response_format.json_schema.schema did not compile within 0.05 s")
     assert free.choices[0].finish_reason in ("length", "stop")
     assert constrained.choices[0].message.content.startswith("{")  # its own compile was not held up
-    assert slow_done - start < 5  # refused at its limit, not when the compile ends
+    assert max(done for _, done in results) - start < 5  # refused at the limit, not when the compiles end
 
 
 @pytest.mark.parametrize("extra, param, words", [
@@ -303,6 +305,13 @@ def test_slow_compiling_schema_times_out_alone(client):
     ({"logit_bias": {"5": 101}}, "logit_bias.5", None),
     ({"logit_bias": {"99999999": 1}}, "logit_bias", "outside the vocabulary"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ({"tools": [WEATHER], "structured_outputs": {"regex": "([a-z"}}, "structured_outputs",
+     "structured_outputs.regex is invalid: "),  # tool_choice auto: the spec is the client's structured_outputs
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": [1], "properties": {"a": {"$ref": "#/$defs/Missing"}}, "required": ["a"]}}}],
+      "tool_choice": "required"}, "tools", "tools is invalid: "),
+    ({"response_format": {"type": "json_object"}, "logit_bias": {"99999999": 1}}, "logit_bias",
+     "outside the vocabulary"),
     ({"structured_outputs": {"json": {}}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "send one of them"),
 ])
@@ -322,3 +331,19 @@ def test_tool_message_needs_its_call_id(client):
         client.chat.completions.create(model="chat", max_tokens=2,
                                        messages=[{"role": "tool", "content": "4 degrees"}])
     assert info.value.body["param"] == "messages.0.tool_call_id"
+
+
+def test_a_grammar_error_is_a_500_that_says_so(client, api, monkeypatch):
+    """A sample whose grammar fails (here: the masks switched off, so the model writes what the
+    grammar refuses) is no truncated 200 nor a retryable 503: a 500 with code grammar_error."""
+    engine = api.engine("chat").engine
+    monkeypatch.setattr(engine.structured, "start_masks", lambda matchers: None)
+    spec = {"structured_outputs": {"choice": ["zzzz qqqq"]}}
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model="chat", prompt="Go:", max_tokens=8, temperature=0, extra_body=spec)
+    assert info.value.body["code"] == "grammar_error"
+    stream = client.completions.create(model="chat", prompt="Go:", max_tokens=8, temperature=0, stream=True,
+                                       extra_body=spec)
+    with pytest.raises(openai.APIError) as streamed:
+        list(stream)
+    assert "grammar failed" in str(streamed.value)

@@ -122,12 +122,15 @@ def test_required_schema_limits_parallel_calls():
     assert names == ["f", "g"] and "maxItems" not in required_schema(tools, parallel=True)
 
 
-def test_required_schema_hoists_each_tools_defs():
+def test_required_schema_moves_each_tool_under_defs():
     loc = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    tool = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"at": {"$ref": "#/$defs/Loc"}}, "required": ["at"], "$defs": {"Loc": loc}}}}
+    params = {"type": "object", "required": ["at"], "$defs": {"Loc": loc},
+              "properties": {"at": {"$ref": "#/$defs/Loc"}, "next": {"$ref": "#"}, "same": {"$ref": "#/properties/at"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
     schema = required_schema([tool, tool], parallel=True)
-    assert schema["$defs"] == {"tool0_Loc": loc, "tool1_Loc": loc}
-    refs = [v["properties"]["arguments"]["properties"]["at"]["$ref"] for v in schema["items"]["anyOf"]]
-    assert refs == ["#/$defs/tool0_Loc", "#/$defs/tool1_Loc"]
-    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["arguments"]
+    assert [v["properties"]["arguments"] for v in schema["items"]["anyOf"]] == \
+        [{"$ref": "#/$defs/tool0"}, {"$ref": "#/$defs/tool1"}]
+    moved = schema["$defs"]["tool1"]["properties"]
+    assert moved == {"at": {"$ref": "#/$defs/tool1/$defs/Loc"}, "next": {"$ref": "#/$defs/tool1"},
+                     "same": {"$ref": "#/$defs/tool1/properties/at"}}
+    assert schema["$defs"]["tool1"]["$defs"] == {"Loc": loc} and params["properties"]["at"] == {"$ref": "#/$defs/Loc"}
