@@ -203,3 +203,33 @@ def permute_rows(p: PackedWeight, perm: torch.Tensor) -> PackedWeight:
     pick = (lambda t: t.index_select(0, perm) if t is not None else None)
     return PackedWeight(p.kind, p.out_features, p.in_features, p.group_size, pick(p.codes),
                         pick(p.scales), pick(p.offsets))
+
+
+def take_rows(p: PackedWeight, start: int, stop: int) -> PackedWeight:
+    """Output rows ``[start, stop)`` of ``p`` (a column-parallel shard); always exact."""
+    if not 0 <= start < stop <= p.out_features:
+        raise ValueError(f"take_rows: [{start}, {stop}) is not a range of {p.out_features} rows")
+    cut = (lambda t: t[start:stop] if t is not None else None)
+    return PackedWeight(p.kind, stop - start, p.in_features, p.group_size, cut(p.codes), cut(p.scales),
+                        cut(p.offsets))
+
+
+def take_inputs(p: PackedWeight, start: int, stop: int) -> PackedWeight:
+    """Input columns ``[start, stop)`` of ``p`` (a row-parallel shard); exact. Both ends must
+    fall on group boundaries (u4 codes also on their runs of 32 inputs), except that per-channel
+    scales (one group of all K inputs) split anywhere, the shard keeping one group of its own
+    inputs; anything else raises ``ValueError`` naming the split point and the group size."""
+    k, g = p.in_features, p.group_size
+    if not 0 <= start < stop <= k:
+        raise ValueError(f"take_inputs: [{start}, {stop}) is not a range of {k} inputs")
+    per_channel = g == k
+    need = (32 if p.kind == "u4" else 1) if per_channel else g  # a u4 group is a multiple of 32
+    bad = next((x for x in (start, stop) if x % need), None)
+    if bad is not None:
+        raise ValueError(f"cannot split the inputs of a {p.kind} weight at {bad}: its groups are {g} inputs "
+                         f"(the split must fall on a multiple of {need})")
+    cols = slice(start // 2, stop // 2) if p.kind == "u4" else slice(start, stop)
+    groups = slice(0, 1) if per_channel else slice(start // g, stop // g)
+    offsets = p.offsets[:, groups].contiguous() if p.offsets is not None else None
+    return PackedWeight(p.kind, p.out_features, stop - start, stop - start if per_channel else g,
+                        p.codes[:, cols].contiguous(), p.scales[:, groups].contiguous(), offsets)
