@@ -152,3 +152,110 @@ def test_a_split_that_cuts_a_group_names_the_layer():
                                           r"its groups are 64 inputs"):
         shard_weights({"model.layers.0.self_attn.o_proj.weight": pack(quantize_int4(torch.randn(64, 384), 64))},
                       odd, head_dim=32)
+
+
+# ------------------------------------------------------------------ the model's TP forward
+class _ThreadComm:
+    """Two or more ranks as threads of this process: a collective waits for every rank, then
+    each computes the same sum (in rank order) or concatenation. A test stand-in for a process
+    group; the model's tensor-parallel code cannot tell the difference."""
+
+    def __init__(self, rank: int, shared: dict) -> None:
+        self.rank, self.size, self.shared = rank, shared["size"], shared
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        s = self.shared
+        s["slots"][self.rank] = t.clone()
+        s["barrier"].wait()
+        values = list(s["slots"])
+        s["barrier"].wait()  # every rank has read the slots before any writes the next ones
+        return values
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        parts = self._exchange(t)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return t.copy_(total)
+
+    def gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._exchange(t), dim=-1)
+
+
+def _tiny_config(heads: int, kv: int, tied: bool):
+    from fastinfer.model.config import ModelConfig
+
+    return ModelConfig("llama", vocab_size=1000, hidden_size=256, intermediate_size=256, num_layers=2,
+                       num_heads=heads, num_kv_heads=kv, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=False)
+
+
+def _logits(model, kv_heads: int, prompts: list[list[int]]) -> torch.Tensor:
+    """One prefill step's logits through a ModelRunner over a fresh cache."""
+    from fastinfer.kv_cache.cache import KVCache
+    from fastinfer.model.runner import ModelRunner, StepInput
+
+    cache = KVCache(2, 8, 16, kv_heads, 32, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(model, cache.layers, 16, torch.device("cpu"))
+    tables = [[2 * i, 2 * i + 1] for i in range(len(prompts))]
+    return runner.execute(StepInput(prompts, [0] * len(prompts), tables))
+
+
+@pytest.mark.parametrize("heads, kv, size, tied, kind", [
+    (8, 2, 2, False, None),     # KV heads split
+    (8, 1, 2, True, None),      # one KV head, replicated; tied embeddings
+    (12, 3, 2, False, None),    # whole groups dealt unevenly (as the default model's 9 / 3)
+    (8, 2, 2, False, "int4"),
+    (8, 2, 2, False, "int8"),
+])
+def test_tensor_parallel_logits_match_one_rank(heads, kv, size, tied, kind):
+    """Each rank's model holds its share; the ranks run as threads with a stand-in
+    communicator: the gathered logits equal one rank's within float32 reordering."""
+    import threading
+
+    from fastinfer.model.llama import LlamaForCausalLM
+    from fastinfer.model.sharding import shard_weights
+
+    cfg = _tiny_config(heads, kv, tied)
+    weights = _checkpoint_for(cfg, kind)
+    whole = LlamaForCausalLM(cfg)
+    whole.load_weights(weights)
+    prompts = [[5, 17, 230, 9, 999], list(range(40, 61))]
+    want = _logits(whole, kv, prompts)
+    layouts = plan_layout(heads, kv, cfg.intermediate_size, cfg.vocab_size, size)
+    shared = {"size": size, "slots": [None] * size, "barrier": threading.Barrier(size, timeout=60)}
+    got: list = [None] * size
+
+    def rank(r: int) -> None:
+        model = LlamaForCausalLM(cfg, layout=layouts[r], comm=_ThreadComm(r, shared))
+        model.load_weights(shard_weights(weights, layouts[r], cfg.head_dim))
+        got[r] = _logits(model, layouts[r].num_kv_heads, prompts)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(g is not None for g in got), "a rank failed (see its traceback above)"
+    for g in got:  # every rank gets the whole logits
+        assert g.shape == want.shape
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[0].argmax(-1), want.argmax(-1))
+
+
+def _checkpoint_for(cfg, kind: str | None) -> dict:
+    torch.manual_seed(2)
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = {"self_attn.q_proj": (cfg.num_heads * hd, h), "self_attn.k_proj": (cfg.num_kv_heads * hd, h),
+              "self_attn.v_proj": (cfg.num_kv_heads * hd, h), "self_attn.o_proj": (h, cfg.num_heads * hd),
+              "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+    quant = {None: lambda w: w, "int4": lambda w: pack(quantize_int4(w, 32)), "int8": lambda w: pack(quantize_int8(w))}
+    weights = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, h) * 0.5, "model.norm.weight": torch.ones(h)}
+    if not cfg.tie_word_embeddings:
+        weights["lm_head.weight"] = torch.randn(cfg.vocab_size, h) * 0.1
+    for i in range(cfg.num_layers):
+        weights[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h)
+        weights[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h)
+        for name, shape in shapes.items():
+            weights[f"model.layers.{i}.{name}.weight"] = quant[kind](torch.randn(*shape) * 0.06)
+    return weights

@@ -5,10 +5,14 @@ per-layer cache tensors and one ``AttentionMetadata`` shared by all layers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from fastinfer import ops
+from fastinfer.distributed.comm import SINGLE, Communicator
+from fastinfer.distributed.layout import TPLayout
 from fastinfer.layers.attention import Attention
 from fastinfer.layers.embedding import Embedding
 from fastinfer.common.packed import WeightsVersion, share_version
@@ -25,8 +29,10 @@ class DecoderLayer(nn.Module):
     """``x + attn(norm(x))``, then ``x + mlp(norm(x))``; each residual add is fused with the
     norm after it, so a layer takes and returns ``(h, residual)`` with ``x = h + residual``."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 comm: Communicator = SINGLE) -> None:
         super().__init__()
+        self.comm = comm  # tensor parallelism: o_proj's and down's outputs are partial sums
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    rotary, cfg.attention_bias, dtype)
@@ -38,9 +44,9 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(h), h
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, h, kv_cache, meta)
+        h = self.comm.all_reduce_(self.self_attn(positions, h, kv_cache, meta))
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.comm.all_reduce_(self.mlp(h)), residual
 
 
 def _hooked(modules) -> bool:
@@ -52,17 +58,31 @@ def _hooked(modules) -> bool:
 
 
 class LlamaForCausalLM(nn.Module):
-    """Embedding, ``num_layers`` decoder layers, final norm and the LM head (maybe tied)."""
+    """Embedding, ``num_layers`` decoder layers, final norm and the LM head (maybe tied).
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+    Under tensor parallelism (``layout`` of this rank, and its group's ``comm``) the model holds
+    the rank's share (see :mod:`fastinfer.distributed.layout`; load it with weights cut by
+    ``fastinfer.model.sharding.shard_weights``): ``config`` stays the whole model's, ``local``
+    gives the rank's sizes, the embedding and the LM head hold the rank's vocabulary range, and
+    the layers run module by module with an all-reduce after attention and after the MLP. The
+    logits come out whole on every rank."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, layout: TPLayout | None = None,
+                 comm: Communicator = SINGLE) -> None:
         super().__init__()
-        self.config = cfg
+        self.config, self.comm = cfg, comm
+        self.vocab_start = layout.vocab[0] if layout is not None else 0
+        self.local = cfg if layout is None else dataclasses.replace(
+            cfg, num_heads=layout.num_q_heads, num_kv_heads=layout.num_kv_heads,
+            intermediate_size=layout.intermediate[1] - layout.intermediate[0],
+            vocab_size=layout.vocab[1] - layout.vocab[0])
+        local = self.local
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, dtype) for _ in range(cfg.num_layers))
+        self.embed_tokens = Embedding(local.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(local, rotary, dtype, comm) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings else
-                               nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
+                               nn.Parameter(torch.empty(local.vocab_size, cfg.hidden_size, dtype=dtype),
                                             requires_grad=False))
         # False runs the layers module by module (as forward hooks on them do, which is also
         # detected at each step).
@@ -88,8 +108,8 @@ class LlamaForCausalLM(nn.Module):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
         them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
         or moved (``weights_version``) or the rotary table is."""
-        if not self.fused_layers or _hooked(self._hook_modules):
-            return None
+        if not self.fused_layers or self.comm.size > 1 or _hooked(self._hook_modules):
+            return None  # tensor parallelism runs the module path (its all-reduces are there)
         key = (self.weights_version.value, self.norm.weight.dtype, self.layers[0].self_attn.rotary.cos_sin.data_ptr()
                if len(self.layers) else 0)
         if self._plan_key != key:
@@ -109,14 +129,25 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[CacheLayer], meta: AttentionMetadata) -> torch.Tensor:
         """``token_ids, positions [T]`` -> final hidden states ``[T, hidden]``."""
-        h = self.embed_tokens(token_ids)
+        h = self._embed(token_ids)
         h, residual = ops.decoder_layers(self.layers, self.decoder_plan(), positions, h, None, kv_caches, meta)
         return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows; vocab-parallel, each rank looks up the ids of its range (the
+        others' rows are zeros) and the ranks' rows are summed."""
+        if self.comm.size == 1:
+            return self.embed_tokens(token_ids)
+        local = token_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.local.vocab_size)
+        h = self.embed_tokens(torch.where(inside, local, 0))
+        return self.comm.all_reduce_(h * inside.unsqueeze(1).to(h.dtype))
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [B, hidden]`` -> ``logits [B, vocab]`` in float32."""
-        return ops.linear(hidden, self.lm_head_weight).float()
+        """``hidden [B, hidden]`` -> ``logits [B, vocab]`` in float32 (vocab-parallel: each
+        rank's range, gathered)."""
+        return self.comm.gather_last(ops.linear(hidden, self.lm_head_weight).float())
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Loads Hugging Face-named weights (``model.layers.N.self_attn.q_proj.weight`` ...),
