@@ -13,6 +13,8 @@ from fastinfer.errors import ConfigError
 from fastinfer.quant.pack import pack
 from fastinfer.quant.rtn import quantize_fp8, quantize_int4, quantize_int8
 
+from .tp_models import PROMPTS, checkpoint_for, prefill_logits, tiny_config
+
 
 def _ranges(layouts, field):
     return [getattr(lay, field) for lay in layouts]
@@ -182,25 +184,6 @@ class _ThreadComm:
         return torch.cat(self._exchange(t), dim=-1)
 
 
-def _tiny_config(heads: int, kv: int, tied: bool):
-    from fastinfer.model.config import ModelConfig
-
-    return ModelConfig("llama", vocab_size=1000, hidden_size=256, intermediate_size=256, num_layers=2,
-                       num_heads=heads, num_kv_heads=kv, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=False)
-
-
-def _logits(model, kv_heads: int, prompts: list[list[int]]) -> torch.Tensor:
-    """One prefill step's logits through a ModelRunner over a fresh cache."""
-    from fastinfer.kv_cache.cache import KVCache
-    from fastinfer.model.runner import ModelRunner, StepInput
-
-    cache = KVCache(2, 8, 16, kv_heads, 32, torch.float32, torch.device("cpu"))
-    runner = ModelRunner(model, cache.layers, 16, torch.device("cpu"))
-    tables = [[2 * i, 2 * i + 1] for i in range(len(prompts))]
-    return runner.execute(StepInput(prompts, [0] * len(prompts), tables))
-
-
 @pytest.mark.parametrize("heads, kv, size, tied, kind", [
     (8, 2, 2, False, None),     # KV heads split
     (8, 1, 2, True, None),      # one KV head, replicated; tied embeddings
@@ -216,12 +199,12 @@ def test_tensor_parallel_logits_match_one_rank(heads, kv, size, tied, kind):
     from fastinfer.model.llama import LlamaForCausalLM
     from fastinfer.model.sharding import shard_weights
 
-    cfg = _tiny_config(heads, kv, tied)
-    weights = _checkpoint_for(cfg, kind)
+    cfg = tiny_config(heads, kv, tied)
+    weights = checkpoint_for(cfg, kind)
     whole = LlamaForCausalLM(cfg)
     whole.load_weights(weights)
-    prompts = [[5, 17, 230, 9, 999], list(range(40, 61))]
-    want = _logits(whole, kv, prompts)
+    prompts = PROMPTS
+    want = prefill_logits(whole, kv, prompts)
     layouts = plan_layout(heads, kv, cfg.intermediate_size, cfg.vocab_size, size)
     shared = {"size": size, "slots": [None] * size, "barrier": threading.Barrier(size, timeout=60)}
     got: list = [None] * size
@@ -229,7 +212,7 @@ def test_tensor_parallel_logits_match_one_rank(heads, kv, size, tied, kind):
     def rank(r: int) -> None:
         model = LlamaForCausalLM(cfg, layout=layouts[r], comm=_ThreadComm(r, shared))
         model.load_weights(shard_weights(weights, layouts[r], cfg.head_dim))
-        got[r] = _logits(model, layouts[r].num_kv_heads, prompts)
+        got[r] = prefill_logits(model, layouts[r].num_kv_heads, prompts)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
     for t in threads:
@@ -241,21 +224,3 @@ def test_tensor_parallel_logits_match_one_rank(heads, kv, size, tied, kind):
         assert g.shape == want.shape
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got[0].argmax(-1), want.argmax(-1))
-
-
-def _checkpoint_for(cfg, kind: str | None) -> dict:
-    torch.manual_seed(2)
-    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    shapes = {"self_attn.q_proj": (cfg.num_heads * hd, h), "self_attn.k_proj": (cfg.num_kv_heads * hd, h),
-              "self_attn.v_proj": (cfg.num_kv_heads * hd, h), "self_attn.o_proj": (h, cfg.num_heads * hd),
-              "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
-    quant = {None: lambda w: w, "int4": lambda w: pack(quantize_int4(w, 32)), "int8": lambda w: pack(quantize_int8(w))}
-    weights = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, h) * 0.5, "model.norm.weight": torch.ones(h)}
-    if not cfg.tie_word_embeddings:
-        weights["lm_head.weight"] = torch.randn(cfg.vocab_size, h) * 0.1
-    for i in range(cfg.num_layers):
-        weights[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h)
-        weights[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h)
-        for name, shape in shapes.items():
-            weights[f"model.layers.{i}.{name}.weight"] = quant[kind](torch.randn(*shape) * 0.06)
-    return weights

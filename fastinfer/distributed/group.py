@@ -1,0 +1,48 @@
+"""A ``torch.distributed`` process group as the model's :class:`Communicator`: gloo on CPUs,
+NCCL on GPUs (issue 24)."""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from fastinfer.distributed.comm import Communicator
+
+
+class TorchComm(Communicator):
+    """This process's rank of the default process group (``init_group`` sets it up)."""
+
+    def __init__(self) -> None:
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """Ranks' last dimensions may differ (an uneven vocabulary split): each is padded to the
+        longest for ``all_gather``, then trimmed."""
+        width = torch.tensor([t.shape[-1]], device=t.device)
+        widths = [torch.zeros_like(width) for _ in range(self.size)]
+        dist.all_gather(widths, width)
+        longest = int(max(w.item() for w in widths))
+        padded = torch.nn.functional.pad(t, (0, longest - t.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[..., :int(w.item())] for p, w in zip(parts, widths)], dim=-1)
+
+    @staticmethod
+    def close() -> None:
+        """Leaves the process group (every rank calls it at shutdown)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_group(rank: int, size: int, init_file: str, backend: str = "gloo", timeout_s: float = 30.0) -> TorchComm:
+    """Joins the group of ``size`` ranks that rendezvous through ``init_file`` (a path no earlier
+    group used; a file store has no port to race for). A collective that waits longer than
+    ``timeout_s`` for a rank raises instead of hanging."""
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return TorchComm()
