@@ -233,6 +233,7 @@ class AsyncEngine:
             self._post(("stop", stopped))
             await asyncio.wrap_future(stopped)
         await asyncio.to_thread(self._thread.join)
+        self.engine.shutdown()  # tensor-parallel workers, if any
 
     async def __aenter__(self) -> AsyncEngine:
         return self

@@ -81,6 +81,10 @@ class EngineConfig:
     ``max_num_batched_tokens`` (tokens per step) defaults to 2048 with chunked prefill (long
     prompts are computed in pieces); without it, to ``max(max_model_len, 2048)``, since a whole
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
+    ``tensor_parallel_size``: N > 1 splits the model over N processes (this one and N - 1 it
+    spawns), Megatron-style, their collectives over gloo: each holds its share of the weights and
+    of the KV cache. For now on the CPU, without async scheduling or a host tier; call
+    ``Engine.shutdown()`` (or ``LLM.shutdown()``) to stop the workers (also done at exit).
     ``grammar_compile_timeout`` (seconds): a request whose structured output (JSON schema,
     regex, grammar) takes longer to compile is refused with ``GrammarCompileTimeout`` (an
     ``InvalidRequestError``); compiles run off the engine's thread, so no other request waits.
@@ -107,6 +111,7 @@ class EngineConfig:
     kv_offload_memory: int | str | None = None
     preemption_mode: str = "auto"
     grammar_compile_timeout: float = 5.0
+    tensor_parallel_size: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,6 +153,9 @@ class EngineConfig:
         self._set("seed", check_seed("seed", self.seed))
         self._set("grammar_compile_timeout", check_float("grammar_compile_timeout", self.grammar_compile_timeout,
                                                          lo=0, lo_open=True))
+        self._set("tensor_parallel_size", check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1))
+        if self.tensor_parallel_size > 1:
+            _check_tensor_parallel(self)
         if self.kv_offload_memory is not None:
             nbytes = parse_bytes("kv_offload_memory", self.kv_offload_memory)
             check_within(nbytes, total_memory(torch.device("cpu")), torch.device("cpu"), "all the memory there is",
@@ -200,6 +208,17 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}): "
                               "prompts are prefilled in one step", "max_num_batched_tokens")
         return budget
+
+
+def _check_tensor_parallel(config: EngineConfig) -> None:
+    """What tensor parallelism does not do yet (issue 24's next steps), refused by name."""
+    refused = [(config.torch_device().type != "cpu", "device='cpu' (NCCL on GPUs comes next)"),
+               (config.async_scheduling, "async_scheduling=False"),
+               (bool(config.kv_offload_memory), "no kv_offload_memory (the host tier)")]
+    for bad, needs in refused:
+        if bad:
+            raise ConfigError(f"tensor_parallel_size={config.tensor_parallel_size} runs over gloo processes for now "
+                              f"and needs {needs}", "tensor_parallel_size")
 
 
 def _check_backend(ops_backend: str | None, device: torch.device) -> None:

@@ -25,6 +25,7 @@ from fastinfer.kv_cache.cache import bytes_per_block
 from fastinfer.kv_cache.events import KVEventBatch
 from fastinfer.model.loader import LoadedModel, load_model, weight_bytes
 from fastinfer.model.runner import ModelRunner, StepInput
+from fastinfer.model.tensor_parallel import TPModelRunner, TPWorkers, start_tensor_parallel
 from fastinfer.model.step import Feed, StepFuture
 from fastinfer.sampling.detokenizer import IncrementalDetokenizer
 from fastinfer.sampling.generator import seeded_generator
@@ -74,8 +75,8 @@ class Engine:
                  wrong_type=True)
         self.config = config
         self.device, self.dtype, self.kv_dtype = config.torch_device(), config.torch_dtype(), config.kv_torch_dtype()
-        self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.quantization,
-                                           config.quant_group_size, config.quant_method)
+        self.workers: TPWorkers | None = None  # tensor parallelism: ranks 1..N-1
+        self.loaded = self._load(loaded)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
         self.activation_bytes = profile_activations(config, self.loaded, self.device, self.kv_dtype,
@@ -88,8 +89,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.token_budget(self.max_model_len),
                                    chunked_prefill=config.enable_chunked_prefill,
                                    preemption_mode=config.preemption_mode)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache.layers, config.block_size, self.device,
-                                  config.ops_backend, Sampler(), copy_blocks=self.kv_cache.apply)
+        self.runner = self._runner()
         if not config.enforce_eager:  # the runner captures where it can (a GPU)
             self.runner.capture_graphs(config.max_num_seqs, self.max_model_len)
         self.tokenizer = self.loaded.tokenizer
@@ -113,12 +113,40 @@ class Engine:
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.weight_bytes = weight_bytes(self.loaded.model)
-        self.kv_bytes_per_token = bytes_per_block(mcfg.num_layers, 1, mcfg.num_kv_heads, mcfg.head_dim,
+        self.kv_bytes_per_token = bytes_per_block(mcfg.num_layers, 1, self.loaded.kv_heads, mcfg.head_dim,
                                                   self.kv_dtype)
         # What exists now (the model, torch's and the tokenizer's objects) lives as long as the
         # process: out of the cyclic collector's generations, the collections that each step's
         # allocations set off no longer walk it (about 3% of a CPU decode step, measured).
         gc.freeze()
+
+    def _load(self, loaded: LoadedModel | None) -> LoadedModel:
+        """The model this process runs: the whole one, or under tensor parallelism rank 0's share
+        (the workers load theirs meanwhile)."""
+        config = self.config
+        if config.tensor_parallel_size == 1:
+            return loaded or load_model(config.model, self.dtype, self.device, config.quantization,
+                                        config.quant_group_size, config.quant_method)
+        if loaded is not None:
+            raise ConfigError("tensor_parallel_size > 1: every rank loads its own share of the weights, so pass no "
+                              "loaded model", "tensor_parallel_size")
+        loaded, self.workers, _ = start_tensor_parallel(config)
+        return loaded
+
+    def _runner(self) -> ModelRunner:
+        """Rank 0's runner (which sends each step to the workers under tensor parallelism)."""
+        args = (self.loaded.model, self.kv_cache.layers, self.config.block_size, self.device, self.config.ops_backend,
+                Sampler())
+        if self.workers is None:
+            return ModelRunner(*args, copy_blocks=self.kv_cache.apply)
+        self.workers.start_cache(self.kv_cache.num_blocks)
+        return TPModelRunner(self.workers, *args, copy_blocks=self.kv_cache.apply)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (if any); the engine takes no more steps. Also done
+        when the engine is collected and at exit."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _max_model_len(self, model_limit: int) -> int:
         wanted = self.config.max_model_len

@@ -26,6 +26,10 @@ class LLM:
         """The model's tokenizer (``encode``, ``decode``, ``apply_chat_template``)."""
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stops the engine's tensor-parallel workers (if any); also done at exit."""
+        self.engine.shutdown()
+
     def stats(self) -> dict[str, int]:
         """Scheduler and KV-cache counters (see ``Engine.stats``)."""
         return self.engine.stats()

@@ -121,7 +121,7 @@ def profile_step(config: EngineConfig, loaded: LoadedModel, device: torch.device
         tables.append(list(range(next_block, next_block + need)))
         next_block += need
     torch.cuda.synchronize(device)
-    scratch = KVCache(mcfg.num_layers, next_block, bs, mcfg.num_kv_heads, mcfg.head_dim, kv_dtype, device)
+    scratch = KVCache(mcfg.num_layers, next_block, bs, loaded.kv_heads, mcfg.head_dim, kv_dtype, device)
     runner = ModelRunner(loaded.model, scratch.layers, bs, device, config.ops_backend)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -137,13 +137,13 @@ def allocate_kv_cache(config: EngineConfig, loaded: LoadedModel, device: torch.d
                       activation_bytes: int, max_model_len: int) -> KVCache:
     """The cache tensors, as many blocks as the budget holds (at least one)."""
     mcfg, bs = loaded.config, config.block_size
-    per_block = bytes_per_block(mcfg.num_layers, bs, mcfg.num_kv_heads, mcfg.head_dim, kv_dtype)
+    per_block = bytes_per_block(mcfg.num_layers, bs, loaded.kv_heads, mcfg.head_dim, kv_dtype)
     num_blocks = kv_cache_budget(config, device, activation_bytes) // per_block
     if num_blocks < 1:
         raise ConfigError(f"kv_cache_memory holds no block: one block of {bs} tokens needs {per_block} "
                           "bytes", "kv_cache_memory")
     try:
-        cache = KVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, kv_dtype, device)
+        cache = KVCache(mcfg.num_layers, num_blocks, bs, loaded.kv_heads, mcfg.head_dim, kv_dtype, device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         raise ConfigError(f"cannot allocate the KV cache ({num_blocks} blocks of {per_block} bytes) on "
                           f"{device}: {exc}; lower kv_cache_memory or gpu_memory_utilization",

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from fastinfer.common.packed import PackedWeight
+from fastinfer.distributed.comm import SINGLE, Communicator
+from fastinfer.distributed.layout import plan_layout
 from fastinfer.errors import ConfigError, InvalidArgumentError, ModelLoadError
 from fastinfer.model import gguf_loader
 from fastinfer.model.awq import apply_awq
 from fastinfer.model.config import ModelConfig
 from fastinfer.model.llama import LlamaForCausalLM
 from fastinfer.model.registry import resolve_model_path
+from fastinfer.model.sharding import shard_weights
 from fastinfer.model.tokenizer import Tokenizer
 from fastinfer.quant.folder import packed_weights, quantization_config
 from fastinfer.quant.policy import SCHEMES, quantize_weights
@@ -29,9 +32,14 @@ class LoadedModel:
     tokenizer: Tokenizer
     path: str
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads this process caches: the model's, or its tensor-parallel rank's share."""
+        return self.model.local.num_kv_heads
+
 
 def load_model(model: str, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
-               quant_group_size: int | str = 32, quant_method: str = "rtn") -> LoadedModel:
+               quant_group_size: int | str = 32, quant_method: str = "rtn", comm: Communicator = SINGLE) -> LoadedModel:
     """Reads weights and tokenizer; unknown paths and corrupt files raise ModelLoadError.
 
     ``quantization``: None keeps a GGUF file's quantized blocks and a float model in float;
@@ -39,10 +47,16 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, quantizatio
     ``"int8"``, ``"int4"`` and ``"fp8"`` quantize the float (or dequantized) weights at load
     (``quant_group_size`` applies to int4; ``quant_method="awq"`` first calibrates int4 or int8
     scales on a text, :mod:`fastinfer.model.awq`). A folder written by ``fastinfer quantize`` loads as
-    saved (None, or its own scheme), or dequantized (``"none"``).
+    saved (None, or its own scheme), or dequantized (``"none"``). ``comm``: a tensor-parallel
+    group (``comm.size > 1``): this process loads its rank's share of the weights.
     """
     path, cfg, weights, tok = read_weights(model, quantization, quant_group_size, quant_method)
-    net = LlamaForCausalLM(cfg, dtype)
+    layout = None
+    if comm.size > 1:
+        layout = plan_layout(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size, comm.size,
+                             _input_group(weights))[comm.rank]
+        weights = shard_weights(weights, layout, cfg.head_dim)
+    net = LlamaForCausalLM(cfg, dtype, layout, comm)
     try:
         net.load_weights(weights)
     except ValueError as exc:
@@ -52,6 +66,14 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, quantizatio
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot place the weights on {device}: {exc}") from exc
     return LoadedModel(cfg, net.eval(), tok, path)
+
+
+def _input_group(weights: dict) -> int:
+    """The largest input group of the quantized MLP down projections (32 when none is), which a
+    tensor-parallel split of their inputs must respect."""
+    groups = [w.group_size for name, w in weights.items()
+              if name.endswith("mlp.down_proj.weight") and isinstance(w, PackedWeight) and w.group_size < w.in_features]
+    return max(groups, default=32)
 
 
 def read_weights(model: str, quantization: str | None = None, quant_group_size: int | str = 32,

@@ -1,0 +1,213 @@
+"""Tensor parallelism's processes (issue 24): the engine's process is rank 0, ranks 1..N-1 are
+worker processes it spawns. Every rank loads its share of the weights (``load_model(...,
+comm=)``) and holds its share of the KV cache (its KV heads, the same blocks); rank 0 alone
+schedules and samples. Each step, rank 0 sends the step's input down one pipe per worker and
+every rank runs the same ``ModelRunner.execute``: the all-reduces inside the model keep them in
+step, and the logits come out whole on rank 0.
+
+A worker that dies (or a collective that waits past ``timeout_s``) ends the engine with
+:class:`WorkerDiedError`, which names the rank, within seconds: gloo fails a collective as
+soon as its peer's connection closes. ``shutdown`` (also run when the engine is collected, and
+at exit) stops every worker; a worker also exits when rank 0's pipe closes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.multiprocessing as mp
+
+from fastinfer.distributed.group import TorchComm, init_group
+from fastinfer.errors import EngineDeadError
+from fastinfer.kv_cache.cache import KVCache
+from fastinfer.model.loader import LoadedModel, load_model
+from fastinfer.model.runner import ModelRunner, StepInput
+
+_START_TIMEOUT_S = 300.0  # loading a model on every rank at once, on a loaded machine
+
+
+class WorkerDiedError(EngineDeadError):
+    """A tensor-parallel worker process died or stopped answering; the engine cannot go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker needs to load its share: the engine's options (an ``EngineConfig``), the
+    group's size and rendezvous file, and the collective timeout."""
+
+    config: object  # EngineConfig (the engine layer sits above this one)
+    size: int
+    init_file: str
+    timeout_s: float
+
+
+def load_rank(spec: WorkerSpec, rank: int) -> tuple[LoadedModel, TorchComm]:
+    """Joins the group as ``rank`` and loads that rank's share of the model."""
+    cfg = spec.config
+    comm = init_group(rank, spec.size, spec.init_file, timeout_s=spec.timeout_s)
+    loaded = load_model(cfg.model, cfg.torch_dtype(), cfg.torch_device(), cfg.quantization, cfg.quant_group_size,
+                        cfg.quant_method, comm=comm)
+    return loaded, comm
+
+
+def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
+    """A worker process: load, build the cache rank 0 sized, then run each step it is sent
+    until told to stop (or rank 0's pipe closes)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.size))
+    loaded, comm = load_rank(spec, rank)
+    try:
+        cfg, mcfg = spec.config, loaded.config
+        num_blocks = conn.recv()
+        cache = KVCache(mcfg.num_layers, num_blocks, cfg.block_size, loaded.kv_heads, mcfg.head_dim,
+                        cfg.kv_torch_dtype(), cfg.torch_device())
+        runner = ModelRunner(loaded.model, cache.layers, cfg.block_size, cfg.torch_device(), cfg.ops_backend,
+                             copy_blocks=cache.apply)
+        conn.send("ready")
+        _serve(conn, runner)
+    finally:
+        comm.close()
+
+
+def _serve(conn, runner: ModelRunner) -> None:
+    while True:
+        try:
+            kind, *args = conn.recv()
+        except EOFError:  # rank 0 is gone
+            return
+        if kind == "stop":
+            return
+        if kind == "step":
+            runner.execute(*args)
+        else:  # "copy": block copies of a step that runs no forward pass
+            runner.apply_block_ops(*args)
+
+
+class TPWorkers:
+    """Rank 0's handle on its workers: started with the model's load, told each step's input."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for rank in range(1, spec.size):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(rank, spec, there), daemon=True,
+                               name=f"fastinfer-tp-rank{rank}")
+            proc.start()
+            there.close()
+            self.conns.append(here)
+            self.procs.append(proc)
+        self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
+
+    def own(self, comm: TorchComm) -> None:
+        """Makes ``shutdown`` also leave rank 0's process group (so a later engine may form one)."""
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs, comm)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start_cache(self, num_blocks: int) -> None:
+        """Has every worker build its cache of ``num_blocks`` blocks; waits until all are ready."""
+        self._send(num_blocks)
+        for rank, conn in enumerate(self.conns, start=1):
+            if not conn.poll(_START_TIMEOUT_S):
+                self.raise_if_dead()
+                raise WorkerDiedError(f"tensor-parallel rank {rank} did not start within {_START_TIMEOUT_S:g} s")
+            try:
+                conn.recv()
+            except EOFError:
+                self.raise_if_dead()
+                raise
+
+    def step(self, inp: StepInput, all_logits: bool) -> None:
+        self._send(("step", inp, all_logits))
+
+    def copy(self, ops) -> None:
+        self._send(("copy", ops))
+
+    def _send(self, message) -> None:
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send(message)
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as exc:
+                self.raise_if_dead()
+                raise WorkerDiedError(f"tensor-parallel rank {rank} (pid {self.procs[rank - 1].pid}) is gone (its "
+                                      "pipe closed); the engine cannot go on: build a new one") from exc
+
+    def raise_if_dead(self) -> None:
+        """Raises ``WorkerDiedError`` naming the first worker that has exited (and how)."""
+        for rank, proc in enumerate(self.procs, start=1):
+            if proc.exitcode is not None:
+                how = (f"killed by {signal.Signals(-proc.exitcode).name}" if proc.exitcode < 0
+                       else f"exited with code {proc.exitcode}")
+                raise WorkerDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) {how}; the engine cannot "
+                                      "go on: build a new one")
+
+    def shutdown(self) -> None:
+        """Stops every worker (asked first, then killed) and waits for them."""
+        self._finalizer()
+
+
+def _stop(conns, procs, comm: TorchComm | None = None) -> None:
+    for conn in conns:
+        try:
+            conn.send(("stop",))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        conn.close()
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    if comm is not None:
+        comm.close()
+
+
+class TPModelRunner(ModelRunner):
+    """Rank 0's runner: each step's input goes to the workers first, then every rank runs it.
+    A collective that fails because a worker died raises ``WorkerDiedError``."""
+
+    def __init__(self, workers: TPWorkers, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.workers = workers
+        self._in_step = False
+
+    def execute(self, inp: StepInput, all_logits: bool = False, feed=None) -> torch.Tensor:
+        if feed is not None:
+            raise RuntimeError("internal error: asynchronous scheduling is not supported with tensor parallelism yet")
+        self.workers.step(inp, all_logits)
+        self._in_step = True  # the workers apply the step's block copies themselves
+        try:
+            return super().execute(inp, all_logits)
+        except RuntimeError:
+            self.workers.raise_if_dead()
+            raise
+        finally:
+            self._in_step = False
+
+    def apply_block_ops(self, ops) -> None:
+        if not self._in_step:
+            self.workers.copy(ops)
+        super().apply_block_ops(ops)
+
+
+def start_tensor_parallel(config, timeout_s: float = 60.0) -> tuple[LoadedModel, TPWorkers, TorchComm]:
+    """Spawns ranks 1..N-1 of ``config.tensor_parallel_size`` and loads rank 0's share here
+    (every rank loads at once). Returns rank 0's model, the workers and rank 0's group."""
+    init_file = os.path.join(tempfile.mkdtemp(prefix="fastinfer-tp-"), "rendezvous")
+    spec = WorkerSpec(config, config.tensor_parallel_size, init_file, timeout_s)
+    workers = TPWorkers(spec)
+    try:
+        loaded, comm = load_rank(spec, 0)
+    except BaseException:
+        workers.shutdown()
+        TorchComm.close()
+        raise
+    workers.own(comm)
+    return loaded, workers, comm

@@ -1,0 +1,102 @@
+"""The engine under tensor parallelism over gloo (issue 24): ``tensor_parallel_size=2`` spawns a
+worker, and gives the same greedy tokens as one process on the default model (whose 9 query
+and 3 KV heads split unevenly), in float32 and with int8 and int4 weights; a killed worker ends
+the engine with an error naming its rank within seconds; shutdown leaves no process behind."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from fastinfer import LLM, SamplingParams
+from fastinfer.errors import ConfigError, EngineDeadError
+from fastinfer.ops.backends import cpu_native
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _workers_left() -> list[psutil.Process]:
+    """This process's children, but multiprocessing's resource tracker (it outlives them)."""
+    return [c for c in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def _tokens(llm: LLM, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_two_ranks_give_one_ranks_tokens(quantization, monkeypatch):
+    """float32, and int4 weights (groups of 32, split on group boundaries) with float inputs:
+    the same tokens. (With the default
+    int8 inputs, a quantized model's activations are rounded to int8 per block of 32, so the
+    partial sums' float reordering can move a rounding: close logits, not the same bits; the
+    tokens are compared on the path whose arithmetic TP does not change.)"""
+    if quantization != "none":
+        monkeypatch.setenv("FASTINFER_CPU_ISA", "scalar")  # the workers' kernels: float inputs
+        cpu_native.set_isa_cap("scalar")  # and this process's
+    try:
+        options = dict(quantization=quantization, kv_cache_memory="32MiB", max_model_len=256)
+        prompts = PROMPTS if quantization == "none" else PROMPTS[:2]  # the scalar kernels are slow
+        want = _tokens(LLM("smollm2-135m", **options), prompts)
+        tp = LLM("smollm2-135m", tensor_parallel_size=2, **options)
+        try:
+            assert len(tp.engine.workers.pids) == 1
+            assert _tokens(tp, prompts) == want
+            stats = tp.stats()
+            assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        finally:
+            tp.shutdown()
+    finally:
+        cpu_native.set_isa_cap(3)  # the CPU's best path again
+    assert not _workers_left()
+
+
+def test_int8_inputs_under_two_ranks_stay_close():
+    """The default quantized path (int8 inputs): TP=2's first-step logits are close to TP=1's
+    and its greedy first tokens the same."""
+    options = dict(quantization="int8", kv_cache_memory="32MiB", max_model_len=256)
+    one = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    want = LLM("smollm2-135m", **options).generate(PROMPTS, one, use_tqdm=False)
+    tp = LLM("smollm2-135m", tensor_parallel_size=2, **options)
+    try:
+        got = tp.generate(PROMPTS, one, use_tqdm=False)
+    finally:
+        tp.shutdown()
+    for w, g in zip(want, got):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        (t,) = w.outputs[0].token_ids
+        assert abs(g.outputs[0].logprobs[0][t] - w.outputs[0].logprobs[0][t]) < 0.1
+
+
+def test_a_killed_worker_ends_the_engine_naming_its_rank():
+    tp = LLM("smollm2-135m", tensor_parallel_size=2, kv_cache_memory="32MiB", max_model_len=256)
+    try:
+        (pid,) = tp.engine.workers.pids
+        os.kill(pid, signal.SIGKILL)
+        tp.engine.workers.procs[0].join(10)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=rf"tensor-parallel rank 1 \(pid {pid}\) killed by SIGKILL"):
+            tp.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 10
+    finally:
+        tp.shutdown()
+    assert not _workers_left()
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(async_scheduling=True), "async_scheduling=False"),
+    (dict(kv_offload_memory="64MiB"), "no kv_offload_memory"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1"),
+])
+def test_what_tensor_parallelism_does_not_do_yet_is_refused(options, words):
+    options = {"tensor_parallel_size": 2, **options}
+    with pytest.raises(ConfigError if options["tensor_parallel_size"] else ValueError, match=words):
+        LLM("smollm2-135m", **options)
+    assert not _workers_left()
