@@ -393,11 +393,7 @@ def to_text(name: str, result: dict) -> str:
 
 def to_markdown(doc: dict, command_line: str | None = None) -> str:
     """Every workload's table in Markdown, under the configuration (and the command)."""
-    env = doc["env"]
-    out = [f"**kv-cache** — model `{doc['model']}`, {doc['dtype']}, {doc['device']}, {env['threads']} threads, "
-           f"{doc['cpu']}", ""]
-    if command_line:
-        out += [f"`{command_line}`", ""]
+    out = report.markdown_head(doc, command_line)
     for name, result in doc["workloads"].items():
         rows, lines = _ROWS[name](result)
         out += [f"### {name}", "", *report.markdown_table(rows), "", *lines, ""]

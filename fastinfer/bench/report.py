@@ -74,18 +74,24 @@ def to_text(doc: dict) -> str:
     return text_table(table_rows(doc))
 
 
-def to_markdown(doc: dict, command_line: str | None = None) -> str:
-    """The same table in Markdown, with the configuration (and the command) above it."""
-    rows = table_rows(doc)
-    w = doc["workload"]
-    head = (f"**{doc['command']}** — model `{doc['model']}`, {doc['dtype']}, {doc['device']}, "
-            f"{w['num_prompts']} requests (workload `{w['name']}`, seed {w['seed']}), "
-            f"{doc['env'].get('threads')} threads, {doc['env'].get('cpu')}")
-    lines = [head, ""]
+def markdown_head(doc: dict, command_line: str | None, workload: str = "", extra: str = "") -> list[str]:
+    """The lines a benchmark's Markdown starts with: its command, model, dtype, device,
+    ``workload`` (if any), threads, CPU and ``extra`` (if any), then the command line that
+    reproduces it."""
+    env = doc["env"]
+    parts = [f"model `{doc['model']}`", doc["dtype"], doc["device"], workload,
+             f"{env.get('threads')} threads", env.get("cpu"), extra]
+    lines = [f"**{doc['command']}** — " + ", ".join(str(p) for p in parts if p), ""]
     if command_line:
         lines += [f"`{command_line}`", ""]
-    lines += markdown_table(rows)
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def to_markdown(doc: dict, command_line: str | None = None) -> str:
+    """The same table in Markdown, with the configuration (and the command) above it."""
+    w = doc["workload"]
+    lines = markdown_head(doc, command_line, f"{w['num_prompts']} requests (workload `{w['name']}`, seed {w['seed']})")
+    return "\n".join(lines + markdown_table(table_rows(doc))) + "\n"
 
 
 def plot(doc: dict, runs: dict[str, list[SystemRun]], path: str) -> None:

@@ -150,9 +150,5 @@ def to_text(doc: dict) -> str:
 
 def to_markdown(doc: dict, command_line: str | None = None) -> str:
     """The same in Markdown, under the configuration (and the command)."""
-    env = doc["env"]
-    out = [f"**structured** — model `{doc['model']}`, {doc['dtype']}, {doc['device']}, {env['threads']} threads, "
-           f"{doc['cpu']}, {doc['engine']}", ""]
-    if command_line:
-        out += [f"`{command_line}`", ""]
+    out = report.markdown_head(doc, command_line, extra=doc["engine"])
     return "\n".join(out + report.markdown_table(_rows(doc)) + ["", _compile_line(doc), ""])

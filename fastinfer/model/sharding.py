@@ -29,7 +29,7 @@ def shard_weights(weights: dict[str, Weight], layout: TPLayout, head_dim: int) -
 
 def _shard(name: str, w: Weight, layout: TPLayout, head_dim: int) -> Weight:
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return _rows(name, w, *layout.vocab)
+        return _rows(w, *layout.vocab)
     m = _NAME.match(name)
     if m is None:
         return w  # norms, rotary buffers: whole on every rank
@@ -38,7 +38,7 @@ def _shard(name: str, w: Weight, layout: TPLayout, head_dim: int) -> Weight:
     kv = (layout.kv_heads[0] * head_dim, layout.kv_heads[1] * head_dim)
     rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": layout.intermediate, "up_proj": layout.intermediate}
     if proj in rows:
-        return _rows(name, w, *rows[proj])
+        return _rows(w, *rows[proj])
     inputs = {"o_proj": q, "down_proj": layout.intermediate}.get(proj)
     if inputs is None:
         return w
@@ -47,7 +47,7 @@ def _shard(name: str, w: Weight, layout: TPLayout, head_dim: int) -> Weight:
     return _inputs(name, w, *inputs)
 
 
-def _rows(name: str, w: Weight, start: int, stop: int) -> Weight:
+def _rows(w: Weight, start: int, stop: int) -> Weight:
     return take_rows(w, start, stop) if isinstance(w, PackedWeight) else w[start:stop].clone()
 
 
