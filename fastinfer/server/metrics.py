@@ -3,7 +3,8 @@ labelled by ``model_name`` and ``model_version`` so that a canary can be compare
 version on one dashboard.
 
 The app calls ``first_token`` / ``tokens`` as a request streams, ``finished`` once it ends,
-``engine_stats`` from a periodic poll of each engine, and ``remove`` when a version is unloaded.
+``engine_stats`` from a periodic poll of each engine (``routing`` too for an engine made of replicas,
+``fastinfer.ray_serve``), and ``remove`` when a version is unloaded.
 """
 from __future__ import annotations
 
@@ -77,7 +78,23 @@ class ServerMetrics:
                             "prefix_cache_queries": self.prefix_cache_queries,
                             "prefix_cache_hits": self.prefix_cache_hits}
         self._seen: dict[tuple[str, str, str], int] = {}  # (model, version, stat): its last cumulative value
+        self._add_router_metrics(reg, labels)
+        self._replicas: dict[tuple[str, str], set[str]] = {}
         self._finish_reasons: dict[tuple[str, str], set[str]] = {}
+
+    def _add_router_metrics(self, reg: CollectorRegistry, labels: tuple[str, ...]) -> None:
+        """The series of engines made of replicas (fastinfer.ray_serve): the router's counts and
+        each replica's load."""
+        self.router_requests = Counter("fastinfer:router_requests", "Requests routed between replicas, by decision "
+                                       "(prefix, balanced, fallback, random).", labels + ("decision",), registry=reg)
+        self.router_hit_rate = Gauge("fastinfer:router_prefix_hit_rate", "Fraction of routed requests sent to a "
+                                     "replica that held part of their prompt.", labels, registry=reg)
+        self.replica_in_flight = Gauge("fastinfer:replica_requests_in_flight", "Requests the router has in flight "
+                                       "on each replica.", labels + ("replica",), registry=reg)
+        self.replica_running = Gauge("fastinfer:replica_num_running", "Requests in each replica's running batch.",
+                                     labels + ("replica",), registry=reg)
+        self.replica_waiting = Gauge("fastinfer:replica_num_waiting", "Requests waiting in each replica.",
+                                     labels + ("replica",), registry=reg)
 
     def first_token(self, model: str, version: str, ttft_s: float | None) -> None:
         """Record a request's time to first token (skipped when None)."""
@@ -138,6 +155,30 @@ class ServerMetrics:
         if delta:
             child.inc(delta)
 
+    def routing(self, model: str, version: str, stats: Mapping) -> None:
+        """Set the router's series from its snapshot (``ReplicaSetClient.routing_stats``):
+        cumulative ``decisions``, ``hit_rate``, ``in_flight`` per replica and the replicas' own
+        reports (``replicas``: name -> stats). Series of replicas that are gone are dropped."""
+        for decision, count in stats.get("decisions", {}).items():
+            key = (model, version, "router:" + decision)
+            previous = self._seen.get(key, 0)
+            self._seen[key] = count
+            if count > previous:
+                self.router_requests.labels(model, version, decision).inc(count - previous)
+        self.router_hit_rate.labels(model, version).set(stats.get("hit_rate", 0.0))
+        replicas, in_flight = stats.get("replicas", {}), stats.get("in_flight", {})
+        for name in self._replicas.get((model, version), set()) - set(replicas):
+            self._drop_replica(model, version, name)
+        self._replicas[(model, version)] = set(replicas)
+        for name, report in replicas.items():
+            self.replica_in_flight.labels(model, version, name).set(in_flight.get(name, 0))
+            self.replica_running.labels(model, version, name).set(report.get("num_running", 0))
+            self.replica_waiting.labels(model, version, name).set(report.get("num_waiting", 0))
+
+    def _drop_replica(self, model: str, version: str, name: str) -> None:
+        for gauge in (self.replica_in_flight, self.replica_running, self.replica_waiting):
+            gauge.remove(model, version, name)
+
     def remove(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so that it stops being exported."""
         for metric in (self.ttft, self.inter_token, self.e2e, self.queue_time, self.prompt_tokens,
@@ -148,6 +189,12 @@ class ServerMetrics:
             self.request_success.remove(model, version, reason)
         for stat in self._cumulative:
             self._seen.pop((model, version, stat), None)
+        self.router_hit_rate.remove(model, version)
+        for key in [k for k in self._seen if k[:2] == (model, version) and k[2].startswith("router:")]:
+            del self._seen[key]
+            self.router_requests.remove(model, version, key[2].removeprefix("router:"))
+        for name in self._replicas.pop((model, version), set()):
+            self._drop_replica(model, version, name)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every metric and its content type, for ``GET /metrics``."""

@@ -4,6 +4,8 @@ draining check) and the admin API under ``/admin`` (behind the admin key) that l
 weighs, rolls back and unloads model versions."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -30,13 +32,15 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> Response:
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **await _replica_health(state)})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         check_metrics(state, request)
         for mv in state.registry.versions():
             state.metrics.engine_stats(mv.name, mv.version, mv.engine.stats())
+            if hasattr(mv.engine, "routing_stats"):  # an engine made of replicas (fastinfer.ray_serve)
+                state.metrics.routing(mv.name, mv.version, mv.engine.routing_stats())
         data, content_type = state.metrics.render()
         return Response(data, media_type=content_type)
 
@@ -59,6 +63,17 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                policy: KeyPolicy | None = Depends(caller)) -> Response:
         return await _respond(Job(state, request, policy, body, chat=True))
+
+
+async def _replica_health(state: ServerState) -> dict:
+    """``{"models": {"name@version": ...}}`` for the versions whose engine is made of replicas
+    (their ``health()``: each replica's state and the deployment's), else nothing."""
+    versions = [mv for mv in state.registry.versions() if hasattr(mv.engine, "health")]
+    if not versions:
+        return {}
+    reports = await asyncio.gather(*(mv.engine.health() for mv in versions), return_exceptions=True)
+    return {"models": {mv.key: (r if not isinstance(r, BaseException) else {"error": str(r)})
+                       for mv, r in zip(versions, reports)}}
 
 
 def _model_card(name: str) -> dict:
