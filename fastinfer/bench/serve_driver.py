@@ -23,14 +23,18 @@ from fastinfer.bench.schema import build_result, collect_env
 from fastinfer.bench.serving import (LoadRun, Slo, pair_ratios, poisson_arrivals, rate_label, run_load,
                                      summarize_load, timed_request)
 from fastinfer.bench.serving_targets import SERVED_NAME, CompletionsTarget, EngineTarget, fastinfer_server
-from fastinfer.bench.workload import Workload, mixed_workload
+from fastinfer.bench.workload import Workload, mixed_workload, shared_prefix_workload
 from fastinfer.engine.async_engine import AsyncEngine
 from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.engine import Engine
 
 SERVER, ENGINE, LLAMA = "fastinfer-server", "fastinfer-engine", "llama-server"
-SYSTEMS = (SERVER, ENGINE, LLAMA)  # also cli/bench.py's SERVE_SYSTEMS, kept import-light
-RATIO_PAIRS = ((SERVER, ENGINE), (SERVER, LLAMA))
+R1, R2_PREFIX, R2_RANDOM = "replicas-1", "replicas-2-prefix", "replicas-2-random"
+# fastinfer serve --replicas N on Ray Serve: (replicas, routing). Each replica computes with its
+# share of this process's threads, so every system uses the same cores.
+REPLICA_SYSTEMS = {R1: (1, "prefix"), R2_PREFIX: (2, "prefix"), R2_RANDOM: (2, "random")}
+SYSTEMS = (SERVER, ENGINE, LLAMA, *REPLICA_SYSTEMS)  # also cli/bench.py's SERVE_SYSTEMS + REPLICA_SYSTEMS
+RATIO_PAIRS = ((SERVER, ENGINE), (SERVER, LLAMA), (R2_PREFIX, R2_RANDOM), (R2_PREFIX, R1))
 WARMUP_TOKENS = 2
 
 
@@ -39,12 +43,12 @@ def run_serve_benchmark(args: argparse.Namespace, command_line: str | None = Non
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                  kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                                  seed=args.seed))
-    workload = mixed_workload(engine.tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed,
-                              "serve")
+    workloads = [_workload(args, engine, i) for i in range(len(args.request_rates))]
+    workload = workloads[0]
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     servers, skipped = start_servers(args, engine, workload)
     try:
-        entries = asyncio.run(_sweep(args, engine, servers, workload, slo))
+        entries = asyncio.run(_sweep(args, engine, servers, workloads, slo))
     finally:
         for server in servers.values():
             server.close()
@@ -52,6 +56,15 @@ def run_serve_benchmark(args: argparse.Namespace, command_line: str | None = Non
     print("\n" + to_text(doc))
     report.emit(doc, args, command_line, to_markdown)
     return doc
+
+
+def _workload(args: argparse.Namespace, engine: Engine, index: int) -> Workload:
+    """The workload of the ``index``-th rate: the same mixed one at every rate, or shared
+    prefixes that no earlier rate used (so that no replica starts a rate with them cached)."""
+    if getattr(args, "shared_prefixes", None):
+        return shared_prefix_workload(engine.tokenizer, args.num_prompts, args.shared_prefixes, args.prefix_len,
+                                      args.input_len, args.output_len, args.seed + index)
+    return mixed_workload(engine.tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed, "serve")
 
 
 def start_servers(args: argparse.Namespace, engine: Engine,
@@ -62,10 +75,14 @@ def start_servers(args: argparse.Namespace, engine: Engine,
     skipped: dict[str, str] = {}
     threads = torch.get_num_threads()
     try:
+        options = dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                       max_num_seqs=args.max_num_seqs, seed=args.seed)
         if SERVER in args.systems:
-            options = dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-                           max_num_seqs=args.max_num_seqs, seed=args.seed)
             servers[SERVER] = fastinfer_server(args.model, options, threads)
+        for name, (n, routing) in REPLICA_SYSTEMS.items():
+            if name in args.systems:
+                servers[name] = fastinfer_server(args.model, options | dict(
+                    replicas=n, routing=routing, replica_cpus=0, replica_threads=max(1, threads // n)), threads)
         if LLAMA in args.systems:
             reason = llamacpp.unavailable_reason(engine.loaded.path)
             if reason is None:
@@ -109,17 +126,20 @@ def _targets(args: argparse.Namespace, engine: Engine, servers: dict[str, Server
 
 
 async def _sweep(args: argparse.Namespace, engine: Engine, servers: dict[str, ServerProcess],
-                 workload: Workload, slo: Slo) -> list[dict]:
-    """Every (rate, system) run's result entry, in the order they ran."""
+                 workloads: list[Workload], slo: Slo) -> list[dict]:
+    """Every (rate, system) run's result entry, in the order they ran (``workloads``: one per rate)."""
     targets = _targets(args, engine, servers)
     entries = []
     try:
-        for i, rate in enumerate(args.request_rates):
+        for i, (rate, workload) in enumerate(zip(args.request_rates, workloads)):
             offsets = poisson_arrivals(len(workload.prompts), rate, args.seed)
             for target in targets if i % 2 == 0 else targets[::-1]:
-                run = await _run_one(target, workload, offsets, rate)
                 server = servers.get(target.name)
+                before = _router_counts(server) if target.name in REPLICA_SYSTEMS else None
+                run = await _run_one(target, workload, offsets, rate)
                 entries.append(summarize_load(run, slo, server.peak_rss_mb() if server else None))
+                if before is not None:
+                    entries[-1]["router_prefix_hit_rate"] = _hit_rate(before, _router_counts(server))
                 print(_progress(entries[-1]), file=sys.stderr, flush=True)
     finally:
         for target in targets:
@@ -132,6 +152,24 @@ async def _run_one(target, workload: Workload, offsets: list[float], rate: float
     if not warm.ok:
         raise RuntimeError(f"{target.name}: the warm-up request failed: {warm.error}")
     return await run_load(target, workload.prompts, workload.output_lens, offsets, rate)
+
+
+def _router_counts(server: ServerProcess) -> tuple[float, float]:
+    """(requests routed, those sent to a replica holding part of their prompt) so far, from
+    the server's ``/metrics``."""
+    import httpx
+
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    routed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("fastinfer:router_requests_total{"))
+    hits = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("fastinfer:router_prefix_hits_total{"))
+    return routed, hits
+
+
+def _hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    routed = after[0] - before[0]
+    return (after[1] - before[1]) / routed if routed else None
 
 
 def _progress(e: dict) -> str:
@@ -160,6 +198,9 @@ def build_serve_result(args: argparse.Namespace, engine: Engine, workload: Workl
         "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "goodput": f"completed requests/s with TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms",
         "engine_options": {"max_num_seqs": args.max_num_seqs, "kv_cache_memory": args.kv_cache_memory},
+        "shared_prefixes": (None if not getattr(args, "shared_prefixes", None) else
+                            {"groups": args.shared_prefixes, "prefix_len": args.prefix_len,
+                             "note": "new prefixes at every rate (workload seed + rate index)"}),
         "server": "fastinfer serve in a child process, client in this one (httpx, one connection a request)",
         "ratios": {label: _ratios(results, label) for label in labels},
     }
@@ -192,13 +233,17 @@ _COLUMNS = (("req/s", "request_throughput_req_s"), ("goodput req/s", "goodput_re
 
 def metric_rows(doc: dict) -> list[list[str]]:
     """Header plus one row per (rate, system), rates in sweep order, systems in ``SYSTEMS`` order."""
-    rows = [["rate req/s", "system", "ok", *(name for name, _ in _COLUMNS)]]
+    routed = any("router_prefix_hit_rate" in e for e in doc["results"].values())
+    rows = [["rate req/s", "system", "ok", *(name for name, _ in _COLUMNS), *(["prefix hits"] if routed else [])]]
     for label in doc["serve"]["request_rates"]:
         for system in doc["serve"]["systems"]:
             e = doc["results"].get(f"{system}@{label}")
             if e is None:
                 continue
             cells = [report.fmt(e[k[0]][k[1]] if isinstance(k, tuple) else e[k]) for _, k in _COLUMNS]
+            if routed:
+                hit = e.get("router_prefix_hit_rate")
+                cells.append("-" if hit is None else f"{hit:.0%}")
             rows.append([label, system, f"{e['completed']}/{e['num_requests']}", *cells])
     return rows
 
@@ -217,6 +262,8 @@ def _header(doc: dict) -> str:
     w, env, s = doc["workload"], doc["env"], doc["serve"]
     ins, outs = w["input_lens"], w["output_lens"]
     lens = f"input {min(ins)}-{max(ins)}, output {min(outs)}-{max(outs)}"
+    if s.get("shared_prefixes"):
+        lens += f"; {s['shared_prefixes']['groups']} shared prefixes of {s['shared_prefixes']['prefix_len']}"
     skipped = "".join(f"; {k} skipped: {v}" for k, v in s["skipped"].items())
     return (f"serve — model {doc['model']}, {doc['dtype']}, {doc['device']}; {w['num_prompts']} requests ({lens} "
             f"tokens, seed {w['seed']}), {s['arrivals']}; {env['cpu']}, {env['threads']} threads of "

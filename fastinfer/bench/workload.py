@@ -100,6 +100,21 @@ def prefix_workload(tokenizer, num_prompts: int, prefix_len: int, suffix_range: 
     return Workload("prefix", [prefix + p for p in base.prompts], base.output_lens, seed)
 
 
+def shared_prefix_workload(tokenizer, num_prompts: int, groups: int, prefix_len: int, suffix_range: tuple[int, int],
+                           output_range: tuple[int, int], seed: int = 0) -> Workload:
+    """Requests over ``groups`` distinct shared prefixes of ``prefix_len`` tokens (documents or
+    system prompts that several users ask about), each request one of them (drawn under the
+    seed) plus its own suffix: the workload that routing by cached prefix speeds up. Another
+    seed takes its prefixes from elsewhere in the corpus."""
+    base = mixed_workload(tokenizer, num_prompts, suffix_range, output_range, seed, name="shared-prefix")
+    ids = corpus_token_ids(tokenizer, 4 * groups * prefix_len + sum(base.input_lens))
+    rng = random.Random(seed)
+    start = rng.randrange(0, len(ids) - groups * prefix_len + 1)
+    prefixes = [ids[start + g * prefix_len:start + (g + 1) * prefix_len] for g in range(groups)]
+    prompts = [prefixes[rng.randrange(groups)] + p for p in base.prompts]
+    return Workload("shared-prefix", prompts, base.output_lens, seed)
+
+
 def dataset_workload(tokenizer, entries, output_range: tuple[int, int], seed: int = 0,
                      num_prompts: int | None = None, name: str = "dataset",
                      max_model_len: int | None = None) -> Workload:

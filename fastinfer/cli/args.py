@@ -101,3 +101,15 @@ def add_kv_cache_args(p: argparse.ArgumentParser) -> None:
 def kv_cache_options(args: argparse.Namespace) -> dict[str, Any]:
     """The KV-cache options given on the command line (those left out keep their defaults)."""
     return {f: getattr(args, f) for f in KV_CACHE_FIELDS if getattr(args, f, None) is not None}
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """How one engine is spread over processes."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int_arg(lo=1), default=None,
+                   help="split the model over N processes (one rank each; gloo on a CPU)")
+
+
+def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parallelism options given on the command line."""
+    tp = getattr(args, "tensor_parallel_size", None)
+    return {} if tp is None else {"tensor_parallel_size": tp}

@@ -20,7 +20,8 @@ QUICK = {
     "prefix": dict(num_prompts=8, prefix_len=256, input_len="8:32", output_len="16:32"),
     "serve": dict(num_prompts=6, input_len="16:48", output_len="8:16", request_rates="4,inf"),
 }
-SERVE_SYSTEMS = ("fastinfer-server", "fastinfer-engine", "llama-server")  # bench/serve_driver.py's
+SERVE_SYSTEMS = ("fastinfer-server", "fastinfer-engine", "llama-server")  # bench/serve_driver.py's defaults
+REPLICA_SYSTEMS = ("replicas-1", "replicas-2-prefix", "replicas-2-random")  # and its systems on Ray Serve
 BASELINES = ("transformers", "transformers-batched", "torch-naive", "llama.cpp", "none")
 NO_PREFIX_CACHE = "fastinfer-no-prefix-cache"  # bench/driver.py's: bench prefix's cache-off engine
 RATIO_SYSTEMS = (*BASELINES[:-1], NO_PREFIX_CACHE)  # what --min-ratio may name
@@ -176,7 +177,7 @@ def rate_list(text: str) -> list[float]:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    SYSTEMS = SERVE_SYSTEMS
+    SYSTEMS = SERVE_SYSTEMS + REPLICA_SYSTEMS
 
     def systems(text: str) -> list[str]:
         names = [s.strip() for s in text.split(",") if s.strip()]
@@ -194,7 +195,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=length_range, default=None, help="N or LO:HI prompt tokens (default 32:512)")
     p.add_argument("--output-len", type=length_range, default=None, help="N or LO:HI new tokens (default 32:128)")
     p.add_argument("--systems", type=systems, default=list(SERVE_SYSTEMS),
-                   help=f"default {','.join(SERVE_SYSTEMS)}")
+                   help=f"default {','.join(SERVE_SYSTEMS)}; also {','.join(REPLICA_SYSTEMS)}: fastinfer serve "
+                        "--replicas N on Ray Serve (N engine replicas sharing this machine's threads; prefix-aware "
+                        "or random routing)")
+    p.add_argument("--shared-prefixes", type=int_arg(lo=1), default=None, metavar="G",
+                   help="workload: G shared prefixes of --prefix-len tokens (documents, system prompts), each "
+                        "request one of them plus its own --input-len suffix; new prefixes at every rate")
+    p.add_argument("--prefix-len", type=int_arg(lo=1), default=512, help="tokens of each shared prefix")
     p.add_argument("--max-num-seqs", type=int_arg(lo=1), default=256,
                    help="fastinfer's running-sequence limit; llama-server's -np (capped at --num-prompts)")
     p.add_argument("--kv-cache-memory", default="2GiB",

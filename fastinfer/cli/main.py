@@ -7,7 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fastinfer.cli.args import add_kv_cache_args, add_quantization_args, kv_cache_options, message_arg, prompt_arg
+from fastinfer.cli.args import (add_kv_cache_args, add_parallel_args, add_quantization_args, kv_cache_options,
+                                message_arg, parallel_options, prompt_arg)
 from fastinfer.errors import FastInferError
 
 
@@ -18,6 +19,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None, help="KV-cache size, e.g. 2GiB")
     add_kv_cache_args(p)
+    add_parallel_args(p)
     add_quantization_args(p)
 
 
@@ -72,7 +74,7 @@ def _make_llm(args: argparse.Namespace):
 
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, **{f: getattr(args, f) for f in QUANT_FIELDS},
-               **kv_cache_options(args))
+               **kv_cache_options(args), **parallel_options(args))
 
 
 def _params(args: argparse.Namespace, n: int = 1):

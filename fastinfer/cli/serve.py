@@ -13,7 +13,8 @@ import asyncio
 import signal
 import sys
 
-from fastinfer.cli.args import add_kv_cache_args, add_quantization_args, int_arg, kv_cache_options
+from fastinfer.cli.args import (add_kv_cache_args, add_parallel_args, add_quantization_args, int_arg, kv_cache_options,
+                                parallel_options)
 from fastinfer.server.tools import PARSERS
 
 _ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
@@ -70,7 +71,23 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--block-size", type=int_arg(lo=1), default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="GPU share for weights and KV cache (one version; several need --kv-cache-memory)")
+    add_parallel_args(p)
     add_quantization_args(p)
+    _add_replica_args(p)
+
+
+def _add_replica_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("replicas on Ray Serve (pip install 'fastinfer[ray]')")
+    g.add_argument("--replicas", type=int_arg(lo=1), default=None,
+                   help="serve each model version from N engine replicas on Ray Serve, behind this server")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one")
+    g.add_argument("--routing", choices=["prefix", "random"], default="prefix",
+                   help="how requests are sent to replicas: to the longest cached prefix (falling back to "
+                        "the less loaded of two) or at random")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    g.add_argument("--replica-threads", type=int_arg(lo=1), default=None,
+                   help="compute threads of each replica (default: its --replica-cpus)")
 
 
 def _seconds(text: str) -> float:
@@ -119,15 +136,15 @@ def build_state(args: argparse.Namespace):
     from fastinfer.engine.config import QUANT_FIELDS
     from fastinfer.server.app import ServerState
     from fastinfer.server.audit import AuditLog
-    from fastinfer.server.keys import KeyStore, load_keys_file
+    from fastinfer.server.keys import KeyStore
     from fastinfer.server.registry import CanaryMonitor, ModelRegistry
     from fastinfer.validation import parse_bytes
 
-    options = {f: getattr(args, f) for f in _ENGINE_OPTIONS + tuple(QUANT_FIELDS)} | kv_cache_options(args)
-
-    def factory(name: str, version: str, source: str) -> AsyncEngine:
-        return AsyncEngine(source, max_queued_requests=args.max_queued_requests,
-                           max_queued_tokens=args.max_queued_tokens, **options)
+    options = ({f: getattr(args, f) for f in _ENGINE_OPTIONS + tuple(QUANT_FIELDS)} | kv_cache_options(args)
+               | parallel_options(args) | {"max_queued_requests": args.max_queued_requests,
+                                          "max_queued_tokens": args.max_queued_tokens})
+    factory = _replica_factory(args, options) if args.replicas else (
+        lambda name, version, source: AsyncEngine(source, **options))
 
     monitor = CanaryMonitor(window_s=args.canary_window, min_requests=args.canary_min_requests,
                             max_error_rate_delta=args.canary_max_error_rate_delta,
@@ -135,14 +152,31 @@ def build_state(args: argparse.Namespace):
                             max_logprob_drop=args.canary_max_logprob_drop)
     budget = None if args.memory_budget is None else parse_bytes("memory_budget", args.memory_budget)
     registry = ModelRegistry(factory, memory_budget=budget, monitor=monitor)
-    policies = load_keys_file(args.api_keys_file) if args.api_keys_file else []
-    keys = KeyStore(policies, plain_keys=args.api_key or ())
+    keys = KeyStore.from_sources(args.api_keys_file, args.api_key)
     audit_target = {"-": sys.stderr, "none": None}.get(args.audit_log, args.audit_log)
     return ServerState(registry=registry, keys=keys, audit=AuditLog(audit_target, log_prompts=args.log_prompts),
                        admin_key=args.admin_key, max_body_bytes=args.max_body_bytes,
                        shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout,
                        body_timeout=args.body_timeout, metrics_key=args.metrics_key, enable_docs=args.enable_docs,
                        tool_call_parser=args.tool_call_parser)
+
+
+def _replica_factory(args: argparse.Namespace, options: dict):
+    """Each version as ``--replicas`` engine replicas on Ray Serve (``fastinfer.ray_serve``)."""
+    from fastinfer.errors import ConfigError
+
+    try:
+        from fastinfer.ray_serve.app import ReplicaOptions, deploy_replicas, start_ray
+    except ImportError as exc:
+        raise ConfigError(f"--replicas needs Ray Serve: pip install 'fastinfer[ray]' ({exc})", "replicas") from exc
+    replica_options = ReplicaOptions(replicas=args.replicas, routing=args.routing, num_cpus=args.replica_cpus,
+                                     threads=args.replica_threads)
+    start_ray(args.ray_address)
+
+    def factory(name: str, version: str, source: str):
+        return deploy_replicas(name, version, source, options, replica_options)
+
+    return factory
 
 
 async def load_models(state, specs, traffic: list[str] | None) -> None:
@@ -198,5 +232,9 @@ def run_serve(args: argparse.Namespace) -> int:
         asyncio.run(main())
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if args.replicas and args.ray_address is None:  # the local Ray instance this server started
+            from fastinfer.ray_serve.app import stop_ray
+
+            stop_ray()
     return 0
 

@@ -15,6 +15,7 @@ class TorchComm(Communicator):
 
     def __init__(self) -> None:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self._widths: dict[int, list[int]] = {}  # this rank's last dimension -> every rank's
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
@@ -22,15 +23,18 @@ class TorchComm(Communicator):
 
     def gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Ranks' last dimensions may differ (an uneven vocabulary split): each is padded to the
-        longest for ``all_gather``, then trimmed."""
-        width = torch.tensor([t.shape[-1]], device=t.device)
-        widths = [torch.zeros_like(width) for _ in range(self.size)]
-        dist.all_gather(widths, width)
-        longest = int(max(w.item() for w in widths))
-        padded = torch.nn.functional.pad(t, (0, longest - t.shape[-1])).contiguous()
+        longest for ``all_gather``, then trimmed. The widths are exchanged once per width (every
+        rank gathers the same kind of tensor at once), not at every step."""
+        widths = self._widths.get(t.shape[-1])
+        if widths is None:
+            mine = torch.tensor([t.shape[-1]], device=t.device)
+            gathered = [torch.zeros_like(mine) for _ in range(self.size)]
+            dist.all_gather(gathered, mine)
+            widths = self._widths[t.shape[-1]] = [int(w.item()) for w in gathered]
+        padded = torch.nn.functional.pad(t, (0, max(widths) - t.shape[-1])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[..., :int(w.item())] for p, w in zip(parts, widths)], dim=-1)
+        return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1)
 
     @staticmethod
     def close() -> None:

@@ -54,10 +54,17 @@ def load_rank(spec: WorkerSpec, rank: int) -> tuple[LoadedModel, TorchComm]:
     return loaded, comm
 
 
+def rank_threads(size: int) -> int:
+    """Threads each of ``size`` ranks on this machine computes with: its share of the CPUs
+    this process may use (more would have the ranks' thread pools fight over cores)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // size)
+
+
 def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
     """A worker process: load, build the cache rank 0 sized, then run each step it is sent
     until told to stop (or rank 0's pipe closes)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.size))
+    torch.set_num_threads(rank_threads(spec.size))
     loaded, comm = load_rank(spec, rank)
     try:
         cfg, mcfg = spec.config, loaded.config
@@ -199,7 +206,11 @@ class TPModelRunner(ModelRunner):
 
 def start_tensor_parallel(config, timeout_s: float = 60.0) -> tuple[LoadedModel, TPWorkers, TorchComm]:
     """Spawns ranks 1..N-1 of ``config.tensor_parallel_size`` and loads rank 0's share here
-    (every rank loads at once). Returns rank 0's model, the workers and rank 0's group."""
+    (every rank loads at once), computing with its share of the CPUs (``rank_threads``; on a
+    CPU, this process's torch threads are set to it). Returns rank 0's model, the workers and
+    rank 0's group."""
+    if config.torch_device().type == "cpu":
+        torch.set_num_threads(rank_threads(config.tensor_parallel_size))
     init_file = os.path.join(tempfile.mkdtemp(prefix="fastinfer-tp-"), "rendezvous")
     spec = WorkerSpec(config, config.tensor_parallel_size, init_file, timeout_s)
     workers = TPWorkers(spec)

@@ -31,7 +31,7 @@ from fastinfer.ray_serve.replica import DIRECTORY_NAMESPACE, EngineReplica, dire
 from fastinfer.ray_serve.router import PrefixAwareRouter
 from fastinfer.ray_serve.routing import POLICIES
 from fastinfer.server.app import build_app
-from fastinfer.server.keys import KeyStore, load_keys_file
+from fastinfer.server.keys import KeyStore
 from fastinfer.server.registry import ModelRegistry
 from fastinfer.server.state import ServerState
 
@@ -41,7 +41,8 @@ class ReplicaOptions:
     """How the engine replicas are deployed and routed. ``replicas``: how many (ignored when
     ``autoscaling_config``, Ray Serve's, is given); ``routing``: ``"prefix"`` or ``"random"``;
     ``max_ongoing_requests``: requests one replica holds at once (the engine batches them);
-    ``num_cpus``: Ray CPUs each replica reserves; ``balance_*``: when the router leaves the
+    ``num_cpus``: Ray CPUs each replica reserves; ``threads``: its compute threads
+    (``OMP_NUM_THREADS``; None: Ray's default, its ``num_cpus``); ``balance_*``: when the router leaves the
     replica with the longest cached prefix for a less loaded one (``PrefixAwareRouter``)."""
 
     replicas: int = 2
@@ -49,6 +50,7 @@ class ReplicaOptions:
     autoscaling_config: dict[str, Any] | None = None
     max_ongoing_requests: int = 256
     num_cpus: float = 1.0
+    threads: int | None = None
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
     health_check_period_s: float = 2.0
@@ -72,10 +74,13 @@ def engine_application(source: str, engine_options: dict[str, Any], options: Rep
                                "balance_rel_threshold": options.balance_rel_threshold, "stats_key": stats_key})
     scale = ({"autoscaling_config": options.autoscaling_config} if options.autoscaling_config
              else {"num_replicas": options.replicas})
+    actor = {"num_cpus": options.num_cpus, **options.extra_actor_options}
+    if options.threads is not None:
+        actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(options.threads)}}
     deployment = serve.deployment(
         EngineReplica, name="engine", max_ongoing_requests=options.max_ongoing_requests,
         request_router_config=router, health_check_period_s=options.health_check_period_s,
-        ray_actor_options={"num_cpus": options.num_cpus, **options.extra_actor_options}, **scale)
+        ray_actor_options=actor, **scale)
     return deployment.bind(source, engine_options, directory)
 
 
@@ -90,6 +95,13 @@ def start_ray(address: str | None = None, **init_kwargs) -> None:
     if not ray.is_initialized():
         ray.init(address=address, **init_kwargs)
     serve.start(proxy_location="Disabled")
+
+
+def stop_ray() -> None:
+    """Shuts Serve and the local Ray instance down (what ``start_ray`` without an address began)."""
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
 
 
 def deploy_replicas(name: str, version: str, source: str, engine_options: dict[str, Any],
@@ -132,9 +144,7 @@ def server_state(registry: ModelRegistry, options: dict[str, Any]) -> ServerStat
     """``ServerState`` from plain options: ``api_keys`` (a list), ``api_keys_file`` (a JSON keys
     file, ``fastinfer keys``) and any ``ServerState`` field."""
     options = dict(options)
-    policies = load_keys_file(options.pop("api_keys_file")) if options.get("api_keys_file") else []
-    options.pop("api_keys_file", None)
-    keys = KeyStore(policies, plain_keys=options.pop("api_keys", None) or ())
+    keys = KeyStore.from_sources(options.pop("api_keys_file", None), options.pop("api_keys", None))
     return ServerState(registry=registry, keys=keys, **options)
 
 
@@ -153,3 +163,21 @@ def build_openai_app(source: str = "smollm2-135m", *, name: str | None = None,
                                ray_actor_options={"num_cpus": 0})
     return ingress.bind(engines, name or source, directory, stats_key, options.replicas,
                         dict(server_options or {}))
+
+
+_BUILDER_KEYS = {"model", "name", "engine", "replicas", "server"}
+
+
+def app_builder(args: dict[str, Any]):
+    """Ray Serve's application builder (``import_path: fastinfer.ray_serve.app:app_builder`` in
+    a Serve config or a KubeRay ``RayService``): ``build_openai_app`` from ``args`` with the keys
+    ``model``, ``name``, ``engine`` (engine options), ``replicas`` (``ReplicaOptions`` fields)
+    and ``server`` (``server_state`` options)."""
+    args = dict(args or {})
+    unknown = set(args) - _BUILDER_KEYS
+    if unknown:
+        raise ConfigError(f"unknown fastinfer application args {sorted(unknown)}; expected "
+                          f"{sorted(_BUILDER_KEYS)}", "args")
+    return build_openai_app(args.get("model", "smollm2-135m"), name=args.get("name"),
+                            engine_options=args.get("engine"), replica_options=ReplicaOptions(**args.get("replicas", {})),
+                            server_options=args.get("server"))

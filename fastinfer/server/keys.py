@@ -219,6 +219,11 @@ class KeyStore:
         _check_unique(self._policies)
         self._digests = [p.key_sha256.encode("ascii") for p in self._policies]
 
+    @classmethod
+    def from_sources(cls, keys_file: str | os.PathLike | None = None, plain_keys: Iterable[str] | None = None) -> KeyStore:
+        """The keys of a keys file (``fastinfer keys``; None: none) and plain keys without limits."""
+        return cls(load_keys_file(keys_file) if keys_file else [], plain_keys=plain_keys or ())
+
     @property
     def enabled(self) -> bool:
         """False when there are no keys: the server is open to anyone."""

@@ -87,6 +87,8 @@ class ServerMetrics:
         each replica's load."""
         self.router_requests = Counter("fastinfer:router_requests", "Requests routed between replicas, by decision "
                                        "(prefix, balanced, fallback, random).", labels + ("decision",), registry=reg)
+        self.router_hits = Counter("fastinfer:router_prefix_hits", "Routed requests sent to a replica that held "
+                                   "part of their prompt.", labels, registry=reg)
         self.router_hit_rate = Gauge("fastinfer:router_prefix_hit_rate", "Fraction of routed requests sent to a "
                                      "replica that held part of their prompt.", labels, registry=reg)
         self.replica_in_flight = Gauge("fastinfer:replica_requests_in_flight", "Requests the router has in flight "
@@ -141,17 +143,18 @@ class ServerMetrics:
         if total and free is not None:
             self.kv_cache_usage.labels(model, version).set((total - free) / total)
         for stat, counter in self._cumulative.items():
-            self._count_cumulative(model, version, stat, counter, stats.get(stat))
+            if stats.get(stat) is not None:
+                self._count_cumulative(model, version, stat, counter.labels(model, version), stats[stat])
 
-    def _count_cumulative(self, model: str, version: str, stat: str, counter: Counter,
+    def _count_cumulative(self, model: str, version: str, stat: str, child: Counter,
                           cumulative: int | None) -> None:
-        """Grows ``counter`` by what the engine's cumulative ``stat`` added since last seen."""
+        """Grows ``child`` (a counter's series, created at 0 if new) by what the engine's
+        cumulative ``stat`` added since last seen."""
         if cumulative is None:
             return
         previous = self._seen.get((model, version, stat), 0)
         delta = cumulative - previous if cumulative >= previous else cumulative
         self._seen[(model, version, stat)] = cumulative
-        child = counter.labels(model, version)  # creates the series at 0
         if delta:
             child.inc(delta)
 
@@ -160,11 +163,10 @@ class ServerMetrics:
         cumulative ``decisions``, ``hit_rate``, ``in_flight`` per replica and the replicas' own
         reports (``replicas``: name -> stats). Series of replicas that are gone are dropped."""
         for decision, count in stats.get("decisions", {}).items():
-            key = (model, version, "router:" + decision)
-            previous = self._seen.get(key, 0)
-            self._seen[key] = count
-            if count > previous:
-                self.router_requests.labels(model, version, decision).inc(count - previous)
+            self._count_cumulative(model, version, "router:" + decision,
+                                   self.router_requests.labels(model, version, decision), count)
+        self._count_cumulative(model, version, "router-hits", self.router_hits.labels(model, version),
+                               stats.get("hits", 0))
         self.router_hit_rate.labels(model, version).set(stats.get("hit_rate", 0.0))
         replicas, in_flight = stats.get("replicas", {}), stats.get("in_flight", {})
         for name in self._replicas.get((model, version), set()) - set(replicas):
@@ -190,6 +192,8 @@ class ServerMetrics:
         for stat in self._cumulative:
             self._seen.pop((model, version, stat), None)
         self.router_hit_rate.remove(model, version)
+        self.router_hits.remove(model, version)
+        self._seen.pop((model, version, "router-hits"), None)
         for key in [k for k in self._seen if k[:2] == (model, version) and k[2].startswith("router:")]:
             del self._seen[key]
             self.router_requests.remove(model, version, key[2].removeprefix("router:"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fastinfer.bench.dataset import DatasetEntry
-from fastinfer.bench.workload import dataset_workload, mixed_workload, prefix_workload
+from fastinfer.bench.workload import dataset_workload, mixed_workload, prefix_workload, shared_prefix_workload
 
 
 def test_mixed_workload_is_deterministic_and_in_range(smollm):
@@ -24,6 +24,17 @@ def test_prefix_workload_shares_the_prefix(smollm):
     prefix = w.prompts[0][:100]
     assert all(p[:100] == prefix and 105 <= len(p) <= 109 for p in w.prompts)
     assert len({tuple(p[100:]) for p in w.prompts}) == 8
+
+
+def test_shared_prefix_workload_deals_groups_and_another_seed_takes_other_prefixes(smollm):
+    w = shared_prefix_workload(smollm.tokenizer, 40, 4, 64, (5, 9), (3, 4), seed=1)
+    prefixes = {tuple(p[:64]) for p in w.prompts}
+    assert len(prefixes) == 4 and all(69 <= len(p) <= 73 for p in w.prompts)
+    assert all(sum(tuple(p[:64]) == q for p in w.prompts) >= 3 for q in prefixes)  # each group is used
+    again = shared_prefix_workload(smollm.tokenizer, 40, 4, 64, (5, 9), (3, 4), seed=1)
+    assert again.prompts == w.prompts
+    other = shared_prefix_workload(smollm.tokenizer, 40, 4, 64, (5, 9), (3, 4), seed=2)
+    assert not prefixes & {tuple(p[:64]) for p in other.prompts}
 
 
 def test_dataset_workload_uses_max_tokens_or_the_range(smollm):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -187,3 +189,43 @@ def test_build_openai_app_serves_through_ray_serve(proxy_port, tiny_path):
         assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
     finally:
         serve.delete("composed")
+
+
+def test_fastinfer_serve_replicas_joins_a_cluster_and_leaves_it_clean(proxy_port, tiny_path):
+    port = _free_port()
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "fastinfer.cli.main", "serve", tiny_path, "--served-model-name", "tiny-cli",
+           "--replicas", "2", "--replica-cpus", "0", "--ray-address", address, "--port", str(port),
+           "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "8MiB", "--audit-log", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "fastinfer serve --replicas did not start in 90 s"
+                time.sleep(0.5)
+        assert len(health["models"]["tiny-cli@v1"]["replicas"]) == 2
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert _complete(client, "tiny-cli", [3, 4, 5], max_tokens=3).usage.completion_tokens == 3
+        assert "fastinfer-tiny-cli-v1" in serve.status().applications
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert "fastinfer-tiny-cli-v1" not in serve.status().applications  # the server deleted its replicas
+
+
+def test_replicas_without_ray_is_a_clear_error(monkeypatch):
+    from fastinfer.cli.main import build_parser
+    from fastinfer.cli.serve import build_state
+    from fastinfer.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    for name in [m for m in sys.modules if m.startswith("fastinfer.ray_serve")]:
+        monkeypatch.delitem(sys.modules, name)
+    args = build_parser().parse_args(["serve", "--replicas", "2"])
+    with pytest.raises(ConfigError, match=r"pip install 'fastinfer\[ray\]'"):
+        build_state(args)
