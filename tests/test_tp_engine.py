@@ -58,6 +58,23 @@ def test_two_ranks_give_one_ranks_tokens(quantization, monkeypatch):
     assert not _workers_left()
 
 
+def test_deepspeeds_shared_memory_all_reduce_gives_the_same_tokens():
+    """tp_all_reduce="shm" (DeepSpeed's op, built on first use): TP=1's tokens, and no shared
+    memory segment left behind."""
+    pytest.importorskip("deepspeed.ops.op_builder.cpu")
+    options = dict(kv_cache_memory="32MiB", max_model_len=256)
+    want = _tokens(LLM("smollm2-135m", **options))
+    before = set(os.listdir("/dev/shm"))
+    tp = LLM("smollm2-135m", tensor_parallel_size=2, tp_all_reduce="shm", **options)
+    try:
+        assert any("deepspeed_allreduce_buffer" in n for n in set(os.listdir("/dev/shm")) - before)
+        assert _tokens(tp) == want
+    finally:
+        tp.shutdown()
+    assert not {n for n in set(os.listdir("/dev/shm")) - before if "deepspeed" in n}
+    assert not _workers_left()
+
+
 def test_int8_inputs_under_two_ranks_stay_close():
     """The default quantized path (int8 inputs): TP=2's first-step logits are close to TP=1's
     and its greedy first tokens the same."""
@@ -94,9 +111,10 @@ def test_a_killed_worker_ends_the_engine_naming_its_rank():
     (dict(async_scheduling=True), "async_scheduling=False"),
     (dict(kv_offload_memory="64MiB"), "no kv_offload_memory"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1"),
+    (dict(tp_all_reduce="mpi"), "tp_all_reduce"),
 ])
 def test_what_tensor_parallelism_does_not_do_yet_is_refused(options, words):
     options = {"tensor_parallel_size": 2, **options}
-    with pytest.raises(ConfigError if options["tensor_parallel_size"] else ValueError, match=words):
+    with pytest.raises((ConfigError, ValueError), match=words):
         LLM("smollm2-135m", **options)
     assert not _workers_left()

@@ -107,9 +107,12 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     """How one engine is spread over processes."""
     p.add_argument("--tensor-parallel-size", "-tp", type=int_arg(lo=1), default=None,
                    help="split the model over N processes (one rank each; gloo on a CPU)")
+    p.add_argument("--tp-all-reduce", choices=["gloo", "shm"], default=None,
+                   help="the ranks' all-reduce: gloo (default) or DeepSpeed's shared-memory one (faster; its "
+                        "waits have no timeout; needs: pip install --no-deps deepspeed==0.19.8 hjson einops)")
 
 
 def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
     """The parallelism options given on the command line."""
-    tp = getattr(args, "tensor_parallel_size", None)
-    return {} if tp is None else {"tensor_parallel_size": tp}
+    names = ("tensor_parallel_size", "tp_all_reduce")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

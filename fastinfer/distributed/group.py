@@ -3,6 +3,7 @@ NCCL on GPUs (issue 24)."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 
 import torch
 import torch.distributed as dist
@@ -11,13 +12,22 @@ from fastinfer.distributed.comm import Communicator
 
 
 class TorchComm(Communicator):
-    """This process's rank of the default process group (``init_group`` sets it up)."""
+    """This process's rank of the default process group (``init_group`` sets it up). Its
+    all-reduce is the group's (gloo) or, with ``all_reduce="shm"``, DeepSpeed's shared-memory
+    one (``fastinfer.distributed.shm``; ``tag`` names its segments)."""
 
-    def __init__(self) -> None:
+    def __init__(self, all_reduce: str = "gloo", tag: str = "") -> None:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self._shm = None
+        if all_reduce == "shm":
+            from fastinfer.distributed.shm import ShmAllReduce
+
+            self._shm = ShmAllReduce(self.rank, self.size, tag, dist.all_reduce)
         self._widths: dict[int, list[int]] = {}  # this rank's last dimension -> every rank's
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self._shm is not None:
+            return self._shm(t)
         dist.all_reduce(t)
         return t
 
@@ -36,17 +46,32 @@ class TorchComm(Communicator):
         dist.all_gather(parts, padded)
         return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1)
 
-    @staticmethod
-    def close() -> None:
+    def close(self) -> None:
         """Leaves the process group (every rank calls it at shutdown)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if self._shm is not None:
+            self._shm.close()
+        leave_group()
 
 
-def init_group(rank: int, size: int, init_file: str, backend: str = "gloo", timeout_s: float = 30.0) -> TorchComm:
+def leave_group() -> None:
+    """Leaves this process's group, if it is in one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+ALL_REDUCES = ("gloo", "shm")
+
+
+def init_group(rank: int, size: int, init_file: str, backend: str = "gloo", timeout_s: float = 30.0,
+               all_reduce: str = "gloo") -> TorchComm:
     """Joins the group of ``size`` ranks that rendezvous through ``init_file`` (a path no earlier
     group used; a file store has no port to race for). A collective that waits longer than
-    ``timeout_s`` for a rank raises instead of hanging."""
+    ``timeout_s`` for a rank raises instead of hanging (gloo's; ``all_reduce="shm"`` waits
+    without a limit)."""
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return TorchComm()
+    try:
+        return TorchComm(all_reduce, tag=hashlib.sha1(init_file.encode()).hexdigest()[:12])
+    except BaseException:
+        leave_group()
+        raise

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from fastinfer.common.kv_format import KV_ALIASES, KV_CACHE_DTYPES, code_dtype
+from fastinfer.distributed.group import ALL_REDUCES
 from fastinfer.engine.memory import check_within, total_memory
 from fastinfer.errors import ArgumentTypeError, ConfigError
 from fastinfer.ops.backends import cuda_native
@@ -85,6 +86,8 @@ class EngineConfig:
     spawns), Megatron-style, their collectives over gloo: each holds its share of the weights and
     of the KV cache. For now on the CPU, without async scheduling or a host tier; call
     ``Engine.shutdown()`` (or ``LLM.shutdown()``) to stop the workers (also done at exit).
+    ``tp_all_reduce``: ``"gloo"``, or ``"shm"`` for DeepSpeed's shared-memory all-reduce (faster,
+    but its waits have no timeout: see ``fastinfer.distributed.shm``).
     ``grammar_compile_timeout`` (seconds): a request whose structured output (JSON schema,
     regex, grammar) takes longer to compile is refused with ``GrammarCompileTimeout`` (an
     ``InvalidRequestError``); compiles run off the engine's thread, so no other request waits.
@@ -112,6 +115,7 @@ class EngineConfig:
     preemption_mode: str = "auto"
     grammar_compile_timeout: float = 5.0
     tensor_parallel_size: int = 1
+    tp_all_reduce: str = "gloo"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,6 +158,7 @@ class EngineConfig:
         self._set("grammar_compile_timeout", check_float("grammar_compile_timeout", self.grammar_compile_timeout,
                                                          lo=0, lo_open=True))
         self._set("tensor_parallel_size", check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1))
+        check_choice("tp_all_reduce", self.tp_all_reduce, list(ALL_REDUCES))
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel(self)
         if self.kv_offload_memory is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
-from fastinfer.distributed.group import TorchComm, init_group
+from fastinfer.distributed.group import TorchComm, init_group, leave_group
 from fastinfer.errors import EngineDeadError
 from fastinfer.kv_cache.cache import KVCache
 from fastinfer.model.loader import LoadedModel, load_model
@@ -48,7 +48,7 @@ class WorkerSpec:
 def load_rank(spec: WorkerSpec, rank: int) -> tuple[LoadedModel, TorchComm]:
     """Joins the group as ``rank`` and loads that rank's share of the model."""
     cfg = spec.config
-    comm = init_group(rank, spec.size, spec.init_file, timeout_s=spec.timeout_s)
+    comm = init_group(rank, spec.size, spec.init_file, timeout_s=spec.timeout_s, all_reduce=cfg.tp_all_reduce)
     loaded = load_model(cfg.model, cfg.torch_dtype(), cfg.torch_device(), cfg.quantization, cfg.quant_group_size,
                         cfg.quant_method, comm=comm)
     return loaded, comm
@@ -218,7 +218,7 @@ def start_tensor_parallel(config, timeout_s: float = 60.0) -> tuple[LoadedModel,
         loaded, comm = load_rank(spec, 0)
     except BaseException:
         workers.shutdown()
-        TorchComm.close()
+        leave_group()
         raise
     workers.own(comm)
     return loaded, workers, comm
