@@ -43,13 +43,18 @@ def test_two_ranks_give_one_ranks_tokens(quantization, monkeypatch):
         cpu_native.set_isa_cap("scalar")  # and this process's
     try:
         options = dict(quantization=quantization, kv_cache_memory="32MiB", max_model_len=256)
-        prompts = PROMPTS if quantization == "none" else PROMPTS[:2]  # the scalar kernels are slow
+        # (a prompt of several full blocks, for the prefix cache's turn below; the scalar kernels are slow)
+        prompts = PROMPTS + ["The quick brown fox jumps over the lazy dog. " * 6] if quantization == "none" \
+            else PROMPTS[:2]
         want = _tokens(LLM("smollm2-135m", **options), prompts)
         tp = LLM("smollm2-135m", tensor_parallel_size=2, **options)
         try:
             assert len(tp.engine.workers.pids) == 1
             assert _tokens(tp, prompts) == want
+            assert _tokens(tp, prompts) == want  # again, now from the prefix cache every rank shares
             stats = tp.stats()
+            if quantization == "none":  # its long prompt's blocks were read from the cache
+                assert stats["prefix_cache_hits"] > 0
             assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
         finally:
             tp.shutdown()
