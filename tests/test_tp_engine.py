@@ -80,6 +80,25 @@ def test_deepspeeds_shared_memory_all_reduce_gives_the_same_tokens():
     assert not _workers_left()
 
 
+def test_asynchronous_scheduling_under_two_ranks(monkeypatch):
+    """async_scheduling=True: each step is launched before the last one's tokens reach the
+    host; rank 0 broadcasts them to the worker (the feed). TP=1's greedy tokens, synchronous."""
+    from fastinfer.model import tensor_parallel
+
+    fed = []
+    send = tensor_parallel.send_feed
+    monkeypatch.setattr(tensor_parallel, "send_feed", lambda comm, feed: (fed.append(feed[0].numel()), send(comm, feed)))
+    options = dict(kv_cache_memory="32MiB", max_model_len=256)
+    want = _tokens(LLM("smollm2-135m", **options))
+    tp = LLM("smollm2-135m", tensor_parallel_size=2, async_scheduling=True, **options)
+    try:
+        assert _tokens(tp) == want
+    finally:
+        tp.shutdown()
+    assert len(fed) >= 5 and max(fed) == len(PROMPTS)  # decode steps fed every sequence's last token
+    assert not _workers_left()
+
+
 def test_int8_inputs_under_two_ranks_stay_close():
     """The default quantized path (int8 inputs): TP=2's first-step logits are close to TP=1's
     and its greedy first tokens the same."""
@@ -113,7 +132,6 @@ def test_a_killed_worker_ends_the_engine_naming_its_rank():
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(async_scheduling=True), "async_scheduling=False"),
     (dict(kv_offload_memory="64MiB"), "no kv_offload_memory"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1"),
     (dict(tp_all_reduce="mpi"), "tp_all_reduce"),

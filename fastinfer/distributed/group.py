@@ -31,6 +31,11 @@ class TorchComm(Communicator):
         dist.all_reduce(t)
         return t
 
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``src``'s ``t`` into every rank's ``t`` (in place)."""
+        dist.broadcast(t, src)
+        return t
+
     def gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Ranks' last dimensions may differ (an uneven vocabulary split): each is padded to the
         longest for ``all_gather``, then trimmed. The widths are exchanged once per width (every

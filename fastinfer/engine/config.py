@@ -84,7 +84,7 @@ class EngineConfig:
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
     ``tensor_parallel_size``: N > 1 splits the model over N processes (this one and N - 1 it
     spawns), Megatron-style, their collectives over gloo: each holds its share of the weights and
-    of the KV cache. For now on the CPU, without async scheduling or a host tier; call
+    of the KV cache. For now on the CPU, without a host tier; call
     ``Engine.shutdown()`` (or ``LLM.shutdown()``) to stop the workers (also done at exit).
     ``tp_all_reduce``: ``"gloo"``, or ``"shm"`` for DeepSpeed's shared-memory all-reduce (faster,
     but its waits have no timeout: see ``fastinfer.distributed.shm``).
@@ -218,7 +218,6 @@ class EngineConfig:
 def _check_tensor_parallel(config: EngineConfig) -> None:
     """What tensor parallelism does not do yet (issue 24's next steps), refused by name."""
     refused = [(config.torch_device().type != "cpu", "device='cpu' (NCCL on GPUs comes next)"),
-               (config.async_scheduling, "async_scheduling=False"),
                (bool(config.kv_offload_memory), "no kv_offload_memory (the host tier)")]
     for bad, needs in refused:
         if bad:

@@ -3,7 +3,8 @@ worker processes it spawns. Every rank loads its share of the weights (``load_mo
 comm=)``) and holds its share of the KV cache (its KV heads, the same blocks); rank 0 alone
 schedules and samples. Each step, rank 0 sends the step's input down one pipe per worker and
 every rank runs the same ``ModelRunner.execute``: the all-reduces inside the model keep them in
-step, and the logits come out whole on rank 0.
+step, and the logits come out whole on rank 0. Under asynchronous scheduling, the tokens a step
+feeds from the one still in flight (which only rank 0 sampled) follow by broadcast.
 
 A worker that dies (or a collective that waits past ``timeout_s``) ends the engine with
 :class:`WorkerDiedError`, which names the rank, within seconds: gloo fails a collective as
@@ -74,12 +75,12 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
         runner = ModelRunner(loaded.model, cache.layers, cfg.block_size, cfg.torch_device(), cfg.ops_backend,
                              copy_blocks=cache.apply)
         conn.send("ready")
-        _serve(conn, runner)
+        _serve(conn, runner, comm)
     finally:
         comm.close()
 
 
-def _serve(conn, runner: ModelRunner) -> None:
+def _serve(conn, runner: ModelRunner, comm: TorchComm) -> None:
     while True:
         try:
             kind, *args = conn.recv()
@@ -88,9 +89,23 @@ def _serve(conn, runner: ModelRunner) -> None:
         if kind == "stop":
             return
         if kind == "step":
-            runner.execute(*args)
+            inp, all_logits, feed = args
+            runner.execute(inp, all_logits, None if feed is None else receive_feed(comm, *feed))
         else:  # "copy": block copies of a step that runs no forward pass
             runner.apply_block_ops(*args)
+
+
+def send_feed(comm: TorchComm, feed: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Rank 0's side of an asynchronous step's feed (the positions and the tokens its last step
+    sampled, which only rank 0 has): one broadcast of both."""
+    positions, tokens = feed
+    comm.broadcast_(torch.cat([positions, tokens.to(positions.dtype)]))
+
+
+def receive_feed(comm: TorchComm, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's side of ``send_feed``: the ``n`` positions and their tokens (as ``dtype``)."""
+    packed = comm.broadcast_(torch.empty(2 * n, dtype=torch.int64))
+    return packed[:n], packed[n:].to(dtype)
 
 
 class TPWorkers:
@@ -111,6 +126,7 @@ class TPWorkers:
 
     def own(self, comm: TorchComm) -> None:
         """Makes ``shutdown`` also leave rank 0's process group (so a later engine may form one)."""
+        self.comm = comm
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs, comm)
 
@@ -131,8 +147,9 @@ class TPWorkers:
                 self.raise_if_dead()
                 raise
 
-    def step(self, inp: StepInput, all_logits: bool) -> None:
-        self._send(("step", inp, all_logits))
+    def step(self, inp: StepInput, all_logits: bool, feed: tuple[int, torch.dtype] | None = None) -> None:
+        """Sends a step; ``feed``: the size and token dtype of the feed broadcast that follows."""
+        self._send(("step", inp, all_logits, feed))
 
     def copy(self, ops) -> None:
         self._send(("copy", ops))
@@ -177,7 +194,8 @@ def _stop(conns, procs, comm: TorchComm | None = None) -> None:
 
 
 class TPModelRunner(ModelRunner):
-    """Rank 0's runner: each step's input goes to the workers first, then every rank runs it.
+    """Rank 0's runner: each step's input goes to the workers first (with the tokens an
+    asynchronous step feeds, broadcast), then every rank runs it.
     A collective that fails because a worker died raises ``WorkerDiedError``."""
 
     def __init__(self, workers: TPWorkers, *args, **kwargs) -> None:
@@ -186,12 +204,14 @@ class TPModelRunner(ModelRunner):
         self._in_step = False
 
     def execute(self, inp: StepInput, all_logits: bool = False, feed=None) -> torch.Tensor:
-        if feed is not None:
-            raise RuntimeError("internal error: asynchronous scheduling is not supported with tensor parallelism yet")
-        self.workers.step(inp, all_logits)
+        """``feed`` (asynchronous scheduling: tokens the last step sampled, on rank 0 only) is
+        broadcast to the workers after the step."""
+        self.workers.step(inp, all_logits, None if feed is None else (feed[0].numel(), feed[1].dtype))
         self._in_step = True  # the workers apply the step's block copies themselves
         try:
-            return super().execute(inp, all_logits)
+            if feed is not None:
+                send_feed(self.workers.comm, feed)
+            return super().execute(inp, all_logits, feed)
         except RuntimeError:
             self.workers.raise_if_dead()
             raise
