@@ -161,6 +161,14 @@ else
   STATUS=1
 fi
 
+# tensor parallelism over NCCL needs 2 GPUs; its tests (tests/test_tp_engine.py, marked gpu) skip on one
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$NGPU" -ge 2 ]; then
+  note "tensor parallelism over NCCL: $NGPU GPUs here, its tests run with the others"
+else
+  note "tensor parallelism over NCCL: skipped, this machine has $NGPU GPU and it needs 2"
+fi
+
 # ---------------------------------------------------------------- 3. tests
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
   note "tests: skipped (GPU_CHECK_SKIP_TESTS=1)"

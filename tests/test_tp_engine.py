@@ -1,7 +1,10 @@
-"""The engine under tensor parallelism over gloo (issue 24): ``tensor_parallel_size=2`` spawns a
-worker, and gives the same greedy tokens as one process on the default model (whose 9 query
-and 3 KV heads split unevenly), in float32 and with int8 and int4 weights; a killed worker ends
-the engine with an error naming its rank within seconds; shutdown leaves no process behind."""
+"""The engine under tensor parallelism (issue 24): ``tensor_parallel_size=2`` spawns a worker and
+gives the same greedy tokens as one process on the default model (whose 9 query and 3 KV heads
+split unevenly; again from the prefix cache), on random-weight GQA Llamas (KV heads split or
+replicated), with int8 and int4 weights, under asynchronous scheduling, and with DeepSpeed's
+shared-memory all-reduce; a killed worker ends the engine with an error naming its rank within
+seconds, having stopped the others; shutdown leaves no process behind. On 2 GPUs (gpu-check.sh),
+the same over NCCL."""
 from __future__ import annotations
 
 import os
@@ -10,10 +13,13 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from fastinfer import LLM, SamplingParams
 from fastinfer.errors import ConfigError, EngineDeadError
 from fastinfer.ops.backends import cpu_native
+
+from .conftest import save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +66,23 @@ def test_two_ranks_give_one_ranks_tokens(quantization, monkeypatch):
             tp.shutdown()
     finally:
         cpu_native.set_isa_cap(3)  # the CPU's best path again
+    assert not _workers_left()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_two_ranks_give_one_ranks_tokens_on_a_random_gqa_llama(kv_heads, tmp_path, hf_smollm_tokenizer):
+    """A random-weight Llama with 4 query heads over 2 KV heads (one a rank) or 1 (replicated
+    on both ranks): TP=2 greedy tokens through the engine equal TP=1's."""
+    path = save_tiny_model(tmp_path / "tiny", "llama", hf_smollm_tokenizer, kv_heads=kv_heads)
+    options = dict(dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    prompts = [[5, 17, 301, 44, 9], list(range(100, 140))]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, **options).generate(prompts, params, use_tqdm=False)]
+    tp = LLM(path, tensor_parallel_size=2, **options)
+    try:
+        assert [o.outputs[0].token_ids for o in tp.generate(prompts, params, use_tqdm=False)] == want
+    finally:
+        tp.shutdown()
     assert not _workers_left()
 
 
@@ -117,15 +140,19 @@ def test_int8_inputs_under_two_ranks_stay_close():
 
 
 def test_a_killed_worker_ends_the_engine_naming_its_rank():
-    tp = LLM("smollm2-135m", tensor_parallel_size=2, kv_cache_memory="32MiB", max_model_len=256)
+    """Three ranks (the default model's 3 KV heads, one each); rank 1 killed: the next step
+    raises naming it within seconds, and the error has already stopped rank 2."""
+    tp = LLM("smollm2-135m", tensor_parallel_size=3, kv_cache_memory="32MiB", max_model_len=256)
     try:
-        (pid,) = tp.engine.workers.pids
+        pid, other = tp.engine.workers.pids
         os.kill(pid, signal.SIGKILL)
         tp.engine.workers.procs[0].join(10)
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match=rf"tensor-parallel rank 1 \(pid {pid}\) killed by SIGKILL"):
             tp.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert time.monotonic() - start < 10
+        assert not psutil.pid_exists(other) or psutil.Process(other).status() == psutil.STATUS_ZOMBIE
+        assert not _workers_left()
     finally:
         tp.shutdown()
     assert not _workers_left()
@@ -140,4 +167,22 @@ def test_what_tensor_parallelism_does_not_do_yet_is_refused(options, words):
     options = {"tensor_parallel_size": 2, **options}
     with pytest.raises((ConfigError, ValueError), match=words):
         LLM("smollm2-135m", **options)
+    assert not _workers_left()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism over NCCL needs 2 GPUs")
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_two_gpus_over_nccl_give_one_gpus_tokens(async_scheduling):
+    """Run by scripts/gpu-check.sh where the machine has 2 GPUs: rank 1 on cuda:1, NCCL
+    collectives, eager steps; float32 greedy tokens equal one GPU's."""
+    options = dict(device="cuda", dtype="float32", kv_cache_memory="256MiB", max_model_len=256,
+                   async_scheduling=async_scheduling)
+    want = _tokens(LLM("smollm2-135m", enforce_eager=True, **options))
+    tp = LLM("smollm2-135m", tensor_parallel_size=2, **options)
+    try:
+        assert tp.engine.runner.graphs is None  # eager under TP for now
+        assert _tokens(tp) == want
+    finally:
+        tp.shutdown()
     assert not _workers_left()

@@ -135,11 +135,8 @@ async def _sweep(args: argparse.Namespace, engine: Engine, servers: dict[str, Se
             offsets = poisson_arrivals(len(workload.prompts), rate, args.seed)
             for target in targets if i % 2 == 0 else targets[::-1]:
                 server = servers.get(target.name)
-                before = _router_counts(server) if target.name in REPLICA_SYSTEMS else None
-                run = await _run_one(target, workload, offsets, rate)
-                entries.append(summarize_load(run, slo, server.peak_rss_mb() if server else None))
-                if before is not None:
-                    entries[-1]["router_prefix_hit_rate"] = _hit_rate(before, _router_counts(server))
+                run, extra = await _run_one(target, workload, offsets, rate, server)
+                entries.append(summarize_load(run, slo, server.peak_rss_mb() if server else None) | extra)
                 print(_progress(entries[-1]), file=sys.stderr, flush=True)
     finally:
         for target in targets:
@@ -147,11 +144,22 @@ async def _sweep(args: argparse.Namespace, engine: Engine, servers: dict[str, Se
     return entries
 
 
-async def _run_one(target, workload: Workload, offsets: list[float], rate: float) -> LoadRun:
+async def _run_one(target, workload: Workload, offsets: list[float], rate: float,
+                   server: ServerProcess | None) -> tuple[LoadRun, dict]:
+    """The run after a warm-up request, and what the server reported of it: the share of
+    prompt tokens it read from its prefix cache, and for replicas the router's hit rate."""
     warm = await timed_request(target, workload.prompts[0], WARMUP_TOKENS)
     if not warm.ok:
         raise RuntimeError(f"{target.name}: the warm-up request failed: {warm.error}")
-    return await run_load(target, workload.prompts, workload.output_lens, offsets, rate)
+    usage = (getattr(target, "prompt_tokens", None), getattr(target, "cached_tokens", None))
+    routed = _router_counts(server) if target.name in REPLICA_SYSTEMS else None
+    run = await run_load(target, workload.prompts, workload.output_lens, offsets, rate)
+    extra = {}
+    if usage[0] is not None and target.prompt_tokens > usage[0]:
+        extra["cached_prompt_share"] = (target.cached_tokens - usage[1]) / (target.prompt_tokens - usage[0])
+    if routed is not None:
+        extra["router_prefix_hit_rate"] = _hit_rate(routed, _router_counts(server))
+    return run, extra
 
 
 def _router_counts(server: ServerProcess) -> tuple[float, float]:
@@ -234,7 +242,8 @@ _COLUMNS = (("req/s", "request_throughput_req_s"), ("goodput req/s", "goodput_re
 def metric_rows(doc: dict) -> list[list[str]]:
     """Header plus one row per (rate, system), rates in sweep order, systems in ``SYSTEMS`` order."""
     routed = any("router_prefix_hit_rate" in e for e in doc["results"].values())
-    rows = [["rate req/s", "system", "ok", *(name for name, _ in _COLUMNS), *(["prefix hits"] if routed else [])]]
+    extra = ["prompt tokens cached", "router: to the prefix's replica"] if routed else []
+    rows = [["rate req/s", "system", "ok", *(name for name, _ in _COLUMNS), *extra]]
     for label in doc["serve"]["request_rates"]:
         for system in doc["serve"]["systems"]:
             e = doc["results"].get(f"{system}@{label}")
@@ -242,8 +251,8 @@ def metric_rows(doc: dict) -> list[list[str]]:
                 continue
             cells = [report.fmt(e[k[0]][k[1]] if isinstance(k, tuple) else e[k]) for _, k in _COLUMNS]
             if routed:
-                hit = e.get("router_prefix_hit_rate")
-                cells.append("-" if hit is None else f"{hit:.0%}")
+                cells += ["-" if e.get(k) is None else f"{e[k]:.0%}" for k in ("cached_prompt_share",
+                                                                             "router_prefix_hit_rate")]
             rows.append([label, system, f"{e['completed']}/{e['num_requests']}", *cells])
     return rows
 

@@ -41,6 +41,9 @@ class CompletionsTarget:
 
     def __init__(self, name: str, base_url: str, model: str, extra_body: dict | None = None) -> None:
         self.name, self.model, self.extra_body = name, model, extra_body or {}
+        # Prompt tokens of finished requests, and those the server read from its prefix cache
+        # (``usage.prompt_tokens_details.cached_tokens``), summed over this target's life.
+        self.prompt_tokens = self.cached_tokens = 0
         self.url = base_url.rstrip("/") + "/v1/completions"
         # No pool limit: every request in flight holds its own connection, as separate clients would.
         import httpx  # the bench/serve extras' dependency: only when a server is driven
@@ -69,11 +72,16 @@ class CompletionsTarget:
                     raise RuntimeError(f"{self.name} sent an error event: {chunk['error']}")
                 if chunk.get("usage"):
                     total = chunk["usage"]["completion_tokens"]
+                    self._count_usage(chunk["usage"])
                 if any(c.get("text") for c in chunk.get("choices") or ()):
                     seen += 1
                     yield 1
         if total is not None and total > seen:
             yield total - seen
+
+    def _count_usage(self, usage: dict) -> None:
+        self.prompt_tokens += usage.get("prompt_tokens") or 0
+        self.cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
     async def aclose(self) -> None:
         await self.client.aclose()

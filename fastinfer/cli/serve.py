@@ -171,7 +171,7 @@ def _replica_factory(args: argparse.Namespace, options: dict):
         raise ConfigError(f"--replicas needs Ray Serve: pip install 'fastinfer[ray]' ({exc})", "replicas") from exc
     replica_options = ReplicaOptions(replicas=args.replicas, routing=args.routing, num_cpus=args.replica_cpus,
                                      threads=args.replica_threads)
-    start_ray(args.ray_address)
+    args.ray_started = start_ray(args.ray_address)
 
     def factory(name: str, version: str, source: str):
         return deploy_replicas(name, version, source, options, replica_options)
@@ -212,9 +212,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from fastinfer.server.serving import build_server
 
     specs = model_specs(args)
-    state = build_state(args)
-    server = build_server(build_app(state), host=args.host, port=args.port)
+    state = build_state(args)  # with --replicas, connects to Ray (or starts a local instance)
+    try:
+        _serve_until_signalled(state, build_server(build_app(state), host=args.host, port=args.port), specs, args)
+    finally:
+        if getattr(args, "ray_started", False):  # the local Ray instance this server started
+            from fastinfer.ray_serve.app import stop_ray
 
+            stop_ray()
+    return 0
+
+
+def _serve_until_signalled(state, server, specs, args: argparse.Namespace) -> None:
     async def main() -> None:
         await load_models(state, specs, args.traffic)
         print(f"fastinfer: serving {', '.join(state.registry.served_names())} on http://{args.host}:{args.port}",
@@ -232,9 +241,4 @@ def run_serve(args: argparse.Namespace) -> int:
         asyncio.run(main())
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if args.replicas and args.ray_address is None:  # the local Ray instance this server started
-            from fastinfer.ray_serve.app import stop_ray
-
-            stop_ray()
-    return 0
 

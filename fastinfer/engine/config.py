@@ -84,7 +84,8 @@ class EngineConfig:
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
     ``tensor_parallel_size``: N > 1 splits the model over N processes (this one and N - 1 it
     spawns), Megatron-style, their collectives over gloo: each holds its share of the weights and
-    of the KV cache. For now on the CPU, without a host tier; call
+    of the KV cache. On GPUs, rank r runs on the configured GPU's index + r over NCCL, eagerly
+    (no CUDA graphs yet), with ``kv_cache_memory`` given; no host tier yet. Call
     ``Engine.shutdown()`` (or ``LLM.shutdown()``) to stop the workers (also done at exit).
     ``tp_all_reduce``: ``"gloo"``, or ``"shm"`` for DeepSpeed's shared-memory all-reduce (faster,
     but its waits have no timeout: see ``fastinfer.distributed.shm``).
@@ -216,13 +217,20 @@ class EngineConfig:
 
 
 def _check_tensor_parallel(config: EngineConfig) -> None:
-    """What tensor parallelism does not do yet (issue 24's next steps), refused by name."""
-    refused = [(config.torch_device().type != "cpu", "device='cpu' (NCCL on GPUs comes next)"),
-               (bool(config.kv_offload_memory), "no kv_offload_memory (the host tier)")]
+    """What tensor parallelism does not do yet, refused by name; on GPUs (NCCL), enough of them."""
+    device, n = config.torch_device(), config.tensor_parallel_size
+    refused = [(bool(config.kv_offload_memory), "no kv_offload_memory (the host tier)"),
+               (device.type not in ("cpu", "cuda"), "device='cpu' or 'cuda'"),
+               (device.type == "cuda" and config.kv_cache_memory is None,
+                "kv_cache_memory on GPUs (the profile that sizes the cache runs one rank only)"),
+               (device.type == "cuda" and config.tp_all_reduce != "gloo", "tp_all_reduce='gloo' on GPUs (NCCL)")]
     for bad, needs in refused:
         if bad:
-            raise ConfigError(f"tensor_parallel_size={config.tensor_parallel_size} runs over gloo processes for now "
-                              f"and needs {needs}", "tensor_parallel_size")
+            raise ConfigError(f"tensor_parallel_size={n} needs {needs}", "tensor_parallel_size")
+    if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():
+        raise ConfigError(f"tensor_parallel_size={n} from {device} needs GPUs {device.index or 0} to "
+                          f"{(device.index or 0) + n - 1}; this machine has {torch.cuda.device_count()}",
+                          "tensor_parallel_size")
 
 
 def _check_backend(ops_backend: str | None, device: torch.device) -> None:

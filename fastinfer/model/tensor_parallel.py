@@ -13,6 +13,7 @@ at exit) stops every worker; a worker also exits when rank 0's pipe closes.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -28,6 +29,7 @@ from fastinfer.kv_cache.cache import KVCache
 from fastinfer.model.loader import LoadedModel, load_model
 from fastinfer.model.runner import ModelRunner, StepInput
 
+_log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 300.0  # loading a model on every rank at once, on a loaded machine
 
 
@@ -46,11 +48,24 @@ class WorkerSpec:
     timeout_s: float
 
 
+def rank_device(config, rank: int) -> torch.device:
+    """Where ``rank`` computes: the CPU, or on CUDA the configured GPU's index plus the rank
+    (rank 0 on ``cuda:I``, rank 1 on ``cuda:I+1``, ...)."""
+    device = config.torch_device()
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + rank)
+
+
 def load_rank(spec: WorkerSpec, rank: int) -> tuple[LoadedModel, TorchComm]:
-    """Joins the group as ``rank`` and loads that rank's share of the model."""
-    cfg = spec.config
-    comm = init_group(rank, spec.size, spec.init_file, timeout_s=spec.timeout_s, all_reduce=cfg.tp_all_reduce)
-    loaded = load_model(cfg.model, cfg.torch_dtype(), cfg.torch_device(), cfg.quantization, cfg.quant_group_size,
+    """Joins the group as ``rank`` (NCCL on GPUs, gloo on CPUs) and loads that rank's share of
+    the model onto its device."""
+    cfg, device = spec.config, rank_device(spec.config, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    comm = init_group(rank, spec.size, spec.init_file, backend="nccl" if device.type == "cuda" else "gloo",
+                      timeout_s=spec.timeout_s, all_reduce=cfg.tp_all_reduce)
+    loaded = load_model(cfg.model, cfg.torch_dtype(), device, cfg.quantization, cfg.quant_group_size,
                         cfg.quant_method, comm=comm)
     return loaded, comm
 
@@ -68,11 +83,11 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
     torch.set_num_threads(rank_threads(spec.size))
     loaded, comm = load_rank(spec, rank)
     try:
-        cfg, mcfg = spec.config, loaded.config
+        cfg, mcfg, device = spec.config, loaded.config, rank_device(spec.config, rank)
         num_blocks = conn.recv()
         cache = KVCache(mcfg.num_layers, num_blocks, cfg.block_size, loaded.kv_heads, mcfg.head_dim,
-                        cfg.kv_torch_dtype(), cfg.torch_device())
-        runner = ModelRunner(loaded.model, cache.layers, cfg.block_size, cfg.torch_device(), cfg.ops_backend,
+                        cfg.kv_torch_dtype(), device)
+        runner = ModelRunner(loaded.model, cache.layers, cfg.block_size, device, cfg.ops_backend,
                              copy_blocks=cache.apply)
         conn.send("ready")
         _serve(conn, runner, comm)
@@ -90,7 +105,7 @@ def _serve(conn, runner: ModelRunner, comm: TorchComm) -> None:
             return
         if kind == "step":
             inp, all_logits, feed = args
-            runner.execute(inp, all_logits, None if feed is None else receive_feed(comm, *feed))
+            runner.execute(inp, all_logits, None if feed is None else receive_feed(comm, *feed, runner.device))
         else:  # "copy": block copies of a step that runs no forward pass
             runner.apply_block_ops(*args)
 
@@ -102,9 +117,10 @@ def send_feed(comm: TorchComm, feed: tuple[torch.Tensor, torch.Tensor]) -> None:
     comm.broadcast_(torch.cat([positions, tokens.to(positions.dtype)]))
 
 
-def receive_feed(comm: TorchComm, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def receive_feed(comm: TorchComm, n: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A worker's side of ``send_feed``: the ``n`` positions and their tokens (as ``dtype``)."""
-    packed = comm.broadcast_(torch.empty(2 * n, dtype=torch.int64))
+    packed = comm.broadcast_(torch.empty(2 * n, dtype=torch.int64, device=device))
     return packed[:n], packed[n:].to(dtype)
 
 
@@ -160,15 +176,18 @@ class TPWorkers:
                 conn.send(message)
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as exc:
                 self.raise_if_dead()
+                self.shutdown()
                 raise WorkerDiedError(f"tensor-parallel rank {rank} (pid {self.procs[rank - 1].pid}) is gone (its "
                                       "pipe closed); the engine cannot go on: build a new one") from exc
 
     def raise_if_dead(self) -> None:
-        """Raises ``WorkerDiedError`` naming the first worker that has exited (and how)."""
+        """Raises ``WorkerDiedError`` naming the first worker that has exited (and how), once
+        the others are stopped and the group left (the engine cannot go on)."""
         for rank, proc in enumerate(self.procs, start=1):
             if proc.exitcode is not None:
                 how = (f"killed by {signal.Signals(-proc.exitcode).name}" if proc.exitcode < 0
                        else f"exited with code {proc.exitcode}")
+                self.shutdown()
                 raise WorkerDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) {how}; the engine cannot "
                                       "go on: build a new one")
 
@@ -218,6 +237,12 @@ class TPModelRunner(ModelRunner):
         finally:
             self._in_step = False
 
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, emulate: bool = False) -> bool:
+        """Not under tensor parallelism yet: a captured step's collectives would need every
+        rank to capture and replay its own graph in lockstep. Steps run eagerly."""
+        _log.info("CUDA graphs off: not captured under tensor parallelism yet")
+        return False
+
     def apply_block_ops(self, ops) -> None:
         if not self._in_step:
             self.workers.copy(ops)
@@ -231,6 +256,8 @@ def start_tensor_parallel(config, timeout_s: float = 60.0) -> tuple[LoadedModel,
     rank 0's group."""
     if config.torch_device().type == "cpu":
         torch.set_num_threads(rank_threads(config.tensor_parallel_size))
+    else:
+        torch.cuda.set_device(rank_device(config, 0))
     init_file = os.path.join(tempfile.mkdtemp(prefix="fastinfer-tp-"), "rendezvous")
     spec = WorkerSpec(config, config.tensor_parallel_size, init_file, timeout_s)
     workers = TPWorkers(spec)

@@ -16,6 +16,7 @@ Each engine deployment routes with ``PrefixAwareRouter`` and has its own ``Repli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class ReplicaOptions:
     ``max_ongoing_requests``: requests one replica holds at once (the engine batches them);
     ``num_cpus``: Ray CPUs each replica reserves; ``threads``: its compute threads
     (``OMP_NUM_THREADS``; None: Ray's default, its ``num_cpus``); ``balance_*``: when the router leaves the
-    replica with the longest cached prefix for a less loaded one (``PrefixAwareRouter``)."""
+    replica with the longest cached prefix for a less loaded one, and ``recent_ttl_s`` how long
+    a prefix it sent to a replica counts as cached there before KV events say so
+    (``PrefixAwareRouter``)."""
 
     replicas: int = 2
     routing: str = "prefix"
@@ -53,6 +56,7 @@ class ReplicaOptions:
     threads: int | None = None
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
+    recent_ttl_s: float = 30.0
     health_check_period_s: float = 2.0
     extra_actor_options: dict[str, Any] = field(default_factory=dict)
 
@@ -71,7 +75,8 @@ def engine_application(source: str, engine_options: dict[str, Any], options: Rep
         request_router_kwargs={"directory": directory, "namespace": DIRECTORY_NAMESPACE,
                                "block_size": engine_options.get("block_size") or 16, "policy": options.routing,
                                "balance_abs_threshold": options.balance_abs_threshold,
-                               "balance_rel_threshold": options.balance_rel_threshold, "stats_key": stats_key})
+                               "balance_rel_threshold": options.balance_rel_threshold, "stats_key": stats_key,
+                               "recent_ttl_s": options.recent_ttl_s})
     scale = ({"autoscaling_config": options.autoscaling_config} if options.autoscaling_config
              else {"num_replicas": options.replicas})
     actor = {"num_cpus": options.num_cpus, **options.extra_actor_options}
@@ -89,16 +94,21 @@ def app_name(name: str, version: str) -> str:
     return "fastinfer-" + re.sub(r"[^A-Za-z0-9_-]", "_", f"{name}-{version}")
 
 
-def start_ray(address: str | None = None, **init_kwargs) -> None:
-    """Connects to the Ray cluster at ``address`` (None: starts a local one) unless connected,
-    and starts Serve without its HTTP proxy (fastinfer's server is the front end)."""
+def start_ray(address: str | None = None, **init_kwargs) -> bool:
+    """Connects to the Ray cluster at ``address`` unless connected (None: starts a new local
+    instance, even where ``RAY_ADDRESS`` names another), and starts Serve without its HTTP proxy
+    (fastinfer's server is the front end). Returns whether it started a local instance."""
+    started = False
     if not ray.is_initialized():
-        ray.init(address=address, **init_kwargs)
+        ray.init(address=address or "local", **init_kwargs)
+        started = address is None
     serve.start(proxy_location="Disabled")
+    return started
 
 
 def stop_ray() -> None:
-    """Shuts Serve and the local Ray instance down (what ``start_ray`` without an address began)."""
+    """Shuts Serve and Ray down: only for the local instance ``start_ray`` started, since
+    ``serve.shutdown`` deletes every application of the cluster."""
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
@@ -111,10 +121,16 @@ def deploy_replicas(name: str, version: str, source: str, engine_options: dict[s
     app = app_name(name, version)
     directory = f"{app}-directory"
     actor = directory_actor(directory)
-    handle = serve.run(engine_application(source, engine_options, options, directory=directory, stats_key=app),
-                       name=app, route_prefix=None)
-    return ReplicaSetClient.connect(handle, directory=actor, stats_key=app, app_name=app, owns_app=True,
-                                    replicas=options.replicas)
+    try:
+        handle = serve.run(engine_application(source, engine_options, options, directory=directory, stats_key=app),
+                           name=app, route_prefix=None)
+        return ReplicaSetClient.connect(handle, directory=actor, stats_key=app, app_name=app, owns_app=True,
+                                        replicas=options.replicas)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            serve.delete(app)
+        ray.kill(actor)
+        raise
 
 
 @serve.ingress()
@@ -124,8 +140,10 @@ class OpenAIIngress:
 
     async def __init__(self, engines, name: str, directory: str, stats_key: str, replicas: int,
                        server_options: dict[str, Any]) -> None:
-        client = await asyncio.to_thread(ReplicaSetClient.connect, engines, directory=directory_actor(directory),
-                                         stats_key=stats_key, replicas=replicas)
+        self._directory = directory_actor(directory)
+        client = await asyncio.to_thread(ReplicaSetClient.connect, engines, directory=self._directory,
+                                         stats_key=stats_key, replicas=replicas,
+                                         app_name=serve.get_replica_context().app_name)
 
         def factory(model: str, version: str, source: str) -> ReplicaSetClient:
             if source != name:
@@ -138,6 +156,11 @@ class OpenAIIngress:
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)
+
+    def __del__(self) -> None:
+        # The application is going (deleted or redeployed): so is its directory, which is detached.
+        with contextlib.suppress(Exception):
+            ray.kill(self._directory)
 
 
 def server_state(registry: ModelRegistry, options: dict[str, Any]) -> ServerState:

@@ -32,12 +32,13 @@ class ReplicaDiedError(EngineDeadError):
 class ReplicaStream:
     """One request's outputs from its replica: ``async for out in stream``."""
 
-    __slots__ = ("request_id", "replica", "finished", "_gen", "_client", "_prompt", "_n", "_aborted", "_cached")
+    __slots__ = ("request_id", "replica", "finished", "_gen", "_client", "_prompt", "_n", "_aborted", "_ended",
+                 "_cached")
 
     def __init__(self, request_id: str, replica: str, gen, client: ReplicaSetClient, prompt, n: int) -> None:
         self.request_id, self.replica, self._gen, self._client = request_id, replica, gen, client
         self._prompt, self._n = prompt, n
-        self.finished = self._aborted = False
+        self.finished = self._aborted = self._ended = False  # ``finished``: also set by the server
         self._cached: int | None = None
 
     def __aiter__(self) -> ReplicaStream:
@@ -68,12 +69,15 @@ class ReplicaStream:
         return out
 
     def abort(self) -> None:
-        if not self.finished and not self._aborted:
+        """Cancels the request on its replica (which aborts it there). A reader still gets the
+        final output an aborted request gets."""
+        if not self._ended and not self._aborted:
             self._aborted = True
             self._gen.cancel()
+            self._client._streams.pop(self.request_id, None)
 
     def _end(self) -> None:
-        self.finished = True
+        self.finished = self._ended = True
         self._client._streams.pop(self.request_id, None)
 
     def _abort_output(self) -> RequestOutput:

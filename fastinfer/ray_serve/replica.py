@@ -74,8 +74,11 @@ class EngineReplica:
             raise RuntimeError(f"replica {self.name}: the engine stopped")
 
     async def __del__(self) -> None:
-        # Serve calls this once the replica's requests drained (or its graceful timeout passed).
+        # Serve calls this once the replica's requests drained (or its graceful timeout passed):
+        # a replica scaled down or deleted leaves the directory (one that dies, the router drops).
         self._stop.set()
+        if self._directory is not None:
+            self._directory.forget.remote(self.name)
         await self.engine.shutdown(0)
 
     def _publish_loop(self, interval: float) -> None:

@@ -29,15 +29,17 @@ class PrefixAwareRouter(RequestRouter):
     """Ray Serve request router of the engine deployment (see the module's docstring). Its
     kwargs (``RequestRouterConfig.request_router_kwargs``): ``directory`` and ``namespace``
     (the ``ReplicaDirectory`` actor's name), ``block_size`` (the engines'), ``policy``,
-    ``balance_abs_threshold``, ``balance_rel_threshold`` and ``stats_key``."""
+    ``balance_abs_threshold``, ``balance_rel_threshold``, ``stats_key`` and ``recent_ttl_s``
+    (how long a prefix the router sent somewhere counts as cached there; 0: only KV events)."""
 
     def initialize_state(self, directory: str | None = None, namespace: str | None = None, block_size: int = 16,
                          policy: str = "prefix", balance_abs_threshold: int = 8,
-                         balance_rel_threshold: float = 1.5, stats_key: str = "", seed: int | None = None) -> None:
+                         balance_rel_threshold: float = 1.5, stats_key: str = "", seed: int | None = None,
+                         recent_ttl_s: float = RECENT_TTL_S) -> None:
         if policy not in POLICIES:
             raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
         self._policy, self._block_size = policy, block_size
-        self._abs, self._rel = balance_abs_threshold, balance_rel_threshold
+        self._abs, self._rel, self._recent_ttl = balance_abs_threshold, balance_rel_threshold, recent_ttl_s
         self._rng = random.Random(seed)
         self._stats = router_stats(stats_key)
         self._directory_name, self._namespace = directory, namespace
@@ -85,7 +87,7 @@ class PrefixAwareRouter(RequestRouter):
         n = 0
         for h in hashes:
             sent = self._recent.get(h)
-            if sent is None or sent[0] != rid or now - sent[1] > RECENT_TTL_S:
+            if sent is None or sent[0] != rid or now - sent[1] > self._recent_ttl:
                 break
             n += 1
         return n

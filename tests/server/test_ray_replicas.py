@@ -55,10 +55,11 @@ def proxy_port():
 @pytest.fixture(scope="module")
 def server(proxy_port, tiny_path):
     """The OpenAI server over two model versions of two replicas each: ``tiny@prefix``
-    (prefix-aware routing) and ``tiny@random`` (random routing)."""
+    (prefix-aware routing on the KV events alone: the router's memory of where it sent a prefix
+    is off, ``recent_ttl_s=0``) and ``tiny@random`` (random routing)."""
     def factory(name: str, version: str, source: str):
         return deploy_replicas(name, version, tiny_path, ENGINE, ReplicaOptions(replicas=2, routing=source,
-                                                                                 num_cpus=0))
+                                                                                 num_cpus=0, recent_ttl_s=0))
 
     keys = KeyStore([policy("quota", QUOTA_KEY, requests_per_minute=6)], plain_keys=[API_KEY])
     state = ServerState(registry=ModelRegistry(factory), keys=keys, shutdown_timeout=5.0)
@@ -147,24 +148,24 @@ def test_a_killed_replica_fails_only_its_requests_with_503_and_is_replaced(serve
     client = server.client()
     victim_name, victim = next(iter(pids.items()))
 
-    def one(i):
+    def one(i, max_tokens=400):
         try:
-            r = _complete(client, "tiny@random", [20 + i % 50] * 12, max_tokens=48)
+            r = _complete(client, "tiny@random", [20 + i % 50] * 12, max_tokens=max_tokens)
             return r.choices[0].finish_reason
         except openai.APIStatusError as exc:
             return exc.status_code
 
     with ThreadPoolExecutor(24) as pool:
         futures = [pool.submit(one, i) for i in range(24)]
-        time.sleep(1.0)
+        time.sleep(1.0)  # 400 tokens each: all are still generating
         held = engine.routing_stats()["in_flight"].get(victim_name, 0)
         os.kill(victim, signal.SIGKILL)
         results = [f.result() for f in futures]
     failed = [r for r in results if r != "length"]
-    assert set(failed) <= {503}, results
-    assert len(failed) <= held, (results, held)
+    assert held > 0 and failed and set(failed) == {503}, (results, held)
+    assert len(failed) <= held  # only the dead replica's own requests
     # New requests go to the live replica while Serve replaces the dead one.
-    assert all(one(100 + i) == "length" for i in range(6))
+    assert all(one(100 + i, 8) == "length" for i in range(6))
     deadline = time.monotonic() + 60
     while True:
         live = {n: r["pid"] for n, r in engine.routing_stats()["replicas"].items() if r["state"] == "running"}
@@ -172,6 +173,20 @@ def test_a_killed_replica_fails_only_its_requests_with_503_and_is_replaced(serve
             break
         assert time.monotonic() < deadline, f"the dead replica was not replaced: {live}"
         time.sleep(0.5)
+
+
+def test_a_client_that_leaves_cancels_its_request_on_the_replica(server):
+    engine = _engine(server, "prefix")
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "tiny@prefix", "prompt": [7, 8, 9], "max_tokens": 400, "stream": True,
+                            "ignore_eos": True}) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.monotonic() + 10
+    while engine._streams or engine.routing_stats()["in_flight"]:  # cancelled on the replica, and forgotten
+        assert time.monotonic() < deadline, (engine._streams, engine.routing_stats()["in_flight"])
+        time.sleep(0.05)
 
 
 def test_build_openai_app_serves_through_ray_serve(proxy_port, tiny_path):
