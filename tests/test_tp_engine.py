@@ -86,6 +86,28 @@ def test_two_ranks_give_one_ranks_tokens_on_a_random_gqa_llama(kv_heads, tmp_pat
     assert not _workers_left()
 
 
+def test_decode_graphs_under_two_ranks_capture_and_replay_in_lockstep(tmp_path, hf_smollm_tokenizer):
+    """CUDA graphs without the capture (``emulate``, on the Triton kernels under the
+    interpreter): every rank captures its decode graphs at once, each decode step replays its
+    graph on every rank (their collectives pair up), and the tokens equal one eager process's."""
+    path = save_tiny_model(tmp_path / "tiny", "llama", hf_smollm_tokenizer, kv_heads=2)
+    options = dict(dtype="float32", device="cpu", kv_cache_memory="8MiB", ops_backend="triton", max_num_seqs=4)
+    prompts = [[5, 17, 301, 44, 9], list(range(100, 130)), [7, 7, 7]]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, **options).generate(prompts, params, use_tqdm=False)]
+    tp = LLM(path, tensor_parallel_size=2, **options)
+    try:
+        runner = tp.engine.runner
+        assert runner.capture_graphs(4, tp.engine.max_model_len, emulate=True)  # both ranks did
+        replays, run = [], runner.graphs.run
+        runner.graphs.run = lambda hb, feed=None: replays.append(1) or run(hb, feed)
+        assert [o.outputs[0].token_ids for o in tp.generate(prompts, params, use_tqdm=False)] == want
+        assert len(replays) >= params.max_tokens - 2  # the decode steps (3 sequences, padded to 4)
+    finally:
+        tp.shutdown()
+    assert not _workers_left()
+
+
 def test_deepspeeds_shared_memory_all_reduce_gives_the_same_tokens():
     """tp_all_reduce="shm" (DeepSpeed's op, built on first use): TP=1's tokens, and no shared
     memory segment left behind."""
@@ -175,13 +197,13 @@ def test_what_tensor_parallelism_does_not_do_yet_is_refused(options, words):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_two_gpus_over_nccl_give_one_gpus_tokens(async_scheduling):
     """Run by scripts/gpu-check.sh where the machine has 2 GPUs: rank 1 on cuda:1, NCCL
-    collectives, eager steps; float32 greedy tokens equal one GPU's."""
+    collectives, CUDA graphs on both ranks; float32 greedy tokens equal one GPU's."""
     options = dict(device="cuda", dtype="float32", kv_cache_memory="256MiB", max_model_len=256,
                    async_scheduling=async_scheduling)
     want = _tokens(LLM("smollm2-135m", enforce_eager=True, **options))
     tp = LLM("smollm2-135m", tensor_parallel_size=2, **options)
     try:
-        assert tp.engine.runner.graphs is None  # eager under TP for now
+        assert tp.engine.runner.graphs is not None  # every rank captured its decode graphs
         assert _tokens(tp) == want
     finally:
         tp.shutdown()

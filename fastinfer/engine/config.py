@@ -84,8 +84,8 @@ class EngineConfig:
     prompt is then prefilled in one step and the budget must hold ``max_model_len``.
     ``tensor_parallel_size``: N > 1 splits the model over N processes (this one and N - 1 it
     spawns), Megatron-style, their collectives over gloo: each holds its share of the weights and
-    of the KV cache. On GPUs, rank r runs on the configured GPU's index + r over NCCL, eagerly
-    (no CUDA graphs yet), with ``kv_cache_memory`` given; no host tier yet. Call
+    of the KV cache. On GPUs, rank r runs on the configured GPU's index + r over NCCL (every rank
+    captures its CUDA graphs in lockstep), with ``kv_cache_memory`` given; no host tier yet. Call
     ``Engine.shutdown()`` (or ``LLM.shutdown()``) to stop the workers (also done at exit).
     ``tp_all_reduce``: ``"gloo"``, or ``"shm"`` for DeepSpeed's shared-memory all-reduce (faster,
     but its waits have no timeout: see ``fastinfer.distributed.shm``).

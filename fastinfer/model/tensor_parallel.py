@@ -13,7 +13,6 @@ at exit) stops every worker; a worker also exits when rank 0's pipe closes.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import tempfile
@@ -29,7 +28,6 @@ from fastinfer.kv_cache.cache import KVCache
 from fastinfer.model.loader import LoadedModel, load_model
 from fastinfer.model.runner import ModelRunner, StepInput
 
-_log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 300.0  # loading a model on every rank at once, on a loaded machine
 
 
@@ -106,6 +104,8 @@ def _serve(conn, runner: ModelRunner, comm: TorchComm) -> None:
         if kind == "step":
             inp, all_logits, feed = args
             runner.execute(inp, all_logits, None if feed is None else receive_feed(comm, *feed, runner.device))
+        elif kind == "capture":  # with rank 0, in lockstep: the captures' collectives pair up
+            conn.send(runner.capture_graphs(*args))
         else:  # "copy": block copies of a step that runs no forward pass
             runner.apply_block_ops(*args)
 
@@ -153,15 +153,25 @@ class TPWorkers:
     def start_cache(self, num_blocks: int) -> None:
         """Has every worker build its cache of ``num_blocks`` blocks; waits until all are ready."""
         self._send(num_blocks)
+        self.replies("start")
+
+    def capture(self, max_num_seqs: int, max_model_len: int, emulate: bool) -> None:
+        """Has every worker capture its decode graphs (rank 0 captures its own meanwhile)."""
+        self._send(("capture", max_num_seqs, max_model_len, emulate))
+
+    def replies(self, what: str) -> list:
+        """Each worker's answer to the last request, in rank order."""
+        out = []
         for rank, conn in enumerate(self.conns, start=1):
             if not conn.poll(_START_TIMEOUT_S):
                 self.raise_if_dead()
-                raise WorkerDiedError(f"tensor-parallel rank {rank} did not start within {_START_TIMEOUT_S:g} s")
+                raise WorkerDiedError(f"tensor-parallel rank {rank} did not {what} within {_START_TIMEOUT_S:g} s")
             try:
-                conn.recv()
+                out.append(conn.recv())
             except EOFError:
                 self.raise_if_dead()
                 raise
+        return out
 
     def step(self, inp: StepInput, all_logits: bool, feed: tuple[int, torch.dtype] | None = None) -> None:
         """Sends a step; ``feed``: the size and token dtype of the feed broadcast that follows."""
@@ -238,10 +248,16 @@ class TPModelRunner(ModelRunner):
             self._in_step = False
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, emulate: bool = False) -> bool:
-        """Not under tensor parallelism yet: a captured step's collectives would need every
-        rank to capture and replay its own graph in lockstep. Steps run eagerly."""
-        _log.info("CUDA graphs off: not captured under tensor parallelism yet")
-        return False
+        """Every rank captures its own decode graphs at once, so the collectives inside them
+        pair up (NCCL's can be captured); later every rank replays the same sizes for the same
+        steps (``DecodeGraphs.takes`` decides alike on each). True when all ranks captured."""
+        self.workers.capture(max_num_seqs, max_model_len, emulate)
+        mine = super().capture_graphs(max_num_seqs, max_model_len, emulate)
+        theirs = self.workers.replies("capture its graphs")
+        if any(t != mine for t in theirs):
+            raise RuntimeError(f"internal error: tensor-parallel ranks disagree on CUDA graphs (rank 0: {mine}, "
+                               f"the others: {theirs})")
+        return mine
 
     def apply_block_ops(self, ops) -> None:
         if not self._in_step:
