@@ -7,8 +7,12 @@ seconds, having stopped the others; shutdown leaves no process behind. On 2 GPUs
 the same over NCCL."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -142,6 +146,47 @@ def test_asynchronous_scheduling_under_two_ranks(monkeypatch):
         tp.shutdown()
     assert len(fed) >= 5 and max(fed) == len(PROMPTS)  # decode steps fed every sequence's last token
     assert not _workers_left()
+
+
+TORCHRUN_SCRIPT = """
+import json
+from fastinfer import LLM, SamplingParams
+llm = LLM("smollm2-135m", tensor_parallel_size=2, kv_cache_memory="32MiB", max_model_len=256)
+params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+print("RANK0", json.dumps([o.outputs[0].token_ids for o in llm.generate({prompts!r}, params, use_tqdm=False)]))
+llm.shutdown()
+"""
+
+
+def test_under_torchrun_every_rank_runs_the_script_and_rank_0_the_engine(tmp_path):
+    """``torchrun --nproc-per-node 2 script.py``: both processes build the LLM; rank 1 serves
+    rank 0's steps (no spawned worker) and exits when rank 0 shuts down; rank 0's tokens are
+    one process's."""
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(prompts=PROMPTS))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(port), str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RANK0 ")]
+    assert len(lines) == 1  # rank 1 never got past building the LLM
+    want = _tokens(LLM("smollm2-135m", kv_cache_memory="32MiB", max_model_len=256))
+    assert json.loads(lines[0][len("RANK0 "):]) == want
+
+
+def test_torchrun_with_another_number_of_processes_is_refused(monkeypatch):
+    from fastinfer.distributed.channel import torchrun_rank
+
+    assert torchrun_rank(2) is None  # not under torchrun: the engine spawns its workers
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert torchrun_rank(2) == 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="needs as many processes .--nproc-per-node 2.; WORLD_SIZE is 3"):
+        torchrun_rank(2)
 
 
 def test_int8_inputs_under_two_ranks_stay_close():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -70,13 +71,15 @@ ALL_REDUCES = ("gloo", "shm")
 def init_group(rank: int, size: int, init_file: str, backend: str = "gloo", timeout_s: float = 30.0,
                all_reduce: str = "gloo") -> TorchComm:
     """Joins the group of ``size`` ranks that rendezvous through ``init_file`` (a path no earlier
-    group used; a file store has no port to race for). A collective that waits longer than
+    group used; a file store has no port to race for; or ``"env://"``: torchrun's variables). A collective that waits longer than
     ``timeout_s`` for a rank raises instead of hanging (gloo's; ``all_reduce="shm"`` waits
     without a limit)."""
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
+    init_method = init_file if init_file == "env://" else f"file://{init_file}"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    unique = init_file + os.environ.get("MASTER_ADDR", "") + os.environ.get("MASTER_PORT", "")
     try:
-        return TorchComm(all_reduce, tag=hashlib.sha1(init_file.encode()).hexdigest()[:12])
+        return TorchComm(all_reduce, tag=hashlib.sha1(unique.encode()).hexdigest()[:12])
     except BaseException:
         leave_group()
         raise

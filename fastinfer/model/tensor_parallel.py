@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
+from fastinfer.distributed.channel import ControlChannel, WorkerConn, torchrun_rank
 from fastinfer.distributed.group import TorchComm, init_group, leave_group
 from fastinfer.errors import EngineDeadError
 from fastinfer.kv_cache.cache import KVCache
@@ -265,15 +267,62 @@ class TPModelRunner(ModelRunner):
         super().apply_block_ops(ops)
 
 
+class TorchrunWorkers(TPWorkers):
+    """``TPWorkers`` when torchrun started every rank: the same requests, sent over a
+    ``ControlChannel`` instead of pipes. A dead rank shows as a failed collective (no process
+    handle here to ask)."""
+
+    def __init__(self) -> None:  # no processes to start: torchrun did
+        self.conns, self.procs, self.channel = [], [], None
+        self._finalizer = weakref.finalize(self, lambda: None)
+
+    def own(self, comm: TorchComm) -> None:
+        self.comm, self.channel = comm, ControlChannel()
+        self._finalizer = weakref.finalize(self, _stop_channel, self.channel, comm)
+
+    def replies(self, what: str) -> list:
+        return self.channel.gather()[1:]
+
+    def _send(self, message) -> None:
+        self.channel.broadcast(message)
+
+    def raise_if_dead(self) -> None:
+        pass
+
+
+def _stop_channel(channel: ControlChannel, comm: TorchComm) -> None:
+    try:
+        channel.broadcast(("stop",))
+    finally:
+        comm.close()
+
+
+def _start_under_torchrun(config, rank: int, timeout_s: float) -> tuple[LoadedModel, TPWorkers, TorchComm]:
+    """torchrun started every rank, each running the user's script: rank 0 goes on with the
+    engine; the others serve its steps until it stops, then exit (the rest of the script is
+    rank 0's)."""
+    spec = WorkerSpec(config, config.tensor_parallel_size, "env://", timeout_s)
+    if rank != 0:
+        worker_main(rank, spec, WorkerConn())
+        sys.exit(0)
+    loaded, comm = load_rank(spec, 0)
+    workers = TorchrunWorkers()
+    workers.own(comm)
+    return loaded, workers, comm
+
+
 def start_tensor_parallel(config, timeout_s: float = 60.0) -> tuple[LoadedModel, TPWorkers, TorchComm]:
-    """Spawns ranks 1..N-1 of ``config.tensor_parallel_size`` and loads rank 0's share here
-    (every rank loads at once), computing with its share of the CPUs (``rank_threads``; on a
-    CPU, this process's torch threads are set to it). Returns rank 0's model, the workers and
-    rank 0's group."""
+    """Spawns ranks 1..N-1 of ``config.tensor_parallel_size`` (or, under torchrun, joins the
+    ranks it started) and loads rank 0's share here (every rank loads at once), computing with
+    its share of the CPUs (``rank_threads``; on a CPU, this process's torch threads are set to
+    it). Returns rank 0's model, the workers and rank 0's group."""
     if config.torch_device().type == "cpu":
         torch.set_num_threads(rank_threads(config.tensor_parallel_size))
     else:
         torch.cuda.set_device(rank_device(config, 0))
+    rank = torchrun_rank(config.tensor_parallel_size)
+    if rank is not None:
+        return _start_under_torchrun(config, rank, timeout_s)
     init_file = os.path.join(tempfile.mkdtemp(prefix="fastinfer-tp-"), "rendezvous")
     spec = WorkerSpec(config, config.tensor_parallel_size, init_file, timeout_s)
     workers = TPWorkers(spec)
