@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import traceback
 import weakref
 from dataclasses import dataclass
 
@@ -85,6 +86,8 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
     try:
         cfg, mcfg, device = spec.config, loaded.config, rank_device(spec.config, rank)
         num_blocks = conn.recv()
+        if not isinstance(num_blocks, int):  # ("stop",): rank 0 failed before its cache was sized
+            return
         cache = KVCache(mcfg.num_layers, num_blocks, cfg.block_size, loaded.kv_heads, mcfg.head_dim,
                         cfg.kv_torch_dtype(), device)
         runner = ModelRunner(loaded.model, cache.layers, cfg.block_size, device, cfg.ops_backend,
@@ -167,6 +170,7 @@ class TPWorkers:
         for rank, conn in enumerate(self.conns, start=1):
             if not conn.poll(_START_TIMEOUT_S):
                 self.raise_if_dead()
+                self.shutdown()
                 raise WorkerDiedError(f"tensor-parallel rank {rank} did not {what} within {_START_TIMEOUT_S:g} s")
             try:
                 out.append(conn.recv())
@@ -192,7 +196,7 @@ class TPWorkers:
                 raise WorkerDiedError(f"tensor-parallel rank {rank} (pid {self.procs[rank - 1].pid}) is gone (its "
                                       "pipe closed); the engine cannot go on: build a new one") from exc
 
-    def raise_if_dead(self) -> None:
+    def raise_if_dead(self, cause: BaseException | None = None) -> None:
         """Raises ``WorkerDiedError`` naming the first worker that has exited (and how), once
         the others are stopped and the group left (the engine cannot go on)."""
         for rank, proc in enumerate(self.procs, start=1):
@@ -243,8 +247,8 @@ class TPModelRunner(ModelRunner):
             if feed is not None:
                 send_feed(self.workers.comm, feed)
             return super().execute(inp, all_logits, feed)
-        except RuntimeError:
-            self.workers.raise_if_dead()
+        except RuntimeError as exc:
+            self.workers.raise_if_dead(exc)
             raise
         finally:
             self._in_step = False
@@ -281,18 +285,28 @@ class TorchrunWorkers(TPWorkers):
         self._finalizer = weakref.finalize(self, _stop_channel, self.channel, comm)
 
     def replies(self, what: str) -> list:
-        return self.channel.gather()[1:]
+        try:
+            return self.channel.gather()[1:]
+        except RuntimeError as exc:
+            self.raise_if_dead(exc)
 
     def _send(self, message) -> None:
-        self.channel.broadcast(message)
+        try:
+            self.channel.broadcast(message)
+        except RuntimeError as exc:
+            self.raise_if_dead(exc)
 
-    def raise_if_dead(self) -> None:
-        pass
+    def raise_if_dead(self, cause: BaseException | None = None) -> None:
+        """Called when a collective failed: with no process to ask, the failure is the news."""
+        raise WorkerDiedError(f"a tensor-parallel rank started by torchrun is gone or stuck (a collective "
+                              f"failed: {cause or 'see above'}); the engine cannot go on: build a new one") from cause
 
 
 def _stop_channel(channel: ControlChannel, comm: TorchComm) -> None:
     try:
         channel.broadcast(("stop",))
+    except RuntimeError:  # a rank is gone already
+        pass
     finally:
         comm.close()
 
@@ -302,9 +316,16 @@ def _start_under_torchrun(config, rank: int, timeout_s: float) -> tuple[LoadedMo
     engine; the others serve its steps until it stops, then exit (the rest of the script is
     rank 0's)."""
     spec = WorkerSpec(config, config.tensor_parallel_size, "env://", timeout_s)
-    if rank != 0:
-        worker_main(rank, spec, WorkerConn())
-        sys.exit(0)
+    if rank != 0:  # never returns into the user's script: it is rank 0's
+        code = 0
+        try:
+            worker_main(rank, spec, WorkerConn())
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     loaded, comm = load_rank(spec, 0)
     workers = TorchrunWorkers()
     workers.own(comm)
@@ -316,11 +337,11 @@ def start_tensor_parallel(config, timeout_s: float = 60.0) -> tuple[LoadedModel,
     ranks it started) and loads rank 0's share here (every rank loads at once), computing with
     its share of the CPUs (``rank_threads``; on a CPU, this process's torch threads are set to
     it). Returns rank 0's model, the workers and rank 0's group."""
+    rank = torchrun_rank(config.tensor_parallel_size)
     if config.torch_device().type == "cpu":
         torch.set_num_threads(rank_threads(config.tensor_parallel_size))
     else:
-        torch.cuda.set_device(rank_device(config, 0))
-    rank = torchrun_rank(config.tensor_parallel_size)
+        torch.cuda.set_device(rank_device(config, rank or 0))
     if rank is not None:
         return _start_under_torchrun(config, rank, timeout_s)
     init_file = os.path.join(tempfile.mkdtemp(prefix="fastinfer-tp-"), "rendezvous")

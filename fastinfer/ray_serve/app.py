@@ -129,7 +129,8 @@ def deploy_replicas(name: str, version: str, source: str, engine_options: dict[s
     except BaseException:
         with contextlib.suppress(Exception):
             serve.delete(app)
-        ray.kill(actor)
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
         raise
 
 

@@ -78,6 +78,7 @@ class EngineReplica:
         # a replica scaled down or deleted leaves the directory (one that dies, the router drops).
         self._stop.set()
         if self._directory is not None:
+            self._publisher.join(1)  # its last report must not come after the goodbye
             self._directory.forget.remote(self.name)
         await self.engine.shutdown(0)
 

@@ -112,7 +112,7 @@ class LiveServer:
     loop before it serves (the engines' streams belong to that loop), ``loop``."""
 
     def __init__(self, state: ServerState, loads: Iterable[tuple[str, str, str]],
-                 audit_path: Path | None = None) -> None:
+                 audit_path: Path | None = None, start_timeout_s: float = 60.0) -> None:
         self.state, self.audit_path = state, audit_path
         self.app = build_app(state)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -125,11 +125,11 @@ class LiveServer:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, args=(list(loads),), daemon=True, name="live-server")
         self._thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout_s
         while not self._server.started:
             if self._error is not None or not self._thread.is_alive():
                 raise RuntimeError("the test server did not start") from self._error
-            assert time.monotonic() < deadline, "the test server did not start within 60 s"
+            assert time.monotonic() < deadline, f"the test server did not start within {start_timeout_s:g} s"
             time.sleep(0.01)
 
     def _main(self, loads: list[tuple[str, str, str]]) -> None:
