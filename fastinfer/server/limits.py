@@ -24,6 +24,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._drain(receive, int(declared))
             return await _refuse(send, self._too_large())
         body = _GuardedBody(receive, self)
         started = False
@@ -41,13 +42,40 @@ class BodyLimit:
             if body.refusal is None:
                 raise
         if body.refusal is not None and not started:
+            if body.refusal.status == 413 and not body.complete:
+                await self._drain(receive, 0)
             await _refuse(send, body.refusal)
+
+    async def _drain(self, receive, declared: int) -> None:
+        """Reads and drops what is left of a refused body (up to ``DRAIN_BYTES`` and
+        ``DRAIN_S``): a server that closes with unread bytes in its socket resets the
+        connection, and the client may then see the reset instead of the 413."""
+        if declared > DRAIN_BYTES:
+            return
+        seen, deadline = 0, time.monotonic() + min(DRAIN_S, self.timeout)
+        while seen <= DRAIN_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     def _too_large(self) -> _Refusal:
         return _Refusal(413, f"the request body is larger than {self.limit} bytes", "request_too_large")
 
     def _too_slow(self) -> _Refusal:
         return _Refusal(408, f"the request body was not received within {self.timeout:g} seconds", "request_timeout")
+
+
+DRAIN_BYTES = 16 << 20
+DRAIN_S = 5.0
 
 
 class _GuardedBody:
@@ -60,6 +88,11 @@ class _GuardedBody:
         self._deadline = time.monotonic() + limit.timeout
         self._seen, self._complete = 0, False
         self.refusal: _Refusal | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the body's last piece was received."""
+        return self._complete
 
     async def receive(self):
         if self._complete:
