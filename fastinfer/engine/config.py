@@ -17,6 +17,7 @@ from fastinfer.ops.backends import cuda_native
 from fastinfer.ops.dispatch import BACKENDS, requested_backend
 from fastinfer.quant.rtn import check_group_size
 from fastinfer.scheduler.scheduler import PREEMPTION_MODES
+from fastinfer.spec_decode.config import SpeculativeConfig
 from fastinfer.validation import (check_bool, check_choice, check_float, check_int, check_seed,
                                   check_str, parse_bytes, parse_device)
 
@@ -89,6 +90,13 @@ class EngineConfig:
     ``Engine.shutdown()`` (or ``LLM.shutdown()``) to stop the workers (also done at exit).
     ``tp_all_reduce``: ``"gloo"``, or ``"shm"`` for DeepSpeed's shared-memory all-reduce (faster,
     but its waits have no timeout: see ``fastinfer.distributed.shm``).
+    ``speculative_config`` (vLLM's keys, a dict or a ``SpeculativeConfig``): speculative
+    decoding. ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
+    "prompt_lookup_max": b}`` drafts up to k tokens from the request's own prompt and output,
+    and one forward pass verifies them: greedy outputs are those of plain decoding, and sampled
+    ones keep the target's distribution exactly (rejection sampling). Steps with drafts run
+    synchronously (under ``async_scheduling`` too), and eagerly (outside CUDA graphs). It backs
+    off by itself (see ``fastinfer.spec_decode``).
     ``grammar_compile_timeout`` (seconds): a request whose structured output (JSON schema,
     regex, grammar) takes longer to compile is refused with ``GrammarCompileTimeout`` (an
     ``InvalidRequestError``); compiles run off the engine's thread, so no other request waits.
@@ -115,6 +123,7 @@ class EngineConfig:
     kv_offload_memory: int | str | None = None
     preemption_mode: str = "auto"
     grammar_compile_timeout: float = 5.0
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
     tensor_parallel_size: int = 1
     tp_all_reduce: str = "gloo"
     seed: int = 0
@@ -158,6 +167,8 @@ class EngineConfig:
         self._set("seed", check_seed("seed", self.seed))
         self._set("grammar_compile_timeout", check_float("grammar_compile_timeout", self.grammar_compile_timeout,
                                                          lo=0, lo_open=True))
+        if self.speculative_config is not None:
+            self._set("speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         self._set("tensor_parallel_size", check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1))
         check_choice("tp_all_reduce", self.tp_all_reduce, list(ALL_REDUCES))
         if self.tensor_parallel_size > 1:

@@ -35,6 +35,7 @@ from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
+from fastinfer.spec_decode.speculator import Speculator
 from fastinfer.validation import Prompt, as_prompt, check_int, check_str, describe, fail
 
 _log = logging.getLogger("fastinfer.engine")
@@ -95,6 +96,7 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
         self.outputs = OutputProcessor(self.eos_token_ids, self.scheduler.finish, self._forget)
+        self.speculator = Speculator(config.speculative_config) if config.speculative_config else None
         self.structured = StructuredOutputs(self.tokenizer, mcfg.vocab_size, self.eos_token_ids,
                                             config.grammar_compile_timeout)
         self._rng = random.Random(config.seed)
@@ -293,13 +295,14 @@ class Engine:
         """True while any request has not yet returned its final output."""
         return bool(self._requests)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         """Counters of the scheduler and the KV cache. ``prefix_cache_queries`` and
         ``prefix_cache_hits``: prompt tokens looked up in the prefix cache at admission, and
         found there (cumulative); ``kv_blocks_cached``: device blocks holding a cached prefix;
         ``kv_offload_blocks`` of ``kv_offload_blocks_total``: host-tier blocks in use;
         ``kv_offload_loads`` / ``kv_offload_stores``: blocks copied back from / out to it
-        (cumulative); ``num_swapped``: requests' sequences swapped out to it now."""
+        (cumulative); ``num_swapped``: requests' sequences swapped out to it now; ``spec_*``:
+        speculative decoding's counts (``Speculator.stats``), with a ``speculative_config``."""
         blocks = self.block_manager
         return {
             "num_requests": len(self._requests),
@@ -323,6 +326,7 @@ class Engine:
             "weight_bytes": self.weight_bytes,
             "max_model_len": self.max_model_len,
             "num_steps": self.num_steps,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }
 
     def reset_prefix_cache(self) -> None:
@@ -404,11 +408,13 @@ class Engine:
         self._aborted = []
         try:
             self._forget_stale_prefixes()
+            if self.speculator is not None:
+                self._propose(touched)
             sched = self.scheduler.schedule()
             self._publish_kv_events()
             if sched.scheduled:
                 self.num_steps += 1
-                if self.async_scheduling:
+                if self.async_scheduling and not any(s.spec for s in sched.scheduled):
                     self._run_async(sched, touched)
                 else:
                     self._settle_then_run(sched, touched)
@@ -431,12 +437,18 @@ class Engine:
         for req, _ in pairs:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = start
+        ids = [s.seq.token_ids[s.start:s.start + s.num_tokens] for s in sched.scheduled]
+        num_spec = None
+        if any(s.spec for s in sched.scheduled):
+            ids = [t + s.spec if s.spec else t for t, s in zip(ids, sched.scheduled)]
+            num_spec = [len(s.spec) for s in sched.scheduled]
         inp = StepInput(
-            token_ids=[s.seq.token_ids[s.start:s.start + s.num_tokens] for s in sched.scheduled],
+            token_ids=ids,
             start_positions=[s.start for s in sched.scheduled],
             block_tables=[self.block_manager.block_table(s.seq.seq_id) for s in sched.scheduled],
             needs_logits=[s.completes for s in sched.scheduled],
             block_ops=sched.block_ops or None,
+            num_spec=num_spec,
         )
         return [pair for pair, done in zip(pairs, inp.needs_logits) if done], inp
 
@@ -452,14 +464,43 @@ class Engine:
         sampled, inp = self._inputs(sched)
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
                 for req, smp in sampled]
+        matchers = [smp.grammar for _, smp in sampled]
+        if inp.num_spec is not None:  # a grammar's state at each position verified
+            drafts = inp.drafts()
+            matchers = [m for g, d in zip(matchers, drafts) for m in (g.along(d) if g else [None] * (len(d) + 1))]
         # The grammars' masks are filled on their own thread while the model runs.
-        masks = self.structured.start_masks([smp.grammar for _, smp in sampled])
+        masks = self.structured.start_masks(matchers)
         future = self.runner.launch(inp, rows, masks=masks)
         self._executed(sched)
         now = time.monotonic()
+        if inp.num_spec is not None:
+            self._accept_verified(sampled, drafts, future, now, touched)
+            return
         for (req, smp), token, logprobs in zip(sampled, future.token_ids(), future.logprobs):
             self._append(req, smp, token, logprobs, now)
             touched[req.request_id] = req
+
+    # ------------------------------------------------------- speculative decoding
+    def _propose(self, touched: dict[str, Request]) -> None:
+        """Sets the drafts each running sequence verifies next; they need every token so far, so
+        the steps in flight settle first (unless the speculator backs off)."""
+        running = self.scheduler.running
+        if self._inflight and self.speculator.active(len(running)):
+            self._resolve(touched)
+        self.speculator.draft(running, lambda seq_id: self._by_seq[seq_id][1].grammar)
+
+    def _accept_verified(self, sampled: list[tuple[Request, Sample]], drafts: list[list[int]], future: StepFuture,
+                         now: float, touched: dict[str, Request]) -> None:
+        """Appends each row's accepted drafts and the token after them through the output
+        processor (a stop ends the row); rejected drafts' keys and values are written over later."""
+        for (req, smp), d, tokens, logprobs in zip(sampled, drafts, future.token_ids(), future.logprobs):
+            self.speculator.record(smp.seq.seq_id, len(d), len(tokens) - 1)
+            touched[req.request_id] = req
+            for m, token in enumerate(tokens):
+                if m and smp.finish_reason is not None:
+                    break
+                smp.seq.num_computed += m > 0  # the accepted draft before it (its keys are valid)
+                self._append(req, smp, token, None if logprobs is None else logprobs[m], now)
 
     # ------------------------------------------------------- asynchronous scheduling
     def _run_async(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
@@ -491,10 +532,7 @@ class Engine:
         if self._inflight:
             self._resolve(touched)
             sched.scheduled = [s for s in sched.scheduled if s.seq.status is SeqStatus.RUNNING]
-        if sched.scheduled:
-            self._run(sched, touched)
-        else:
-            self._copy_blocks(sched)
+        self._run(sched, touched) if sched.scheduled else self._copy_blocks(sched)
 
     def _copy_blocks(self, sched: SchedulerOutput) -> None:
         """Carries out the block copies of a step that runs no forward pass: they were decided
@@ -556,3 +594,5 @@ class Engine:
         self._requests.pop(req.request_id, None)
         for s in req.samples:
             self._by_seq.pop(s.seq.seq_id, None)
+            if self.speculator is not None:
+                self.speculator.forget(s.seq.seq_id)

@@ -95,7 +95,8 @@ class DecodeGraphs:
 
     def takes(self, inp: StepInput) -> bool:
         """True for a decode step (one token per sequence, each sampled) that a graph covers."""
-        return (len(inp.token_ids) <= self.sizes[-1] and all(len(t) == 1 for t in inp.token_ids)
+        return (inp.num_spec is None and len(inp.token_ids) <= self.sizes[-1]
+                and all(len(t) == 1 for t in inp.token_ids)
                 and (inp.needs_logits is None or all(inp.needs_logits)))
 
     def run(self, hb: HostBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

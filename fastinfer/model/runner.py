@@ -42,13 +42,21 @@ class StepInput:
     sequence's block table (covering every position up to the last). ``needs_logits`` marks
     the sequences whose last position is sampled (None: all; a prefill chunk that does not
     reach the end of its prompt needs none). ``block_ops``: the block copies (swaps,
-    copy-on-write) to carry out before the forward pass."""
+    copy-on-write) to carry out before the forward pass. ``num_spec`` (speculative decoding):
+    per sequence, how many of its last token ids are drafts to verify; a sequence that needs
+    logits then gets them for its last ``num_spec + 1`` positions (None: no drafts)."""
 
     token_ids: list[list[int]]
     start_positions: list[int]
     block_tables: list[list[int]]
     needs_logits: list[bool] | None = None
     block_ops: BlockOps | None = None
+    num_spec: list[int] | None = None
+
+    def drafts(self) -> list[list[int]]:
+        """The draft tokens of each sequence that needs logits, in order."""
+        wanted = self.needs_logits or [True] * len(self.token_ids)
+        return [ids[len(ids) - k:] if k else [] for ids, k, w in zip(self.token_ids, self.num_spec, wanted) if w]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +114,11 @@ class ModelRunner:
             raise ValueError(f"a block table points outside the KV cache ({self.num_slots} slots)")
         tables = native.pack_block_tables(inp.block_tables, 0).astype(np.int64)
         wanted = inp.needs_logits or [True] * len(lens)
-        last = np.array([e - 1 for e, w in zip(starts_loc[1:], wanted) if w], dtype=np.int64)
+        if inp.num_spec is None:
+            last = np.array([e - 1 for e, w in zip(starts_loc[1:], wanted) if w], dtype=np.int64)
+        else:
+            last = np.array([p for e, w, k in zip(starts_loc[1:], wanted, inp.num_spec) if w
+                             for p in range(e - 1 - k, e)], dtype=np.int64)
         return HostBatch(flat, positions, slots, tables, starts_loc, ends, max(lens), last)
 
     def prepare(self, inp: StepInput) -> PreparedBatch:
@@ -163,10 +175,15 @@ class ModelRunner:
         logprobs, grammar ``masks`` filled meanwhile, applied outside any CUDA graph), the
         future then done; without (every row passes ``Sampler.can_defer``) on
         the device, where the tokens stay until the host asks (:meth:`StepFuture.token_ids`),
-        so the next step can be launched first and ``feed`` them on the device."""
+        so the next step can be launched first and ``feed`` them on the device. A step with
+        drafts (``inp.num_spec``) verifies them on the host's terms: each row's tokens are then
+        a list, its accepted drafts and one token more (``Sampler.verify``)."""
         logits = self.execute(inp, feed=self._feed(feed))
         if logits.shape[0] == 0:
             return StepFuture.done([], [])
+        if inp.num_spec is not None:
+            out = self.sampler.verify(logits, rows, inp.drafts(), masks)
+            return StepFuture.done(out.token_ids, out.logprobs)
         if rows is not None:
             out = self.sampler(logits, rows, masks)
             return StepFuture.done(out.token_ids, out.logprobs)

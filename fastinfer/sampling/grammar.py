@@ -71,6 +71,24 @@ class GrammarMatcher:
             self.ended = self.matcher.is_stopped()
         return self.ended
 
+    def valid_prefix(self, tokens: list[int]) -> list[int]:
+        """The longest prefix of ``tokens`` (speculative drafts) that the grammar allows from
+        here; the matcher does not move."""
+        if self.ended:
+            return []
+        return tokens[:self.matcher.validate_tokens(tokens)]
+
+    def along(self, tokens: list[int]) -> list[GrammarMatcher]:
+        """This matcher and, for each of ``tokens`` (drafts it allows), a copy advanced through
+        the tokens up to it: the grammar's state at each position a verification step samples."""
+        out = [self]
+        for t in tokens:
+            nxt = GrammarMatcher.__new__(GrammarMatcher)
+            nxt.matcher, nxt.eos_ids, nxt.ended = out[-1].matcher.deep_copy(), self.eos_ids, False
+            nxt.advance(t)
+            out.append(nxt)
+        return out
+
     @property
     def error(self) -> str | None:
         """Why the matcher stopped on an error, or None."""

@@ -22,12 +22,10 @@ import torch
 
 from fastinfer.sampling.grammar import TokenMasks
 from fastinfer.sampling.params import SamplingParams
-from fastinfer.sampling.processors import apply_logit_bias_, apply_penalties_, min_p_, needs_penalties, top_p_
+from fastinfer.sampling.processors import apply_logit_bias_, apply_penalties_, min_p_, needs_penalties
+from fastinfer.sampling.rejection import accept_greedy, accept_sampled
+from fastinfer.sampling.truncation import TOP_P_CANDIDATES, draw, maybe, sample_truncated, truncated_probs
 
-# Top-p rows first look for their nucleus among this many most likely tokens, then among
-# more, then sort the whole row: most nuclei are small; at V = 49152 topk(64) costs ~60 us a
-# row, topk(4096) ~0.6 ms and a full sort ~3 ms.
-TOP_P_CANDIDATES = (64, 512, 4096)
 SCRATCH_BYTES_PER_LOGIT = 4 * 4 + 3
 """The sampler's most memory per logit of a step: four float32 ``[B, V]`` scratch buffers
 (constrained, penalised, and two of working space) and a grammar's mask (on a GPU it is
@@ -42,6 +40,15 @@ class SamplingRow:
     generator: torch.Generator          # this sequence's own CPU generator
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]     # tokens generated so far by this sequence
+
+
+@dataclass(slots=True)
+class SpecOutput:
+    """A verification step's tokens: per row its accepted drafts and one token more, and per
+    row None or the logprobs of each of them."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[dict[int, float]] | None]
 
 
 @dataclass(slots=True)
@@ -75,12 +82,7 @@ class Sampler:
                              f"got {tuple(logits.shape)}")
         params = [r.params for r in rows]
         raw = self._constrained(logits, params, masks)
-        work = raw
-        if any(needs_penalties(p) for p in params):
-            work = self._buffer("penalised", raw.shape[0], raw)
-            work.copy_(raw)
-            apply_penalties_(work, params, [r.prompt_token_ids for r in rows],
-                             [r.output_token_ids for r in rows])
+        work = self._penalised(raw, rows)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if len(greedy) == len(rows):  # all greedy: one argmax, one read-back
             token_ids = work.argmax(-1).tolist()
@@ -93,6 +95,84 @@ class Sampler:
             _put(tokens, idx, self._sample_random(work, idx, [rows[i] for i in idx], k))
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
+
+    def verify(self, logits: torch.Tensor, rows: Sequence[SamplingRow], drafts: Sequence[list[int]],
+               masks: TokenMasks | None = None) -> SpecOutput:
+        """Speculative decoding: verifies each row's ``drafts[i]`` (see ``rejection``). ``logits``
+        holds, row after row, the ``len(drafts[i]) + 1`` positions of each (the drafts' and one
+        more; a row without drafts has one, and samples as ``__call__`` would); ``masks``, if
+        any, are per position. Returns per row its accepted drafts and one token more."""
+        spans = [len(d) + 1 for d in drafts]
+        if len(drafts) != len(rows) or logits.dim() != 2 or logits.shape[0] != sum(spans):
+            raise ValueError(f"logits must be [{sum(spans)} positions, vocab] for {len(rows)} rows with "
+                             f"{sum(spans) - len(rows)} drafts, got {tuple(logits.shape)}")
+        positions = [SamplingRow(r.params, r.generator, r.prompt_token_ids, [*r.output_token_ids, *d[:j]])
+                     if needs_penalties(r.params) else r for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
+        params = [r.params for r in positions]
+        raw = self._constrained(logits, params, masks)
+        work = self._penalised(raw, positions)
+        argmax = work.argmax(-1).tolist()
+        probs = self._target_probs(work, positions)
+        tokens, offset = [], 0
+        for row, d, span in zip(rows, drafts, spans):
+            if row.params.greedy:
+                tokens.append(accept_greedy(argmax[offset:offset + span], d))
+            else:
+                tokens.append(accept_sampled(probs[offset:offset + span], d, row.generator))
+            offset += span
+        return SpecOutput(tokens, self._spec_logprobs(raw, tokens, spans, params))
+
+    def _target_probs(self, work: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+        """[T, V]: each random row's normalised sampling distribution (after temperature, top-k,
+        top-p and min-p); greedy rows' stay zero. None when every row is greedy."""
+        params = [r.params for r in rows]
+        groups = _random_groups(params, work.shape[1])
+        if not groups:
+            return None
+        out = torch.zeros_like(work)
+        for k, idx in groups.items():
+            sub = [rows[i] for i in idx]
+            dev = work.device
+            index = _index(idx, dev)
+            probs = torch.softmax(work.index_select(0, index) / _column(sub, "temperature", dev).unsqueeze(1), dim=-1)
+            min_p = _column(sub, "min_p", dev)
+            if k is None:
+                if maybe(min_p > 0):
+                    min_p_(probs, min_p, probs.amax(-1))
+            else:
+                has_k = torch.tensor([0 < r.params.top_k < work.shape[1] for r in sub], device=dev)
+                probs = truncated_probs(probs, k, has_k, _column(sub, "top_p", dev), min_p)
+            out.index_copy_(0, index, probs / probs.sum(-1, keepdim=True))
+        return out
+
+    def _spec_logprobs(self, raw: torch.Tensor, tokens: list[list[int]], spans: list[int],
+                       params: Sequence[SamplingParams]) -> list[list | None]:
+        """Per row: None, or the logprobs of each of its tokens (at the position it took)."""
+        out: list[list | None] = [None] * len(tokens)
+        where, chosen, starts, offset = [], [], [], 0
+        for i, (toks, span) in enumerate(zip(tokens, spans)):
+            if params[offset].logprobs is not None:
+                starts.append((i, len(where)))
+                where.extend(range(offset, offset + len(toks)))
+                chosen.extend(toks)
+            offset += span
+        if not where:
+            return out
+        sub = raw.index_select(0, _index(where, raw.device))
+        found = self._logprobs(sub, chosen, [params[w] for w in where])
+        for i, at in starts:
+            out[i] = found[at:at + len(tokens[i])]
+        return out
+
+    def _penalised(self, raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """``raw`` with the rows' penalties applied (a scratch copy; ``raw`` when none has any)."""
+        params = [r.params for r in rows]
+        if not any(needs_penalties(p) for p in params):
+            return raw
+        work = self._buffer("penalised", raw.shape[0], raw)
+        work.copy_(raw)
+        apply_penalties_(work, params, [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows])
+        return work
 
     @staticmethod
     def can_defer(params: SamplingParams) -> bool:
@@ -137,11 +217,11 @@ class Sampler:
         u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(dev)
         min_p = _column(rows, "min_p", dev)
         if k is None:
-            if _maybe(min_p > 0):
+            if maybe(min_p > 0):
                 min_p_(probs, min_p, probs.amax(-1))
-            return _draw(probs, u, cdf_out=scaled)
+            return draw(probs, u, cdf_out=scaled)
         has_k = torch.tensor([0 < r.params.top_k < vocab for r in rows], device=dev)
-        return _sample_truncated(probs, k, has_k, _column(rows, "top_p", dev), min_p, u)
+        return sample_truncated(probs, k, has_k, _column(rows, "top_p", dev), min_p, u)
 
     def _logprobs(self, raw: torch.Tensor, token_ids: list[int],
                   params: Sequence[SamplingParams]) -> list[dict[int, float] | None]:
@@ -202,56 +282,6 @@ def _random_groups(params: Sequence[SamplingParams], vocab: int) -> dict[int | N
             k = None
         groups.setdefault(k, []).append(i)
     return groups
-
-
-def _sample_truncated(probs: torch.Tensor, k: int, has_k: torch.Tensor, top_p: torch.Tensor,
-                      min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Draw among each row's ``k`` most likely tokens after top-p and min-p.
-
-    Rows with top-k hold exactly their k tokens and measure top-p against those tokens' mass
-    (top-k is applied first, as in vLLM); top-p-only rows whose nucleus does not end inside
-    the k candidates are retried with the next candidate count, finally a full sort.
-    """
-    vocab = probs.shape[1]
-    if k >= vocab:
-        cand, ids = probs.sort(dim=-1, descending=True, stable=True)
-    else:
-        cand, ids = probs.topk(k, dim=-1)
-    fits = top_p_(cand, top_p, has_k) | has_k
-    if k >= vocab:
-        fits.fill_(True)
-    if _maybe(min_p > 0):
-        min_p_(cand, min_p, cand[:, 0])
-    out = ids.gather(1, _draw(cand, u).unsqueeze(1)).squeeze(1)
-    if not bool(fits.all()):
-        redo = (~fits).nonzero().squeeze(1)
-        bigger = next((c for c in TOP_P_CANDIDATES if c > k), vocab)
-        out[redo] = _sample_truncated(probs[redo], bigger, has_k[redo], top_p[redo],
-                                      min_p[redo], u[redo])
-    return out
-
-
-def _draw(weights: torch.Tensor, u: torch.Tensor,
-          cdf_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse-CDF draw: per row the position whose cumulative weight interval holds u.
-
-    ``weights`` [R, N] need not be normalised; a zero-weight position is never returned.
-    ``cdf_out`` optionally receives the cumulative sums (a scratch buffer).
-    """
-    cdf = torch.cumsum(weights, -1, out=cdf_out) if cdf_out is not None else weights.cumsum(-1)
-    target = (u * cdf[:, -1]).unsqueeze(1)
-    pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    over = pos >= weights.shape[1]      # u * total rounded up to total: take the last positive
-    if _maybe(over):
-        last = weights.shape[1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(-1)
-        pos = torch.where(over, last, pos)
-    return pos
-
-
-def _maybe(flags: torch.Tensor) -> bool:
-    """Whether a conditional step is needed for ``flags``: on the CPU, whether any is set; on a
-    GPU always True (the step is a no-op for unset rows), so no host sync waits for the answer."""
-    return flags.device.type != "cpu" or bool(flags.any())
 
 
 def _index(idx: list[int], device: torch.device) -> torch.Tensor:

@@ -20,14 +20,19 @@ from fastinfer.kv_cache.block_manager import BlockManager, BlockOps
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
 
 
+_NO_DRAFTS: tuple[int, ...] = ()
+
+
 @dataclass(slots=True)
 class ScheduledSeq:
-    """``seq`` computes its tokens at positions ``[start, start + num_tokens)`` this step (not
-    frozen: one is built per sequence per step, and a frozen dataclass builds slower)."""
+    """``seq`` computes its tokens at positions ``[start, start + num_tokens)`` this step, then
+    the draft tokens ``spec`` after them, to be verified (speculative decoding; not frozen: one is
+    built per sequence per step, and a frozen dataclass builds slower)."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    spec: list[int] | tuple[int, ...] = _NO_DRAFTS
 
     @property
     def completes(self) -> bool:
@@ -131,17 +136,30 @@ class Scheduler:
             if n == 0:
                 kept.append(seq)  # stays running, waits for the next step
                 continue
-            while not grow(seq, start, start + n):
+            drafts = self._drafts(seq, need, budget)
+            while not grow(seq, start, start + n + len(drafts)):
+                if drafts:  # no room for the drafts: plain decoding first, before preempting
+                    drafts = _NO_DRAFTS
+                    continue
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is running:
-                scheduled.append(ScheduledSeq(seq, start, n))
+                scheduled.append(ScheduledSeq(seq, start, n, drafts))
                 kept.append(seq)
-                budget -= n
+                budget -= n + len(drafts)
         self.running = kept
         return budget
+
+    @staticmethod
+    def _drafts(seq: Sequence, need: int, budget: int) -> list[int] | tuple[int, ...]:
+        """The draft tokens ``seq`` verifies this step: those proposed, when it decodes (one
+        token to compute), as many as the token budget leaves room for."""
+        drafts = seq.spec_token_ids
+        if not drafts or need != 1:
+            return _NO_DRAFTS
+        return drafts if len(drafts) < budget else drafts[:budget - 1]
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:

@@ -24,7 +24,8 @@ class Sequence:
     sample whose prompt blocks this one shares once that sample has computed them (the ``n``
     samples of one request), instead of computing its own. ``block_hashes`` and
     ``cache_salt`` belong to the prefix cache (``fastinfer.kv_cache``); ``num_cached_tokens``
-    is how many prompt tokens its first admission found cached.
+    is how many prompt tokens its first admission found cached. ``spec_token_ids``: draft
+    tokens proposed for its next step (speculative decoding), verified after its last token.
     """
 
     seq_id: int
@@ -40,6 +41,7 @@ class Sequence:
     fork_of: Sequence | None = None
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[int, int]:

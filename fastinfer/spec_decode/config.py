@@ -1,7 +1,12 @@
 """``speculative_config`` under vLLM's names: ``{"method": "ngram", "num_speculative_tokens": k,
 "prompt_lookup_min": a, "prompt_lookup_max": b}`` or ``{"method": "draft_model", "model": ...,
 "num_speculative_tokens": k}`` (``"quantization": "int4"`` without a model: the target's own
-int4 copy drafts for it)."""
+int4 copy drafts for it).
+
+Backoff: ``disable_by_batch_size`` (vLLM's name): no drafts in a step where more sequences run
+than this (a large batch keeps the machine busy without them; None: never off by batch size);
+``min_acceptance_rate``: a sequence whose drafts are accepted less often than this (a moving
+average) stops drafting for a while, longer each time, and tries again."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -20,6 +25,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     model: str | None = None
     quantization: str | None = None
+    disable_by_batch_size: int | None = 8
+    min_acceptance_rate: float = 0.25
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -27,6 +34,12 @@ class SpeculativeConfig:
                               f"{self.method!r}", "speculative_config.method")
         _positive("num_speculative_tokens", self.num_speculative_tokens)
         _positive("prompt_lookup_min", self.prompt_lookup_min)
+        if self.disable_by_batch_size is not None:
+            _positive("disable_by_batch_size", self.disable_by_batch_size)
+        rate = self.min_acceptance_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ConfigError(f"speculative_config min_acceptance_rate must be a number in [0, 1), got {rate!r}",
+                              "speculative_config.min_acceptance_rate")
         if self.prompt_lookup_max is None:
             object.__setattr__(self, "prompt_lookup_max", max(self.prompt_lookup_min, 3))
         _positive("prompt_lookup_max", self.prompt_lookup_max)

@@ -1,0 +1,176 @@
+"""Speculative decoding in the engine (issue 25): with ``speculative_config`` n-gram drafts,
+greedy requests get exactly the tokens, text, finish reasons and logprob choices of plain
+decoding, with stops ending an accepted run in its middle, ``max_tokens``, ``n > 1``, chunked
+prefill, async scheduling, preemption under a tiny KV budget and aborts; every KV block comes
+back; seeded sampled requests repeat; the speculator's counts reach ``stats()``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfer import SamplingParams
+from fastinfer.errors import ConfigError
+
+from .conftest import make_engine, save_tiny_model
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+PASSAGE = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
+           "step. All that glitters is not gold.")
+PROMPTS = [f"Repeat the following text exactly.\nText: {PASSAGE}\nRepeated text:",
+           "1, 2, 3, 4, 5, 6, 7, 8,",
+           "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+           f"{PASSAGE} {PASSAGE}",
+           "Hello"]
+
+
+def greedy_params(i: int) -> SamplingParams:
+    kinds = [dict(ignore_eos=True), dict(stop=[" gold", "\n\n"]), dict(n=2, ignore_eos=True),
+             dict(stop_token_ids=[28]), dict(logprobs=2)]
+    return SamplingParams(max_tokens=17 + 7 * i, temperature=0.0, **kinds[i % len(kinds)])
+
+
+def run(loaded, params, abort_after: dict[int, int] | None = None, prompts=PROMPTS, setup=None, **options):
+    """(per request: (token ids, text, finish reason, stop reason, chosen logprob ids) of each
+    sample), and the engine, stepped until idle; checks one final output per request and that
+    every KV block came back."""
+    engine = make_engine(loaded, **{"kv_cache_memory": "64MiB", "max_num_batched_tokens": 64, "max_num_seqs": 6,
+                                    **options})
+    if setup is not None:
+        setup(engine)
+    ids = [engine.add_request(p, params(i)) for i, p in enumerate(prompts)]
+    finals, steps = {}, 0
+    while engine.has_unfinished():
+        steps += 1
+        for index, at in (abort_after or {}).items():
+            if steps == at:
+                engine.abort(ids[index])
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finals, "two final outputs"
+                finals[out.request_id] = out
+    assert sorted(finals) == sorted(ids)
+    stats = engine.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_requests"] == 0
+    engine.block_manager.check()
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+              None if c.logprobs is None else [list(lp) for lp in c.logprobs]) for c in finals[r].outputs]
+            for r in ids], engine
+
+
+@pytest.mark.parametrize("options", [{}, {"async_scheduling": True}, {"max_num_batched_tokens": 8},
+                                     {"enable_prefix_caching": False}],
+                         ids=["plain", "async", "small-budget", "no-prefix-cache"])
+def test_greedy_tokens_equal_plain_decoding(smollm, options):
+    plain, _ = run(smollm, greedy_params, **options)
+    spec, engine = run(smollm, greedy_params, speculative_config=NGRAM, **options)
+    assert spec == plain
+    stats = engine.stats()
+    # speculation really ran: most drafts of these copy-prone prompts were accepted
+    assert stats["spec_num_drafts"] > 10 and stats["spec_acceptance_rate"] > 0.4
+    assert stats["spec_mean_accepted_length"] > 1.5
+    assert stats["num_steps"] < 0.7 * sum(len(c[0]) for outs in plain for c in outs)
+    endings = {c[2] for outs in plain for c in outs}
+    assert endings == {"stop", "length"}
+
+
+def test_a_stop_inside_an_accepted_run_ends_the_request_there(smollm):
+    """Stop token ids and strings that the copied passage reaches: the run of accepted drafts
+    goes past them, and the output still ends exactly where plain decoding's does."""
+    miles = smollm.tokenizer.encode(" miles")
+    assert len(miles) == 1
+    stop_params = [SamplingParams(max_tokens=60, temperature=0.0, stop=[" thousand"]),
+                   SamplingParams(max_tokens=60, temperature=0.0, stop_token_ids=miles),
+                   SamplingParams(max_tokens=60, temperature=0.0, stop=["single s"])]
+    prompts = [PROMPTS[3]] * 3
+    plain, _ = run(smollm, lambda i: stop_params[i], prompts=prompts)
+    spec, engine = run(smollm, lambda i: stop_params[i], prompts=prompts, speculative_config=NGRAM)
+    assert spec == plain
+    assert [c[2] for outs in plain for c in outs] == ["stop"] * 3
+    assert engine.stats()["spec_accepted_tokens"] > 0
+
+
+def test_preemption_and_abort(smollm):
+    """A KV budget of 8 blocks forces preemption; request 1 is aborted at step 4."""
+    opts = dict(kv_cache_memory=8 * 16 * 30 * 2 * 3 * 64 * 4, max_model_len=128, max_num_seqs=4)
+    plain, _ = run(smollm, greedy_params, {1: 4}, **opts)
+    spec, engine = run(smollm, greedy_params, {1: 4}, speculative_config=NGRAM, **opts)
+    assert engine.stats()["kv_blocks_total"] == 8 and engine.stats()["num_preemptions"] > 0
+    assert all(c[2] == "abort" for c in spec[1])
+    assert spec[:1] + spec[2:] == plain[:1] + plain[2:]
+
+
+class OracleProposer:
+    """Drafts the tokens plain decoding gave next (``runs``: prompt + output of each sample),
+    with every third draft made wrong: acceptances and rejections at known places."""
+
+    def __init__(self, runs: list[list[int]], k: int) -> None:
+        self.runs, self.k, self.calls = runs, k, 0
+
+    def propose(self, token_ids) -> list[int]:
+        ids = list(token_ids)
+        full = next((r for r in self.runs if r[:len(ids)] == ids), None)
+        if full is None:
+            return []
+        self.calls += 1
+        drafts = full[len(ids):len(ids) + self.k]
+        if self.calls % 3 == 0 and len(drafts) > 1:
+            drafts[1] = (drafts[1] + 1) % 1000
+        return drafts
+
+
+def test_random_gqa_models(tmp_path, hf_smollm_tokenizer):
+    """Tiny random-weight Llama (GQA 4/2) and Qwen2 (QKV bias, tied), drafts from an oracle that
+    is right most of the time: the tokens equal plain decoding's, and most drafts are accepted."""
+    from fastinfer.model.loader import load_model
+
+    prompts = ["Hello there", "The capital of France is", "1, 2, 3,"]
+    for family in ("llama", "qwen2"):
+        path = save_tiny_model(tmp_path / family, family, hf_smollm_tokenizer)
+        loaded = load_model(path, torch.float32, torch.device("cpu"), None)
+        params = lambda i: SamplingParams(max_tokens=30 + 3 * i, temperature=0.0, ignore_eos=True)  # noqa: E731
+        plain, base = run(loaded, params, prompts=prompts, max_num_seqs=3)
+        runs = [base.tokenizer.encode(p) + outs[0][0] for p, outs in zip(prompts, plain)]
+
+        def oracle(engine):
+            engine.speculator.proposer = OracleProposer(runs, 4)
+
+        spec, engine = run(loaded, params, prompts=prompts, max_num_seqs=3, speculative_config=NGRAM, setup=oracle)
+        assert spec == plain
+        stats = engine.stats()
+        assert stats["spec_accepted_tokens"] > 30 and 0.3 < stats["spec_acceptance_rate"] < 0.95
+
+
+def test_seeded_sampling_repeats_and_penalties_run(smollm):
+    def params(i):
+        return SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, top_k=50, min_p=0.02, seed=100 + i,
+                              repetition_penalty=1.1 if i % 2 else 1.0, logprobs=1 if i == 0 else None)
+    first, engine = run(smollm, params, speculative_config=NGRAM)
+    again, _ = run(smollm, params, speculative_config=NGRAM)
+    assert first == again
+    assert engine.stats()["spec_num_drafts"] > 0
+    assert all(len(lp) == len(c[0]) for c in first[0] for lp in [c[4]])
+
+
+def test_backoff_by_batch_size(smollm):
+    """With more running sequences than ``disable_by_batch_size``, no step drafts."""
+    config = {**NGRAM, "disable_by_batch_size": 2}
+    spec, engine = run(smollm, lambda i: SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                       prompts=[PROMPTS[3]] * 4, max_num_seqs=4, max_num_batched_tokens=512, speculative_config=config)
+    plain, _ = run(smollm, lambda i: SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                   prompts=[PROMPTS[3]] * 4, max_num_seqs=4, max_num_batched_tokens=512)
+    assert spec == plain and engine.stats()["spec_num_drafts"] == 0
+
+
+def test_the_config_is_checked():
+    with pytest.raises(ConfigError, match="num_speculative_tokens must be an integer >= 1"):
+        make_engine_config({"method": "ngram", "num_speculative_tokens": 0})
+    with pytest.raises(ConfigError, match="disable_by_batch_size"):
+        make_engine_config({**NGRAM, "disable_by_batch_size": 0})
+    with pytest.raises(ConfigError, match="min_acceptance_rate"):
+        make_engine_config({**NGRAM, "min_acceptance_rate": 1.5})
+
+
+def make_engine_config(spec):
+    from fastinfer import EngineConfig
+
+    return EngineConfig(speculative_config=spec)
