@@ -174,3 +174,61 @@ def make_engine_config(spec):
     from fastinfer import EngineConfig
 
     return EngineConfig(speculative_config=spec)
+
+
+def test_structured_outputs_check_the_drafts(smollm):
+    """Drafts pass the grammar first, and each verified position is masked by the grammar's
+    state there: the JSON is that of plain decoding, and repeated items were drafted."""
+    import json
+
+    from fastinfer.sampling.params import StructuredOutputsParams
+
+    schema = {"type": "array", "items": {"type": "string", "enum": ["apple", "pear", "plum"]},
+              "minItems": 10, "maxItems": 10}
+
+    def params(i):
+        return SamplingParams(max_tokens=80, temperature=0.0,
+                              structured_outputs=StructuredOutputsParams(json=schema))
+
+    prompts = ["Write the word apple ten times as a JSON list:", "A JSON list of fruit:"]
+    plain, _ = run(smollm, params, prompts=prompts)
+    spec, engine = run(smollm, params, prompts=prompts, speculative_config=NGRAM)
+    assert spec == plain
+    assert all(len(json.loads(outs[0][1])) == 10 for outs in spec)
+    assert engine.stats()["spec_accepted_tokens"] > 10
+
+
+def test_cli_takes_a_speculative_config(smollm_path, capsys):
+    from fastinfer.cli.main import main
+
+    base = ["generate", f"Repeat this: {PASSAGE}", "--model", smollm_path, "--max-tokens", "24", "--temperature", "0",
+            "--kv-cache-memory", "64MiB", "--max-model-len", "512"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main([*base, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*base, "--speculative-config", '{"method": "ngram"}']) == 2
+    assert "needs 'method' and 'num_speculative_tokens'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's exit
+        main([*base, "--speculative-config", "{ngram"])
+    assert exit_.value.code == 2 and "--speculative-config: not JSON" in capsys.readouterr().err
+
+
+def test_prometheus_series():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fastinfer.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    for drafts, tokens, accepted in ((2, 8, 5), (5, 20, 12)):
+        metrics.engine_stats("m", "v1", {"spec_num_drafts": drafts, "spec_draft_tokens": tokens,
+                                         "spec_accepted_tokens": accepted, "spec_acceptance_rate": accepted / tokens,
+                                         "spec_mean_accepted_length": 1 + accepted / drafts})
+    body, _ = metrics.render()
+    found = {s.name: s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+             if s.labels.get("model_version") == "v1"}
+    assert found["fastinfer:spec_decode_num_drafts_total"] == 5
+    assert found["fastinfer:spec_decode_num_draft_tokens_total"] == 20
+    assert found["fastinfer:spec_decode_num_accepted_tokens_total"] == 12
+    assert found["fastinfer:spec_decode_acceptance_rate"] == 0.6
+    assert found["fastinfer:spec_decode_mean_accepted_length"] == 1 + 12 / 5

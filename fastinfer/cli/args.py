@@ -3,6 +3,7 @@ arguments are parsed, with the same rules and messages as the Python API."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -110,9 +111,22 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-all-reduce", choices=["gloo", "shm"], default=None,
                    help="the ranks' all-reduce: gloo (default) or DeepSpeed's shared-memory one (faster; its "
                         "waits have no timeout; needs: pip install --no-deps deepspeed==0.19.8 hjson einops)")
+    p.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 3}\'')
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The parallelism options given on the command line."""
-    names = ("tensor_parallel_size", "tp_all_reduce")
+    """The parallelism and speculation options given on the command line."""
+    names = ("tensor_parallel_size", "tp_all_reduce", "speculative_config")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

@@ -78,9 +78,25 @@ class ServerMetrics:
                             "prefix_cache_queries": self.prefix_cache_queries,
                             "prefix_cache_hits": self.prefix_cache_hits}
         self._seen: dict[tuple[str, str, str], int] = {}  # (model, version, stat): its last cumulative value
+        self._add_spec_metrics(reg, labels)
         self._add_router_metrics(reg, labels)
         self._replicas: dict[tuple[str, str], set[str]] = {}
         self._finish_reasons: dict[tuple[str, str], set[str]] = {}
+
+    def _add_spec_metrics(self, reg: CollectorRegistry, labels: tuple[str, ...]) -> None:
+        """Speculative decoding's counts (engines with a ``speculative_config``), under vLLM's
+        names: the acceptance rate is accepted over draft tokens; the mean accepted length,
+        1 + accepted tokens over drafts."""
+        for stat, name, doc in (("spec_num_drafts", "num_drafts", "Verifications of at least one draft token."),
+                                ("spec_draft_tokens", "num_draft_tokens", "Draft tokens verified."),
+                                ("spec_accepted_tokens", "num_accepted_tokens", "Draft tokens accepted.")):
+            self._cumulative[stat] = Counter(f"fastinfer:spec_decode_{name}", doc, labels, registry=reg)
+        self._gauges["spec_acceptance_rate"] = Gauge("fastinfer:spec_decode_acceptance_rate",
+                                                     "Draft tokens accepted over draft tokens verified.", labels,
+                                                     registry=reg)
+        self._gauges["spec_mean_accepted_length"] = Gauge("fastinfer:spec_decode_mean_accepted_length",
+                                                          "Tokens per verification: 1 + accepted drafts per "
+                                                          "verification.", labels, registry=reg)
 
     def _add_router_metrics(self, reg: CollectorRegistry, labels: tuple[str, ...]) -> None:
         """The series of engines made of replicas (fastinfer.ray_serve): the router's counts and
