@@ -232,3 +232,56 @@ def test_prometheus_series():
     assert found["fastinfer:spec_decode_num_accepted_tokens_total"] == 12
     assert found["fastinfer:spec_decode_acceptance_rate"] == 0.6
     assert found["fastinfer:spec_decode_mean_accepted_length"] == 1 + 12 / 5
+
+
+# --------------------------------------------------------------------------- draft models
+SELF_DRAFT = {"method": "draft_model", "quantization": "int4", "num_speculative_tokens": 3}
+
+
+@pytest.mark.parametrize("options", [{}, {"async_scheduling": True, "max_num_batched_tokens": 16}],
+                         ids=["plain", "async-small-budget"])
+def test_int4_self_draft_gives_plain_greedy_tokens(smollm, options):
+    """The target's own int4 copy drafts (its KV cache on the target's block tables): the
+    greedy outputs equal plain decoding's, and most drafts are accepted."""
+    plain, _ = run(smollm, greedy_params, **options)
+    spec, engine = run(smollm, greedy_params, speculative_config=SELF_DRAFT, **options)
+    assert spec == plain
+    stats = engine.stats()
+    assert stats["spec_num_drafts"] > 20 and stats["spec_acceptance_rate"] > 0.6
+    assert engine.speculator.draft_model is not None
+
+
+def test_self_draft_under_preemption_and_abort(smollm):
+    """Preempted sequences lose their draft cache (recomputed from the prompt); an abort mid-way."""
+    opts = dict(kv_cache_memory=16 * 16 * 30 * 2 * 3 * 64 * 4, max_model_len=128, max_num_seqs=4)
+    plain, _ = run(smollm, greedy_params, {1: 4}, **opts)
+    spec, engine = run(smollm, greedy_params, {1: 4}, speculative_config=SELF_DRAFT, **opts)
+    assert engine.stats()["kv_blocks_total"] == 8  # the draft's blocks share the budget: half as many
+    assert engine.stats()["num_preemptions"] > 0
+    assert spec[:1] + spec[2:] == plain[:1] + plain[2:]
+
+
+def test_a_smaller_draft_model_with_the_same_tokenizer(smollm, tmp_path, hf_smollm_tokenizer):
+    """A tiny random Llama drafts for the default model: its drafts are mostly wrong, and the
+    outputs are still plain decoding's (and the speculator backs off)."""
+    draft = save_tiny_model(tmp_path / "draft", "llama", hf_smollm_tokenizer)
+    config = {"method": "draft_model", "model": draft, "num_speculative_tokens": 2}
+    params = lambda i: SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)  # noqa: E731
+    plain, _ = run(smollm, params, prompts=PROMPTS[:3], max_model_len=512)
+    spec, engine = run(smollm, params, prompts=PROMPTS[:3], max_model_len=512, speculative_config=config)
+    assert spec == plain and engine.stats()["spec_num_drafts"] > 0
+
+
+def test_seeded_sampling_with_a_draft_model_repeats(smollm):
+    def params(i):
+        return SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=7 + i)
+    first, engine = run(smollm, params, prompts=PROMPTS[:3], speculative_config=SELF_DRAFT)
+    again, _ = run(smollm, params, prompts=PROMPTS[:3], speculative_config=SELF_DRAFT)
+    assert first == again and engine.stats()["spec_accepted_tokens"] > 5
+
+
+def test_draft_models_are_refused_where_they_cannot_run(tmp_path, hf_smollm_tokenizer):
+    from fastinfer import EngineConfig
+
+    with pytest.raises(ConfigError, match="does not run under tensor parallelism"):
+        EngineConfig(speculative_config=SELF_DRAFT, tensor_parallel_size=2)

@@ -169,6 +169,9 @@ class EngineConfig:
                                                          lo=0, lo_open=True))
         if self.speculative_config is not None:
             self._set("speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+            if self.speculative_config.method == "draft_model" and self.tensor_parallel_size != 1:
+                raise ConfigError("speculative_config method 'draft_model' does not run under tensor parallelism "
+                                  "yet; use 'ngram', or tensor_parallel_size=1", "speculative_config")
         self._set("tensor_parallel_size", check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1))
         check_choice("tp_all_reduce", self.tp_all_reduce, list(ALL_REDUCES))
         if self.tensor_parallel_size > 1:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from fastinfer.engine.config import EngineConfig
 from fastinfer.engine.memory import allocate_kv_cache, profile_activations
 from fastinfer.engine.output_processor import OutputProcessor
+from fastinfer.engine.speculation import (accept_verified, draft_bytes_per_block, fill_drafts, load_draft,
+                                         make_speculator)
 from fastinfer.engine.outputs import RequestMetrics, RequestOutput
 from fastinfer.engine.request import Request, Sample
 from fastinfer.errors import ArgumentTypeError, ConfigError, InvalidRequestError, RequestTooLargeError
@@ -35,7 +37,6 @@ from fastinfer.sampling.sampler import Sampler, SamplingRow
 from fastinfer.sampling.stop import StopText
 from fastinfer.scheduler.scheduler import Scheduler, SchedulerOutput
 from fastinfer.scheduler.sequence import Sequence, SeqStatus
-from fastinfer.spec_decode.speculator import Speculator
 from fastinfer.validation import Prompt, as_prompt, check_int, check_str, describe, fail
 
 _log = logging.getLogger("fastinfer.engine")
@@ -80,10 +81,12 @@ class Engine:
         self.loaded = self._load(loaded)
         mcfg = self.loaded.config
         self.max_model_len = self._max_model_len(mcfg.max_position_embeddings)
+        draft = load_draft(config, self.loaded, self.dtype, self.device, self.max_model_len)
         self.activation_bytes = profile_activations(config, self.loaded, self.device, self.kv_dtype,
                                                     self.max_model_len)
         self.kv_cache = allocate_kv_cache(config, self.loaded, self.device, self.kv_dtype, self.activation_bytes,
-                                          self.max_model_len)
+                                          self.max_model_len, draft_bytes_per_block(draft, config.block_size,
+                                                                                    self.kv_dtype))
         self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size,
                                           enable_caching=config.enable_prefix_caching,
                                           host_blocks=self.kv_cache.host_blocks)
@@ -96,7 +99,7 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
         self.outputs = OutputProcessor(self.eos_token_ids, self.scheduler.finish, self._forget)
-        self.speculator = Speculator(config.speculative_config) if config.speculative_config else None
+        self.speculator = make_speculator(config, draft, self.kv_cache.num_blocks, self.device, self.kv_dtype)
         self.structured = StructuredOutputs(self.tokenizer, mcfg.vocab_size, self.eos_token_ids,
                                             config.grammar_compile_timeout)
         self._rng = random.Random(config.seed)
@@ -460,7 +463,9 @@ class Engine:
     def _run(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:
         """Runs the step and reads its tokens at once. Only sequences that reached their last
         token sample (a prefill chunk does not, and draws nothing from its generator), so
-        chunking never changes a request's tokens."""
+        chunking never changes a request's tokens. A draft model decodes its drafts first."""
+        probs = fill_drafts(self.speculator, sched.scheduled, self._by_seq, self.block_manager.block_table) \
+            if self.speculator is not None else {}
         sampled, inp = self._inputs(sched)
         rows = [SamplingRow(req.params, smp.generator, smp.seq.prompt_token_ids, smp.seq.output_token_ids)
                 for req, smp in sampled]
@@ -470,11 +475,12 @@ class Engine:
             matchers = [m for g, d in zip(matchers, drafts) for m in (g.along(d) if g else [None] * (len(d) + 1))]
         # The grammars' masks are filled on their own thread while the model runs.
         masks = self.structured.start_masks(matchers)
-        future = self.runner.launch(inp, rows, masks=masks)
+        future = self.runner.launch(inp, rows, masks=masks,
+                                    draft_probs=[probs.get(smp.seq.seq_id) for _, smp in sampled] if probs else None)
         self._executed(sched)
         now = time.monotonic()
         if inp.num_spec is not None:
-            self._accept_verified(sampled, drafts, future, now, touched)
+            accept_verified(self.speculator, sampled, drafts, future, self._append, now, touched)
             return
         for (req, smp), token, logprobs in zip(sampled, future.token_ids(), future.logprobs):
             self._append(req, smp, token, logprobs, now)
@@ -488,19 +494,6 @@ class Engine:
         if self._inflight and self.speculator.active(len(running)):
             self._resolve(touched)
         self.speculator.draft(running, lambda seq_id: self._by_seq[seq_id][1].grammar)
-
-    def _accept_verified(self, sampled: list[tuple[Request, Sample]], drafts: list[list[int]], future: StepFuture,
-                         now: float, touched: dict[str, Request]) -> None:
-        """Appends each row's accepted drafts and the token after them through the output
-        processor (a stop ends the row); rejected drafts' keys and values are written over later."""
-        for (req, smp), d, tokens, logprobs in zip(sampled, drafts, future.token_ids(), future.logprobs):
-            self.speculator.record(smp.seq.seq_id, len(d), len(tokens) - 1)
-            touched[req.request_id] = req
-            for m, token in enumerate(tokens):
-                if m and smp.finish_reason is not None:
-                    break
-                smp.seq.num_computed += m > 0  # the accepted draft before it (its keys are valid)
-                self._append(req, smp, token, None if logprobs is None else logprobs[m], now)
 
     # ------------------------------------------------------- asynchronous scheduling
     def _run_async(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:

@@ -134,11 +134,13 @@ def profile_step(config: EngineConfig, loaded: LoadedModel, device: torch.device
 
 
 def allocate_kv_cache(config: EngineConfig, loaded: LoadedModel, device: torch.device, kv_dtype: torch.dtype,
-                      activation_bytes: int, max_model_len: int) -> KVCache:
-    """The cache tensors, as many blocks as the budget holds (at least one)."""
+                      activation_bytes: int, max_model_len: int, shared_per_block: int = 0) -> KVCache:
+    """The cache tensors, as many blocks as the budget holds (at least one). ``shared_per_block``:
+    bytes per block of another cache addressed by the same block tables (a draft model's),
+    which the budget holds too."""
     mcfg, bs = loaded.config, config.block_size
     per_block = bytes_per_block(mcfg.num_layers, bs, loaded.kv_heads, mcfg.head_dim, kv_dtype)
-    num_blocks = kv_cache_budget(config, device, activation_bytes) // per_block
+    num_blocks = kv_cache_budget(config, device, activation_bytes) // (per_block + shared_per_block)
     if num_blocks < 1:
         raise ConfigError(f"kv_cache_memory holds no block: one block of {bs} tokens needs {per_block} "
                           "bytes", "kv_cache_memory")

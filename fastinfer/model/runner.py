@@ -169,7 +169,7 @@ class ModelRunner:
         self.copy_blocks(ops)
 
     def launch(self, inp: StepInput, rows: list[SamplingRow] | None = None, feed: Feed | None = None,
-               masks: TokenMasks | None = None) -> StepFuture:
+               masks: TokenMasks | None = None, draft_probs: list | None = None) -> StepFuture:
         """Runs one step and samples a token for each sequence that ``needs_logits``, in order:
         with ``rows`` (one per such sequence) on the host's terms (random draws, penalties,
         logprobs, grammar ``masks`` filled meanwhile, applied outside any CUDA graph), the
@@ -177,12 +177,13 @@ class ModelRunner:
         the device, where the tokens stay until the host asks (:meth:`StepFuture.token_ids`),
         so the next step can be launched first and ``feed`` them on the device. A step with
         drafts (``inp.num_spec``) verifies them on the host's terms: each row's tokens are then
-        a list, its accepted drafts and one token more (``Sampler.verify``)."""
+        a list, its accepted drafts and one token more (``Sampler.verify``, given the
+        distributions ``draft_probs`` the drafts were drawn from)."""
         logits = self.execute(inp, feed=self._feed(feed))
         if logits.shape[0] == 0:
             return StepFuture.done([], [])
         if inp.num_spec is not None:
-            out = self.sampler.verify(logits, rows, inp.drafts(), masks)
+            out = self.sampler.verify(logits, rows, inp.drafts(), masks, draft_probs)
             return StepFuture.done(out.token_ids, out.logprobs)
         if rows is not None:
             out = self.sampler(logits, rows, masks)

@@ -44,9 +44,9 @@ def accept_sampled(probs: torch.Tensor, drafts: list[int], generator: torch.Gene
             residual = (probs[j] - draft_probs[j]).clamp_min_(0.0)
         if not float(residual.sum()) > 0.0:  # p <= q everywhere but rounding: p itself
             residual = probs[j]
-        out.append(_draw_one(residual, generator))
+        out.append(draw_one(residual, generator))
         return out
-    out.append(_draw_one(probs[len(drafts)], generator))
+    out.append(draw_one(probs[len(drafts)], generator))
     return out
 
 
@@ -54,6 +54,7 @@ def _uniform(generator: torch.Generator) -> float:
     return float(torch.rand(1, generator=generator))
 
 
-def _draw_one(weights: torch.Tensor, generator: torch.Generator) -> int:
+def draw_one(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """One token drawn from ``weights`` [V] (not necessarily normalised) with one uniform."""
     u = torch.rand(1, generator=generator).to(weights.device)
     return int(draw(weights.unsqueeze(0).float(), u))

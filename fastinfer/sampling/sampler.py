@@ -97,11 +97,13 @@ class Sampler:
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
 
     def verify(self, logits: torch.Tensor, rows: Sequence[SamplingRow], drafts: Sequence[list[int]],
-               masks: TokenMasks | None = None) -> SpecOutput:
+               masks: TokenMasks | None = None, draft_probs: Sequence[torch.Tensor | None] | None = None) -> SpecOutput:
         """Speculative decoding: verifies each row's ``drafts[i]`` (see ``rejection``). ``logits``
         holds, row after row, the ``len(drafts[i]) + 1`` positions of each (the drafts' and one
         more; a row without drafts has one, and samples as ``__call__`` would); ``masks``, if
-        any, are per position. Returns per row its accepted drafts and one token more."""
+        any, are per position; ``draft_probs``, per row, the distributions ``[k, V]`` its drafts
+        were drawn from (None: certain drafts, as n-gram lookup's and greedy drafting's).
+        Returns per row its accepted drafts and one token more."""
         spans = [len(d) + 1 for d in drafts]
         if len(drafts) != len(rows) or logits.dim() != 2 or logits.shape[0] != sum(spans):
             raise ValueError(f"logits must be [{sum(spans)} positions, vocab] for {len(rows)} rows with "
@@ -114,13 +116,20 @@ class Sampler:
         argmax = work.argmax(-1).tolist()
         probs = self._target_probs(work, positions)
         tokens, offset = [], 0
-        for row, d, span in zip(rows, drafts, spans):
+        for i, (row, d, span) in enumerate(zip(rows, drafts, spans)):
             if row.params.greedy:
                 tokens.append(accept_greedy(argmax[offset:offset + span], d))
             else:
-                tokens.append(accept_sampled(probs[offset:offset + span], d, row.generator))
+                q = None if draft_probs is None else draft_probs[i]
+                tokens.append(accept_sampled(probs[offset:offset + span], d, row.generator, q))
             offset += span
         return SpecOutput(tokens, self._spec_logprobs(raw, tokens, spans, params))
+
+    def target_probs(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+        """[R, V]: each random row's sampling distribution over ``logits`` (after the logit
+        bias, penalties, temperature, top-k, top-p and min-p; no grammar); greedy rows' zero."""
+        params = [r.params for r in rows]
+        return self._target_probs(self._penalised(self._constrained(logits, params, None), rows), rows)
 
     def _target_probs(self, work: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
         """[T, V]: each random row's normalised sampling distribution (after temperature, top-k,

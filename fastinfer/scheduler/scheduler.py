@@ -235,6 +235,7 @@ class Scheduler:
             seq.num_computed = 0
         seq.status = SeqStatus.PREEMPTED
         seq.fork_of = None
+        seq.num_draft_computed = 0  # a draft model's cache is neither kept nor swapped
         self.num_preemptions += 1
         self._enqueue(seq)
 

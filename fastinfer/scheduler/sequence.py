@@ -25,7 +25,9 @@ class Sequence:
     samples of one request), instead of computing its own. ``block_hashes`` and
     ``cache_salt`` belong to the prefix cache (``fastinfer.kv_cache``); ``num_cached_tokens``
     is how many prompt tokens its first admission found cached. ``spec_token_ids``: draft
-    tokens proposed for its next step (speculative decoding), verified after its last token.
+    tokens proposed for its next step (speculative decoding), verified after its last token;
+    ``num_draft_computed``: the positions whose keys and values a draft model holds in its own
+    cache (0 again when preempted).
     """
 
     seq_id: int
@@ -42,6 +44,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None
     spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_computed: int = 0
 
     @property
     def key(self) -> tuple[int, int]:

@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from fastinfer.spec_decode.config import SpeculativeConfig
+from fastinfer.spec_decode.draft import DraftModel
 from fastinfer.spec_decode.ngram import NgramProposer
 
 _DECAY = 0.7  # weight of the past in the moving averages
@@ -30,13 +33,23 @@ class _Track:
     pause: int = _FIRST_PAUSE  # the next pause's length
 
 
+DRAFT_SLOT = -2
+"""Stands in a sequence's ``spec_token_ids`` for a draft that a draft model decodes once the
+step is scheduled (the scheduler reserves its slot)."""
+
+
 class Speculator:
-    def __init__(self, config: SpeculativeConfig) -> None:
-        if config.method != "ngram":
-            raise NotImplementedError(f"speculative method {config.method!r} has no proposer yet")
+    """Drafts with n-gram lookup, or with ``draft_model`` (a ``DraftModel``) for the
+    ``draft_model`` method."""
+
+    def __init__(self, config: SpeculativeConfig, draft_model: DraftModel | None = None) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
-        self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.draft_model = draft_model
+        if config.method == "ngram":
+            self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
+        elif draft_model is None:
+            raise ValueError("speculative method 'draft_model' needs its DraftModel")
         self._tracks: dict[int, _Track] = {}
         self.num_drafts = 0           # verifications of at least one draft
         self.num_draft_tokens = 0
@@ -62,22 +75,41 @@ class Speculator:
             if seq.num_computed != seq.num_tokens - 1 or limit <= 0:
                 seq.spec_token_ids = []
                 continue
-            drafts = self.propose(seq.seq_id, seq.token_ids, limit)
+            want = self._want(seq.seq_id, limit)
+            if self.draft_model is not None:  # decoded by ``fill`` once scheduled
+                seq.spec_token_ids = [DRAFT_SLOT] * want
+                continue
+            drafts = self.proposer.propose(seq.token_ids)[:want] if want else []
             grammar = grammar_of(seq.seq_id) if drafts else None
             seq.spec_token_ids = grammar.valid_prefix(drafts) if grammar is not None else drafts
 
-    def propose(self, seq_id: int, token_ids: list[int], limit: int) -> list[int]:
-        """Draft tokens for a sequence whose tokens are ``token_ids`` (at most ``limit``)."""
+    def fill(self, scheduled: list, block_table: Callable[[int], list[int]], row_of: Callable[[int], object],
+             grammar_of: Callable[[int], object | None]) -> dict[int, torch.Tensor]:
+        """The draft model decodes the drafts of ``scheduled`` (the scheduler's ``ScheduledSeq``s
+        with reserved slots in ``spec``), which replace the slots (fewer where a grammar refuses
+        one). Returns the distributions random rows' drafts were drawn from, by sequence id."""
+        seqs = [s.seq for s in scheduled]
+        drafts, probs = self.draft_model.propose(seqs, [len(s.spec) for s in scheduled],
+                                                 [block_table(q.seq_id) for q in seqs],
+                                                 [row_of(q.seq_id) for q in seqs])
+        out = {}
+        for s, d, q in zip(scheduled, drafts, probs):
+            grammar = grammar_of(s.seq.seq_id)
+            s.spec = grammar.valid_prefix(d) if grammar is not None else d
+            if q is not None:
+                out[s.seq.seq_id] = q[:len(s.spec)]
+        return out
+
+    def _want(self, seq_id: int, limit: int) -> int:
+        """How many tokens a sequence drafts now (at most ``limit``): none while paused, else
+        one more than it has recently had accepted (``k`` at first)."""
         track = self._tracks.get(seq_id)
         if track is None:
             track = self._tracks[seq_id] = _Track()
         if track.paused:
             track.paused -= 1
-            return []
-        want = min(limit, self.k if track.verified == 0 else 1 + round(track.accepted))
-        if want <= 0:
-            return []
-        return self.proposer.propose(token_ids)[:want]
+            return 0
+        return max(0, min(limit, self.k, 1 + round(track.accepted) if track.verified else self.k))
 
     def record(self, seq_id: int, drafted: int, accepted: int) -> None:
         """A verification of ``drafted`` drafts accepted the first ``accepted`` of them."""

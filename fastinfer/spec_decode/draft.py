@@ -1,0 +1,68 @@
+"""A draft model: a smaller model with the target's tokenizer (or the target's own quantized
+copy) proposes ``k`` tokens per sequence by decoding them itself.
+
+Its KV cache has as many blocks as the target's and is addressed through the target's block
+tables, so a sequence's blocks hold both models' keys and values for the same positions; the
+scheduler reserves the draft positions' slots when it schedules the drafts. A sequence's
+``num_draft_computed`` counts the positions whose draft keys and values are valid: the first
+pass of each proposal catches up from there (the whole prompt at first, then the tokens the
+last verification accepted), the next ``k - 1`` passes decode one token each. Preemption resets
+it (the scheduler); a verification that rejected drafts leaves it at the target's computed
+tokens at most.
+
+Greedy rows draft the draft model's argmax; random rows draw from its distribution under the
+request's temperature, top-k, top-p and min-p with the request's own generator, and hand that
+distribution to the verification (``Sampler.verify``), which then keeps the target's exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastinfer.model.runner import ModelRunner, StepInput
+from fastinfer.sampling.rejection import draw_one
+from fastinfer.sampling.sampler import Sampler, SamplingRow
+
+
+class DraftModel:
+    """Proposes with ``runner`` (the draft model over its own KV cache)."""
+
+    def __init__(self, runner: ModelRunner, cache: object = None) -> None:
+        self.runner, self.cache = runner, cache  # the cache: kept alive with its runner's views
+        self.sampler = Sampler()
+
+    def propose(self, seqs: Sequence, ks: list[int], tables: list[list[int]],
+                rows: list[SamplingRow]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Up to ``ks[i]`` drafts for each sequence (scheduler ``Sequence``s, decoding: every
+        token but the last computed by the target), with its block table and sampling row;
+        and per sequence the draft distributions ``[k, V]`` it drew from (None: greedy)."""
+        catch_up = []
+        for seq in seqs:
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed)
+            catch_up.append(seq.num_draft_computed)
+        inp = StepInput([seq.token_ids[start:] for seq, start in zip(seqs, catch_up)], catch_up, tables)
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        live = list(range(len(seqs)))
+        while live:
+            self._take(self.runner.execute(inp), live, rows, drafts, probs)
+            for i in live:
+                seqs[i].num_draft_computed = len(seqs[i].token_ids) + len(drafts[i]) - 1
+            live = [i for i in live if len(drafts[i]) < ks[i]]
+            inp = StepInput([[drafts[i][-1]] for i in live], [len(seqs[i].token_ids) + len(drafts[i]) - 1 for i in live],
+                            [tables[i] for i in live])
+        return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _take(self, logits: torch.Tensor, live: list[int], rows: list[SamplingRow], drafts: list[list[int]],
+              probs: list[list[torch.Tensor]]) -> None:
+        """Appends one draft to each live sequence: the argmax, or a draw from the distribution."""
+        mine = [rows[i] for i in live]
+        q = self.sampler.target_probs(logits, mine)
+        argmax = logits.argmax(-1).tolist()
+        for j, i in enumerate(live):
+            if rows[i].params.greedy:
+                drafts[i].append(argmax[j])
+            else:
+                drafts[i].append(draw_one(q[j], rows[i].generator))
+                probs[i].append(q[j].clone())
