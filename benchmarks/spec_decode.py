@@ -6,7 +6,8 @@ Single stream: each prompt alone (in the chat template), greedy, up to ``--new``
 tokens/s after the first token, each system in turn within a round (these shared machines drift within minutes), medians
 over rounds. Workloads: ``grounded`` (copying, editing and quoting passages of CPython's
 language reference: the output repeats the prompt) and ``free`` (open continuations: little to
-look up). The greedy tokens of every system must equal plain decoding's (checked). Under load:
+look up). Systems: n-gram drafts, and the target's own int4 copy as its draft model. The
+greedy tokens of every system must equal plain decoding's (checked). Under load:
 ``--load N`` requests at once, output tokens/s with speculation on and off (the backoff).
 """
 from __future__ import annotations
@@ -40,12 +41,13 @@ def chat(engine: Engine, prompt: str) -> list[int]:
     return engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
 
 
-def decode(engine: Engine, prompt: str, new: int) -> tuple[list[int], float]:
-    """Greedy, up to ``new`` tokens (or the end of the answer); decode tokens/s after the first."""
+def decode(engine: Engine, prompt: str, new: int) -> tuple[list[int], float, float]:
+    """Greedy, up to ``new`` tokens (or the end of the answer): the tokens, decode tokens/s after
+    the first, and the time to the first token (a draft model reads the prompt then too)."""
     rid = engine.add_request(chat(engine, prompt), SamplingParams(max_tokens=new, temperature=0.0))
     out = engine.drain([rid])[rid]
     m, tokens = out.metrics, out.outputs[0].token_ids
-    return tokens, (len(tokens) - 1) / (m.finished_time - m.first_token_time)
+    return tokens, (len(tokens) - 1) / (m.finished_time - m.first_token_time), m.first_token_time - m.arrival_time
 
 
 def load_run(engine: Engine, prompts: list[str], new: int) -> float:
@@ -64,13 +66,15 @@ def single_stream(engines: dict[str, Engine], workloads: dict[str, list[str]], r
     out: dict = {}
     for wname, prompts in workloads.items():
         speeds: dict[str, list[float]] = {name: [] for name in engines}
+        ttfts: dict[str, list[float]] = {name: [] for name in engines}
         before = {name: spec_counts(e) for name, e in engines.items()}
         for _ in range(rounds):
             for prompt in prompts:
                 tokens = {}
                 for name, engine in engines.items():
-                    tokens[name], tok_s = decode(engine, prompt, new)
+                    tokens[name], tok_s, ttft = decode(engine, prompt, new)
                     speeds[name].append(tok_s)
+                    ttfts[name].append(ttft)
                 plain = tokens["plain"]
                 assert all(t == plain for t in tokens.values()), f"greedy tokens differ from plain decoding ({wname})"
         out[wname] = {}
@@ -81,10 +85,11 @@ def single_stream(engines: dict[str, Engine], workloads: dict[str, list[str]], r
             drafts = after.get("spec_num_drafts", 0) - before[name].get("spec_num_drafts", 0)
             tok_s = statistics.median(speeds[name])
             out[wname][name] = {"tok_s": tok_s, "ratio": tok_s / statistics.median(speeds["plain"]),
+                                "ttft_ms": 1e3 * statistics.median(ttfts[name]),
                                 "acceptance_rate": accepted / drafted if drafted else None,
                                 "mean_accepted_length": 1 + accepted / drafts if drafts else None}
             r = out[wname][name]
-            print(f"{wname:9s} {name:10s} {tok_s:7.1f} tok/s  x{r['ratio']:.2f}  acceptance "
+            print(f"{wname:9s} {name:20s} {tok_s:7.1f} tok/s  x{r['ratio']:.2f}  TTFT {r['ttft_ms']:.0f} ms  acceptance "
                   f"{r['acceptance_rate'] if r['acceptance_rate'] is None else round(r['acceptance_rate'], 2)}  "
                   f"mean accepted length {r['mean_accepted_length'] and round(r['mean_accepted_length'], 2)}",
                   flush=True)
@@ -99,14 +104,22 @@ def main() -> int:
     ap.add_argument("--quantization", default=None, help="the target's: none (float), int8, int4, gguf (default: "
                                                          "the file's blocks kept)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens of n-gram drafts")
+    ap.add_argument("--draft-k", type=int, default=3, help="num_speculative_tokens of the int4 self-draft")
+    ap.add_argument("--systems", default="ngram,self-draft", help="among ngram, self-draft (plain always runs)")
     ap.add_argument("--load", type=int, default=32, help="requests at once under load (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     base = dict(quantization=args.quantization, dtype=args.dtype, kv_cache_memory="512MiB", max_model_len=2048)
-    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-    engines = {"plain": Engine(EngineConfig(**base)), f"ngram-k{args.k}": Engine(EngineConfig(**base,
-                                                                                     speculative_config=ngram))}
+    configs = {f"ngram-k{args.k}": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 1,
+                                     "prompt_lookup_max": 3},
+               f"self-draft-int4-k{args.draft_k}": {"method": "draft_model", "quantization": "int4",
+                                                    "num_speculative_tokens": args.draft_k}}
+    wanted = args.systems.split(",")
+    engines = {"plain": Engine(EngineConfig(**base))}
+    for name, spec in configs.items():
+        if name.rsplit("-k", 1)[0].removesuffix("-int4") in wanted:
+            engines[name] = Engine(EngineConfig(**base, speculative_config=spec))
     workloads = {"grounded": grounded_prompts(args.prompts), "free": list(FREE[:args.prompts])}
     for engine in engines.values():
         decode(engine, "warm up", 8)

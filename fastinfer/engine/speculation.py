@@ -63,10 +63,17 @@ def make_speculator(config: EngineConfig, draft: LoadedModel | None, num_blocks:
 
 def fill_drafts(speculator: Speculator, scheduled: list[ScheduledSeq], by_seq: dict[int, tuple[Request, Sample]],
                 block_table: Callable[[int], list[int]]) -> dict[int, torch.Tensor]:
-    """A draft model decodes the drafts of the scheduled rows whose slots it reserved; returns
-    the distributions random rows' drafts were drawn from, by sequence id."""
+    """A draft model reads the step's prefill chunks and decodes the drafts of the scheduled rows
+    whose slots it reserved; returns the distributions random rows' drafts were drawn from, by
+    sequence id."""
+    if speculator.draft_model is None:
+        return {}
+    reading = [s for s in scheduled if not s.spec and (s.num_tokens > 1 or not s.completes)]
+    if reading and speculator.active(len(scheduled)):  # prefill chunks: the draft reads them too
+        speculator.draft_model.catch_up([s.seq for s in reading], [s.start + s.num_tokens for s in reading],
+                                        [block_table(s.seq.seq_id) for s in reading])
     rows = [s for s in scheduled if s.spec]
-    if not rows or speculator.draft_model is None:
+    if not rows:
         return {}
 
     def sampling_row(seq_id: int) -> SamplingRow:

@@ -4,9 +4,10 @@ copy) proposes ``k`` tokens per sequence by decoding them itself.
 Its KV cache has as many blocks as the target's and is addressed through the target's block
 tables, so a sequence's blocks hold both models' keys and values for the same positions; the
 scheduler reserves the draft positions' slots when it schedules the drafts. A sequence's
-``num_draft_computed`` counts the positions whose draft keys and values are valid: the first
-pass of each proposal catches up from there (the whole prompt at first, then the tokens the
-last verification accepted), the next ``k - 1`` passes decode one token each. Preemption resets
+``num_draft_computed`` counts the positions whose draft keys and values are valid: the draft
+reads each prefill chunk in the step the target does (``catch_up``), and the first pass of each
+proposal catches up from there (the tokens the last verification accepted, or all that a step
+without speculation left), the next ``k - 1`` passes decode one token each. Preemption resets
 it (the scheduler); a verification that rejected drafts leaves it at the target's computed
 tokens at most.
 
@@ -31,6 +32,20 @@ class DraftModel:
     def __init__(self, runner: ModelRunner, cache: object = None) -> None:
         self.runner, self.cache = runner, cache  # the cache: kept alive with its runner's views
         self.sampler = Sampler()
+
+    def catch_up(self, seqs: Sequence, ends: list[int], tables: list[list[int]]) -> None:
+        """Computes the draft's keys and values of each sequence up to position ``ends[i]`` (a
+        prefill chunk the target computes in the same step), so its first drafts do not wait
+        for the draft to read the whole prompt."""
+        todo = [i for i, seq in enumerate(seqs) if min(seq.num_draft_computed, seq.num_computed) < ends[i]]
+        if not todo:
+            return
+        starts = [min(seqs[i].num_draft_computed, seqs[i].num_computed) for i in todo]
+        inp = StepInput([seqs[i].token_ids[s:ends[i]] for i, s in zip(todo, starts)], starts,
+                        [tables[i] for i in todo], needs_logits=[False] * len(todo))
+        self.runner.execute(inp)
+        for i in todo:
+            seqs[i].num_draft_computed = ends[i]
 
     def propose(self, seqs: Sequence, ks: list[int], tables: list[list[int]],
                 rows: list[SamplingRow]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
