@@ -10,8 +10,19 @@ import torch
 
 from fastinfer import SamplingParams
 from fastinfer.errors import ConfigError
+from fastinfer.spec_decode import Speculator, SpeculativeConfig
+from fastinfer.spec_decode.cost import LinearCost
+from fastinfer.spec_decode.speculator import _Track
 
 from .conftest import make_engine, save_tiny_model
+
+@pytest.fixture(autouse=True)
+def speculate_always(request, monkeypatch):
+    """The learned-cost backoff depends on this machine's timings: tests that count drafts
+    speculate whenever they have drafts (the backoff has its own tests, with given costs)."""
+    if "learned_costs" not in request.keywords:
+        monkeypatch.setattr(Speculator, "_pays", lambda self, decoding: True)
+
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 PASSAGE = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
@@ -285,3 +296,54 @@ def test_draft_models_are_refused_where_they_cannot_run(tmp_path, hf_smollm_toke
 
     with pytest.raises(ConfigError, match="does not run under tensor parallelism"):
         EngineConfig(speculative_config=SELF_DRAFT, tensor_parallel_size=2)
+
+
+# --------------------------------------------------------------------------- the backoff
+def test_linear_cost_learns_a_line_and_forgets():
+    cost = LinearCost(decay=0.9)
+    assert cost.predict(4) is None
+    for n in (1, 2, 3, 1, 2, 3):
+        cost.observe(n, 0.005 + 0.002 * n)
+    assert cost.predict(10) == pytest.approx(0.025)
+    for _ in range(200):  # only one size seen lately: no slope to go by
+        cost.observe(2, 0.009)
+    assert cost.predict(10) is None
+
+
+class _Seq:
+    def __init__(self, seq_id, n, drafts):
+        self.seq_id, self.token_ids, self.num_computed, self.stop_at = seq_id, list(range(n)), n - 1, 10**6
+        self.spec_token_ids = drafts
+
+
+def _speculator(step_cost: tuple[float, float], rates: dict[int, float] | None = None) -> Speculator:
+    spec = Speculator(SpeculativeConfig.from_dict(NGRAM))
+    for n in (1, 4, 8, 16, 32, 64):
+        spec.target_cost.observe(n, step_cost[0] + step_cost[1] * n)
+    for seq_id, rate in (rates or {}).items():
+        spec._tracks[seq_id] = _Track(rate=rate, verified=1)
+    return spec
+
+
+@pytest.mark.learned_costs
+def test_drafts_go_where_they_pay():
+    """Costs of 8 ms a step plus 3 ms a token (about this CPU's quantized default model), drafts
+    accepted half the time: one sequence speculates (3 tokens expected for 2x the time of 1);
+    32 do not (the fixed cost is shared already), nor one whose drafts are all rejected."""
+    costs = (0.008, 0.003)
+    assert _speculator(costs, {1: 0.5})._pays([_Seq(1, 50, [7, 8, 9, 10])])
+    assert not _speculator(costs, {i: 0.5 for i in range(32)})._pays([_Seq(i, 50, [7, 8, 9, 10]) for i in range(32)])
+    assert not _speculator(costs, {1: 0.0})._pays([_Seq(1, 50, [7, 8, 9, 10])])
+    assert _speculator((0.008, 0.003))._pays([_Seq(1, 50, [7])])  # no record yet: optimistic
+
+
+@pytest.mark.learned_costs
+def test_the_engine_backs_off_where_drafts_cost_more_than_they_give(smollm, monkeypatch):
+    """With a cost model that grows with the square of the tokens, no step drafts: outputs
+    equal plain decoding's."""
+    monkeypatch.setattr(LinearCost, "predict", lambda self, n: float(n) ** 2)
+    spec, engine = run(smollm, greedy_params, speculative_config=NGRAM)
+    plain, _ = run(smollm, greedy_params)
+    assert spec == plain
+    stats = engine.stats()
+    assert stats["spec_num_drafts"] == 0 and stats["spec_backoff_steps"] > 10

@@ -289,23 +289,31 @@ Problem<L> make_problem(const float* x, int64_t ldx, L w, const float* bias, flo
 }
 
 // Walks a block in narrow R x C tiles (C divides kColAlign, so a tile never straddles two
-// column blocks): 1 x 4 for one row, 2 x 4 for two, 4 x 2 otherwise. ``Tiles::template
-// tile<R, C>(p, m, n)`` computes one tile.
+// column blocks): 1 x 4 for one row, 2 x 4 for two, 4 x 2 otherwise, the last 1 to 3 rows of
+// those in one tile of their own height (a 4-row tile over clamped rows would compute rows
+// only to drop them: 5 rows, a sequence verifying 4 drafts, cost as much as 8). A tile's height
+// never changes an output's bits. ``Tiles::template tile<R, C>(p, m, n)`` computes one tile.
 template <class Tiles, class L>
 void narrow_blocks(const Problem<L>& p, int64_t m_begin, int64_t m_end, int64_t n_begin,
                    int64_t n_end) {
-  auto walk = [&](auto r, auto c) {
-    constexpr int R = decltype(r)::value, C = decltype(c)::value;
-    for (int64_t n = n_begin; n < n_end; n += C)
-      for (int64_t m = m_begin; m < m_end; m += R) Tiles::template tile<R, C>(p, m, n);
-  };
   const int64_t rows = m_end - m_begin;
   if (rows == 1) {
-    walk(std::integral_constant<int, 1>(), std::integral_constant<int, 4>());
-  } else if (rows == 2) {
-    walk(std::integral_constant<int, 2>(), std::integral_constant<int, 4>());
-  } else {
-    walk(std::integral_constant<int, 4>(), std::integral_constant<int, 2>());
+    for (int64_t n = n_begin; n < n_end; n += 4) Tiles::template tile<1, 4>(p, m_begin, n);
+    return;
+  }
+  if (rows == 2) {
+    for (int64_t n = n_begin; n < n_end; n += 4) Tiles::template tile<2, 4>(p, m_begin, n);
+    return;
+  }
+  const int64_t full = m_begin + rows / 4 * 4;
+  for (int64_t n = n_begin; n < n_end; n += 2) {
+    for (int64_t m = m_begin; m < full; m += 4) Tiles::template tile<4, 2>(p, m, n);
+    switch (m_end - full) {
+      case 1: Tiles::template tile<1, 2>(p, full, n); break;
+      case 2: Tiles::template tile<2, 2>(p, full, n); break;
+      case 3: Tiles::template tile<3, 2>(p, full, n); break;
+      default: break;
+    }
   }
 }
 

@@ -717,7 +717,9 @@ void pc_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_b
     } else {
       int64_t m = m_begin;
       for (; m + 4 <= m_end; m += 4) pc_tile_vnni<4, 4>(p, m, n);
-      for (; m < m_end; ++m) pc_tile_vnni<1, 4>(p, m, n);
+      if (m_end - m == 3) pc_tile_vnni<3, 4>(p, m, n);
+      else if (m_end - m == 2) pc_tile_vnni<2, 4>(p, m, n);
+      else if (m_end - m == 1) pc_tile_vnni<1, 4>(p, m, n);
     }
   }
   for (; n < n_end; ++n)

@@ -417,10 +417,13 @@ class Engine:
             self._publish_kv_events()
             if sched.scheduled:
                 self.num_steps += 1
+                start = time.perf_counter()
                 if self.async_scheduling and not any(s.spec for s in sched.scheduled):
                     self._run_async(sched, touched)
                 else:
                     self._settle_then_run(sched, touched)
+                if self.speculator is not None:
+                    self.speculator.observe_step(sched.scheduled, time.perf_counter() - start)
             else:
                 self._copy_blocks(sched)  # e.g. a swap-out that made room for a priority
                 self._resolve(touched)

@@ -3,8 +3,9 @@
 "num_speculative_tokens": k}`` (``"quantization": "int4"`` without a model: the target's own
 int4 copy drafts for it).
 
-Backoff: ``disable_by_batch_size`` (vLLM's name): no drafts in a step where more sequences run
-than this (a large batch keeps the machine busy without them; None: never off by batch size);
+Backoff (see ``fastinfer.spec_decode.speculator``): a step drafts only when the learned costs
+say it pays; ``disable_by_batch_size`` (vLLM's name), if set, also turns drafting off in a step
+where more sequences run than this (None, the default: by the costs alone);
 ``min_acceptance_rate``: a sequence whose drafts are accepted less often than this (a moving
 average) stops drafting for a while, longer each time, and tries again."""
 from __future__ import annotations
@@ -25,7 +26,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     model: str | None = None
     quantization: str | None = None
-    disable_by_batch_size: int | None = 8
+    disable_by_batch_size: int | None = None
     min_acceptance_rate: float = 0.25
 
     def __post_init__(self) -> None:

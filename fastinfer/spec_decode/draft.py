@@ -17,6 +17,7 @@ distribution to the verification (``Sampler.verify``), which then keeps the targ
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.sampling.rejection import draw_one
 from fastinfer.sampling.sampler import Sampler, SamplingRow
+from fastinfer.spec_decode.cost import LinearCost
 
 
 class DraftModel:
@@ -32,6 +34,8 @@ class DraftModel:
     def __init__(self, runner: ModelRunner, cache: object = None) -> None:
         self.runner, self.cache = runner, cache  # the cache: kept alive with its runner's views
         self.sampler = Sampler()
+        self.cost = LinearCost()  # one pass, by its tokens
+        self.seconds = 0.0  # spent in passes so far (the engine takes it out of the target's step time)
 
     def catch_up(self, seqs: Sequence, ends: list[int], tables: list[list[int]]) -> None:
         """Computes the draft's keys and values of each sequence up to position ``ends[i]`` (a
@@ -43,7 +47,7 @@ class DraftModel:
         starts = [min(seqs[i].num_draft_computed, seqs[i].num_computed) for i in todo]
         inp = StepInput([seqs[i].token_ids[s:ends[i]] for i, s in zip(todo, starts)], starts,
                         [tables[i] for i in todo], needs_logits=[False] * len(todo))
-        self.runner.execute(inp)
+        self._execute(inp)
         for i in todo:
             seqs[i].num_draft_computed = ends[i]
 
@@ -61,13 +65,21 @@ class DraftModel:
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         live = list(range(len(seqs)))
         while live:
-            self._take(self.runner.execute(inp), live, rows, drafts, probs)
+            self._take(self._execute(inp), live, rows, drafts, probs)
             for i in live:
                 seqs[i].num_draft_computed = len(seqs[i].token_ids) + len(drafts[i]) - 1
             live = [i for i in live if len(drafts[i]) < ks[i]]
             inp = StepInput([[drafts[i][-1]] for i in live], [len(seqs[i].token_ids) + len(drafts[i]) - 1 for i in live],
                             [tables[i] for i in live])
         return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _execute(self, inp: StepInput) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = self.runner.execute(inp)
+        seconds = time.perf_counter() - start
+        self.cost.observe(sum(len(t) for t in inp.token_ids), seconds)
+        self.seconds += seconds
+        return logits
 
     def _take(self, logits: torch.Tensor, live: list[int], rows: list[SamplingRow], drafts: list[list[int]],
               probs: list[list[torch.Tensor]]) -> None:

@@ -1,8 +1,11 @@
 """``Speculator``: what the engine asks for drafts each step. It holds the proposer, decides
 when to draft (the backoff) and how many tokens, and counts what verification accepted.
 
-Backoff: no drafts in a step with more running sequences than ``disable_by_batch_size``;
-a sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
+Backoff: a step drafts only when its expected tokens per second beat plain decoding's: the
+speculator learns what a forward pass of the target (and of a draft model) costs by its number
+of tokens (``LinearCost``), and expects each sequence's drafts to be accepted at its recent rate
+(a large batch, or drafts mostly wrong, make the step plain). ``disable_by_batch_size``, if set,
+turns drafting off above that many running sequences whatever the costs. A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
 ``num_speculative_tokens``), so a sequence whose drafts are mostly wrong wastes little; one
 whose acceptance rate (a moving average) falls below ``min_acceptance_rate`` stops drafting for
 8 steps, then 16, up to 256, and tries again.
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fastinfer.spec_decode.config import SpeculativeConfig
+from fastinfer.spec_decode.cost import LinearCost
 from fastinfer.spec_decode.draft import DraftModel
 from fastinfer.spec_decode.ngram import NgramProposer
 
@@ -51,6 +55,9 @@ class Speculator:
         elif draft_model is None:
             raise ValueError("speculative method 'draft_model' needs its DraftModel")
         self._tracks: dict[int, _Track] = {}
+        self.target_cost = LinearCost()  # one step of the target, by the tokens it computes
+        self.num_backoffs = 0  # steps whose drafts the cost model dropped
+        self._draft_seen = 0.0
         self.num_drafts = 0           # verifications of at least one draft
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -70,11 +77,13 @@ class Speculator:
             for seq in running:
                 seq.spec_token_ids = []
             return
+        decoding = []
         for seq in running:
             limit = seq.stop_at - seq.num_tokens - 1  # the verification gives one token more
             if seq.num_computed != seq.num_tokens - 1 or limit <= 0:
                 seq.spec_token_ids = []
                 continue
+            decoding.append(seq)
             want = self._want(seq.seq_id, limit)
             if self.draft_model is not None:  # decoded by ``fill`` once scheduled
                 seq.spec_token_ids = [DRAFT_SLOT] * want
@@ -82,6 +91,41 @@ class Speculator:
             drafts = self.proposer.propose(seq.token_ids)[:want] if want else []
             grammar = grammar_of(seq.seq_id) if drafts else None
             seq.spec_token_ids = grammar.valid_prefix(drafts) if grammar is not None else drafts
+        if decoding and not self._pays(decoding):
+            self.num_backoffs += 1
+            for seq in decoding:
+                seq.spec_token_ids = []
+
+    def _pays(self, decoding: list) -> bool:
+        """Whether drafting these sequences' ``spec_token_ids`` is expected to give more tokens
+        per second than decoding them plainly (True while the costs are still being learned)."""
+        batch = len(decoding)
+        drafted = sum(len(seq.spec_token_ids) for seq in decoding)
+        if drafted == 0:
+            return True
+        plain, spec = self.target_cost.predict(batch), self.target_cost.predict(batch + drafted)
+        if plain is None or spec is None:
+            return True
+        if self.draft_model is not None:
+            passes = max(len(seq.spec_token_ids) for seq in decoding)
+            per_pass = self.draft_model.cost.predict(batch)
+            if per_pass is None:
+                return True
+            spec += passes * per_pass
+        expected = sum(len(seq.spec_token_ids) * self._rate(seq.seq_id) for seq in decoding)
+        return (batch + expected) * plain >= batch * spec
+
+    def _rate(self, seq_id: int) -> float:
+        track = self._tracks.get(seq_id)
+        return 1.0 if track is None else track.rate
+
+    def observe_step(self, scheduled: list, seconds: float) -> None:
+        """A step ran ``scheduled`` (the scheduler's ``ScheduledSeq``s) in ``seconds``; what a
+        draft model spent in it is its own cost, the rest the target's."""
+        if self.draft_model is not None:
+            seconds -= self.draft_model.seconds - self._draft_seen
+            self._draft_seen = self.draft_model.seconds
+        self.target_cost.observe(sum(s.num_tokens + len(s.spec) for s in scheduled), seconds)
 
     def fill(self, scheduled: list, block_table: Callable[[int], list[int]], row_of: Callable[[int], object],
              grammar_of: Callable[[int], object | None]) -> dict[int, torch.Tensor]:
@@ -142,4 +186,5 @@ class Speculator:
             "spec_accepted_tokens": self.num_accepted_tokens,
             "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
             "spec_mean_accepted_length": 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0,
+            "spec_backoff_steps": self.num_backoffs,
         }
