@@ -7,7 +7,7 @@ from __future__ import annotations
 
 class LinearCost:
     """``predict(n)``: the expected seconds of a pass over ``n`` tokens, or None while the
-    recent passes do not span enough sizes to tell the slope (the caller then explores); old
+    recent passes do not span enough sizes to tell the slope to ``n`` (the caller then explores); old
     passes fade by ``decay`` per observation, so a fit that stops being fed with varied sizes
     becomes unsure again."""
 
@@ -29,6 +29,6 @@ class LinearCost:
         mean_x, mean_y = self._x / self._w, self._y / self._w
         var = self._xx / self._w - mean_x * mean_x
         if var < 0.25:  # every recent pass had about the same size: no slope to go by
-            return None
+            return mean_y if abs(n - mean_x) < 0.5 else None
         slope = max(0.0, (self._xy / self._w - mean_x * mean_y) / var)
         return max(0.0, mean_y + slope * (n - mean_x))

@@ -47,7 +47,7 @@ class DraftModel:
         starts = [min(seqs[i].num_draft_computed, seqs[i].num_computed) for i in todo]
         inp = StepInput([seqs[i].token_ids[s:ends[i]] for i, s in zip(todo, starts)], starts,
                         [tables[i] for i in todo], needs_logits=[False] * len(todo))
-        self._execute(inp)
+        self._execute(inp, observe=False)  # a prefill's cost per token is another curve
         for i in todo:
             seqs[i].num_draft_computed = ends[i]
 
@@ -65,7 +65,9 @@ class DraftModel:
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         live = list(range(len(seqs)))
         while live:
-            self._take(self._execute(inp), live, rows, drafts, probs)
+            # a first pass that catches up on many tokens is a prefill's cost: not a decode pass's
+            self._take(self._execute(inp, observe=sum(map(len, inp.token_ids)) <= 2 * len(live)), live, rows,
+                       drafts, probs)
             for i in live:
                 seqs[i].num_draft_computed = len(seqs[i].token_ids) + len(drafts[i]) - 1
             live = [i for i in live if len(drafts[i]) < ks[i]]
@@ -73,11 +75,12 @@ class DraftModel:
                             [tables[i] for i in live])
         return drafts, [torch.stack(p) if p else None for p in probs]
 
-    def _execute(self, inp: StepInput) -> torch.Tensor:
+    def _execute(self, inp: StepInput, observe: bool = True) -> torch.Tensor:
         start = time.perf_counter()
         logits = self.runner.execute(inp)
         seconds = time.perf_counter() - start
-        self.cost.observe(sum(len(t) for t in inp.token_ids), seconds)
+        if observe:
+            self.cost.observe(sum(len(t) for t in inp.token_ids), seconds)
         self.seconds += seconds
         return logits
 

@@ -5,7 +5,9 @@ Backoff: a step drafts only when its expected tokens per second beat plain decod
 speculator learns what a forward pass of the target (and of a draft model) costs by its number
 of tokens (``LinearCost``), and expects each sequence's drafts to be accepted at its recent rate
 (a large batch, or drafts mostly wrong, make the step plain). ``disable_by_batch_size``, if set,
-turns drafting off above that many running sequences whatever the costs. A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
+turns drafting off above that many running sequences whatever the costs. A draft model that
+does not pay stays off for 8 steps, then 16, up to 1,024 (each try first catches the draft
+up on the tokens it missed), where n-gram drafts are weighed at every step. A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
 ``num_speculative_tokens``), so a sequence whose drafts are mostly wrong wastes little; one
 whose acceptance rate (a moving average) falls below ``min_acceptance_rate`` stops drafting for
 8 steps, then 16, up to 256, and tries again.
@@ -23,7 +25,9 @@ from fastinfer.spec_decode.draft import DraftModel
 from fastinfer.spec_decode.ngram import NgramProposer
 
 _DECAY = 0.7  # weight of the past in the moving averages
+_PRIOR_RATE = 0.5  # the acceptance rate expected of the first drafts
 _FIRST_PAUSE, _LONGEST_PAUSE = 8, 256
+_LONGEST_COOLDOWN = 1024
 
 
 @dataclass(slots=True)
@@ -57,6 +61,7 @@ class Speculator:
         self._tracks: dict[int, _Track] = {}
         self.target_cost = LinearCost()  # one step of the target, by the tokens it computes
         self.num_backoffs = 0  # steps whose drafts the cost model dropped
+        self._cooldown, self._next_cooldown = 0, _FIRST_PAUSE  # a draft model's steps off after a backoff
         self._draft_seen = 0.0
         self.num_drafts = 0           # verifications of at least one draft
         self.num_draft_tokens = 0
@@ -73,7 +78,8 @@ class Speculator:
         drafts its next step verifies, none where it is not decoding (a prefill to finish, a
         token still in flight) or the step backs off. ``grammar_of(seq_id)``: the sequence's
         grammar matcher (structured outputs), which keeps the drafts it allows."""
-        if not self.active(len(running)):
+        if not self.active(len(running)) or self._cooldown:
+            self._cooldown = max(0, self._cooldown - 1)
             for seq in running:
                 seq.spec_token_ids = []
             return
@@ -95,17 +101,22 @@ class Speculator:
             self.num_backoffs += 1
             for seq in decoding:
                 seq.spec_token_ids = []
+            if self.draft_model is not None:  # its next try must catch up on all it missed
+                self._cooldown, self._next_cooldown = self._next_cooldown, min(2 * self._next_cooldown, _LONGEST_COOLDOWN)
+        elif decoding and self.draft_model is not None:
+            self._next_cooldown = _FIRST_PAUSE
 
     def _pays(self, decoding: list) -> bool:
         """Whether drafting these sequences' ``spec_token_ids`` is expected to give more tokens
-        per second than decoding them plainly (True while the costs are still being learned)."""
+        per second than decoding them plainly; while the cost of a step with or without the
+        drafts is not known lately, the unknown one is tried (drafts first)."""
         batch = len(decoding)
         drafted = sum(len(seq.spec_token_ids) for seq in decoding)
         if drafted == 0:
             return True
         plain, spec = self.target_cost.predict(batch), self.target_cost.predict(batch + drafted)
-        if plain is None or spec is None:
-            return True
+        if plain is None or spec is None:  # explore the side not known lately
+            return spec is None
         if self.draft_model is not None:
             passes = max(len(seq.spec_token_ids) for seq in decoding)
             per_pass = self.draft_model.cost.predict(batch)
@@ -116,16 +127,22 @@ class Speculator:
         return (batch + expected) * plain >= batch * spec
 
     def _rate(self, seq_id: int) -> float:
+        """A sequence's recent acceptance rate; for one not verified yet, every sequence's so far
+        (half before any)."""
         track = self._tracks.get(seq_id)
-        return 1.0 if track is None else track.rate
+        if track is not None and track.verified:
+            return track.rate
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else _PRIOR_RATE
 
     def observe_step(self, scheduled: list, seconds: float) -> None:
         """A step ran ``scheduled`` (the scheduler's ``ScheduledSeq``s) in ``seconds``; what a
-        draft model spent in it is its own cost, the rest the target's."""
+        draft model spent in it is its own cost, the rest the target's. Only steps that decode
+        (or verify) every row are kept: a prefill's cost per token is another curve."""
         if self.draft_model is not None:
             seconds -= self.draft_model.seconds - self._draft_seen
             self._draft_seen = self.draft_model.seconds
-        self.target_cost.observe(sum(s.num_tokens + len(s.spec) for s in scheduled), seconds)
+        if all(s.num_tokens == 1 for s in scheduled):
+            self.target_cost.observe(sum(1 + len(s.spec) for s in scheduled), seconds)
 
     def fill(self, scheduled: list, block_table: Callable[[int], list[int]], row_of: Callable[[int], object],
              grammar_of: Callable[[int], object | None]) -> dict[int, torch.Tensor]:
