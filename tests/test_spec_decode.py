@@ -21,7 +21,7 @@ def speculate_always(request, monkeypatch):
     """The learned-cost backoff depends on this machine's timings: tests that count drafts
     speculate whenever they have drafts (the backoff has its own tests, with given costs)."""
     if "learned_costs" not in request.keywords:
-        monkeypatch.setattr(Speculator, "_pays", lambda self, decoding: True)
+        monkeypatch.setattr(Speculator, "_worth", lambda self, *args: True)
 
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -151,15 +151,33 @@ def test_random_gqa_models(tmp_path, hf_smollm_tokenizer):
         assert stats["spec_accepted_tokens"] > 30 and 0.3 < stats["spec_acceptance_rate"] < 0.95
 
 
-def test_seeded_sampling_repeats_and_penalties_run(smollm):
-    def params(i):
-        return SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, top_k=50, min_p=0.02, seed=100 + i,
-                              repetition_penalty=1.1 if i % 2 else 1.0, logprobs=1 if i == 0 else None)
-    first, engine = run(smollm, params, speculative_config=NGRAM)
-    again, _ = run(smollm, params, speculative_config=NGRAM)
-    assert first == again
-    assert engine.stats()["spec_num_drafts"] > 0
-    assert all(len(lp) == len(c[0]) for c in first[0] for lp in [c[4]])
+def mixed_params(i: int) -> SamplingParams:
+    """Greedy requests (they draft) beside seeded random ones (they never do)."""
+    if i % 2 == 0:
+        return SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, top_k=50, min_p=0.02, seed=100 + i,
+                          repetition_penalty=1.1 if i == 1 else 1.0, logprobs=1 if i == 3 else None)
+
+
+@pytest.mark.learned_costs
+@pytest.mark.parametrize("config", [NGRAM, {"method": "draft_model", "quantization": "int4"}], ids=["ngram", "draft"])
+def test_seeded_sampling_is_that_of_plain_decoding(smollm, config):
+    """Seeded random requests keep plain sampling's tokens exactly, beside greedy requests that
+    draft (their verification steps draw the random rows as plain steps do), whatever the
+    learned costs decide; so seeded repeats are equal."""
+    plain, _ = run(smollm, mixed_params)
+    spec, engine = run(smollm, mixed_params, speculative_config=config)
+    assert spec == plain
+    assert len(spec[3][0][4]) == len(spec[3][0][0])  # a logprob per token
+
+
+def test_unseeded_sampling_drafts(smollm):
+    """Random requests without a seed draft and go through rejection sampling: each ends as
+    asked, with a logprob per token."""
+    params = lambda i: SamplingParams(max_tokens=30, temperature=0.7, top_p=0.9, logprobs=1, ignore_eos=True)  # noqa: E731
+    spec, engine = run(smollm, params, speculative_config=NGRAM)
+    assert all(len(c[0]) == 30 and len(c[4]) == 30 for outs in spec for c in outs)
+    assert engine.stats()["spec_num_drafts"] > 5
 
 
 def test_backoff_by_batch_size(smollm):
@@ -283,12 +301,13 @@ def test_a_smaller_draft_model_with_the_same_tokenizer(smollm, tmp_path, hf_smol
     assert spec == plain and engine.stats()["spec_num_drafts"] > 0
 
 
-def test_seeded_sampling_with_a_draft_model_repeats(smollm):
-    def params(i):
-        return SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=7 + i)
-    first, engine = run(smollm, params, prompts=PROMPTS[:3], speculative_config=SELF_DRAFT)
-    again, _ = run(smollm, params, prompts=PROMPTS[:3], speculative_config=SELF_DRAFT)
-    assert first == again and engine.stats()["spec_accepted_tokens"] > 5
+def test_random_sampling_with_a_draft_model(smollm):
+    """Unseeded random requests draw their drafts from the draft model's distribution, which
+    verification takes as q."""
+    params = lambda i: SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, ignore_eos=True)  # noqa: E731
+    spec, engine = run(smollm, params, prompts=PROMPTS[:3], speculative_config=SELF_DRAFT)
+    assert all(len(c[0]) == 20 for outs in spec for c in outs)
+    assert engine.stats()["spec_accepted_tokens"] > 5
 
 
 def test_draft_models_are_refused_where_they_cannot_run(tmp_path, hf_smollm_tokenizer):
@@ -296,6 +315,11 @@ def test_draft_models_are_refused_where_they_cannot_run(tmp_path, hf_smollm_toke
 
     with pytest.raises(ConfigError, match="does not run under tensor parallelism"):
         EngineConfig(speculative_config=SELF_DRAFT, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="speculative_config.quantization"):
+        EngineConfig(speculative_config={**SELF_DRAFT, "quantization": "int3"})
+    # the issue's own example: a draft model's num_speculative_tokens has a default
+    config = EngineConfig(speculative_config={"method": "draft_model", "quantization": "int4"})
+    assert config.speculative_config.num_speculative_tokens == 3
 
 
 # --------------------------------------------------------------------------- the backoff

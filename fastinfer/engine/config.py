@@ -169,6 +169,7 @@ class EngineConfig:
                                                          lo=0, lo_open=True))
         if self.speculative_config is not None:
             self._set("speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+            check_choice("speculative_config.quantization", self.speculative_config.quantization, QUANTIZATIONS)
             if self.speculative_config.method == "draft_model" and self.tensor_parallel_size != 1:
                 raise ConfigError("speculative_config method 'draft_model' does not run under tensor parallelism "
                                   "yet; use 'ngram', or tensor_parallel_size=1", "speculative_config")

@@ -491,12 +491,15 @@ class Engine:
 
     # ------------------------------------------------------- speculative decoding
     def _propose(self, touched: dict[str, Request]) -> None:
-        """Sets the drafts each running sequence verifies next; they need every token so far, so
-        the steps in flight settle first (unless the speculator backs off)."""
+        """Sets the drafts each running sequence verifies next. They need every token so far: a
+        step in flight settles first, where drafting is expected to pay (else none drafts)."""
         running = self.scheduler.running
-        if self._inflight and self.speculator.active(len(running)):
-            self._resolve(touched)
-        self.speculator.draft(running, lambda seq_id: self._by_seq[seq_id][1].grammar)
+        if self._inflight and not self.speculator.worth_settling(len(running)):
+            for seq in running:
+                seq.spec_token_ids = []
+            return
+        self._resolve(touched)
+        self.speculator.draft(running, lambda seq_id: (self._by_seq[seq_id][0].params, self._by_seq[seq_id][1].grammar))
 
     # ------------------------------------------------------- asynchronous scheduling
     def _run_async(self, sched: SchedulerOutput, touched: dict[str, Request]) -> None:

@@ -97,3 +97,5 @@ def accept_verified(speculator: Speculator, sampled: list[tuple[Request, Sample]
                 break
             smp.seq.num_computed += m > 0  # the accepted draft before it (its keys are valid)
             append(req, smp, token, None if logprobs is None else logprobs[m], now)
+        # a draft model's keys of rejected drafts are not valid either
+        smp.seq.num_draft_computed = min(smp.seq.num_draft_computed, smp.seq.num_computed)

@@ -116,14 +116,32 @@ class Sampler:
         argmax = work.argmax(-1).tolist()
         probs = self._target_probs(work, positions)
         tokens, offset = [], 0
+        plain = self._draftless(work, rows, drafts, spans)
         for i, (row, d, span) in enumerate(zip(rows, drafts, spans)):
-            if row.params.greedy:
+            if i in plain:
+                tokens.append([plain[i]])
+            elif row.params.greedy:
                 tokens.append(accept_greedy(argmax[offset:offset + span], d))
             else:
                 q = None if draft_probs is None else draft_probs[i]
                 tokens.append(accept_sampled(probs[offset:offset + span], d, row.generator, q))
             offset += span
         return SpecOutput(tokens, self._spec_logprobs(raw, tokens, spans, params))
+
+    def _draftless(self, work: torch.Tensor, rows: Sequence[SamplingRow], drafts: Sequence[list[int]],
+                   spans: list[int]) -> dict[int, int]:
+        """The tokens of random rows without drafts, drawn as ``__call__`` draws them (one
+        uniform over the sorted candidates): the same token whether or not the batch verifies."""
+        at, offset = {}, 0
+        for i, (row, d, span) in enumerate(zip(rows, drafts, spans)):
+            if not d and not row.params.greedy:
+                at[i] = offset
+            offset += span
+        keys, out = list(at), {}
+        for k, idx in _random_groups([rows[i].params for i in keys], work.shape[1]).items():
+            drawn = self._sample_random(work, [at[keys[j]] for j in idx], [rows[keys[j]] for j in idx], k)
+            out.update({keys[j]: t for j, t in zip(idx, drawn.tolist())})
+        return out
 
     def target_probs(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
         """[R, V]: each random row's sampling distribution over ``logits`` (after the logit

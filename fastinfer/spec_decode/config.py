@@ -16,6 +16,7 @@ from typing import Any
 from fastinfer.errors import ConfigError
 
 METHODS = ("ngram", "draft_model")
+DRAFT_MODEL_TOKENS = 3  # a draft model's num_speculative_tokens when none is given
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,9 @@ class SpeculativeConfig:
         if unknown:
             raise ConfigError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}",
                               "speculative_config")
-        if "method" not in config or "num_speculative_tokens" not in config:
+        if "method" not in config or ("num_speculative_tokens" not in config and config["method"] != "draft_model"):
             raise ConfigError("speculative_config needs 'method' and 'num_speculative_tokens'", "speculative_config")
-        return cls(**config)
+        return cls(**{"num_speculative_tokens": DRAFT_MODEL_TOKENS, **config})
 
 
 def _positive(name: str, value: object) -> None:

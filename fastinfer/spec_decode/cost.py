@@ -23,12 +23,14 @@ class LinearCost:
         self._xx = d * self._xx + n * n
         self._xy = d * self._xy + n * seconds
 
-    def predict(self, n: float) -> float | None:
+    def predict(self, n: float, flat: bool = False) -> float | None:
+        """``flat``: when the recent passes had about one size, their mean cost whatever ``n``
+        (for passes whose size hardly varies, as a draft model's decode passes)."""
         if self._w < 2.0:
             return None
         mean_x, mean_y = self._x / self._w, self._y / self._w
         var = self._xx / self._w - mean_x * mean_x
         if var < 0.25:  # every recent pass had about the same size: no slope to go by
-            return mean_y if abs(n - mean_x) < 0.5 else None
+            return mean_y if flat or abs(n - mean_x) < 0.5 else None
         slope = max(0.0, (self._xy / self._w - mean_x * mean_y) / var)
         return max(0.0, mean_y + slope * (n - mean_x))

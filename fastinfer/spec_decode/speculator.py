@@ -73,11 +73,14 @@ class Speculator:
         limit = self.config.disable_by_batch_size
         return limit is None or num_running <= limit
 
-    def draft(self, running: list, grammar_of: Callable[[int], object | None]) -> None:
+    def draft(self, running: list, request_of: Callable[[int], tuple[object, object | None]]) -> None:
         """Sets ``spec_token_ids`` of each running sequence (the scheduler's ``Sequence``s): the
         drafts its next step verifies, none where it is not decoding (a prefill to finish, a
-        token still in flight) or the step backs off. ``grammar_of(seq_id)``: the sequence's
-        grammar matcher (structured outputs), which keeps the drafts it allows."""
+        token still in flight) or the step backs off. ``request_of(seq_id)``: the sequence's
+        ``SamplingParams`` and grammar matcher (structured outputs; it keeps the drafts it
+        allows). A seeded random request never drafts: its tokens stay those of plain sampling,
+        whatever the timings that steer the backoff; nor does a random request with a grammar
+        under a draft model (a draft the grammar refuses would bias the verification)."""
         if not self.active(len(running)) or self._cooldown:
             self._cooldown = max(0, self._cooldown - 1)
             for seq in running:
@@ -90,13 +93,16 @@ class Speculator:
                 seq.spec_token_ids = []
                 continue
             decoding.append(seq)
+            params, grammar = request_of(seq.seq_id)
+            if not params.greedy and (params.seed is not None or (grammar is not None and self.draft_model)):
+                seq.spec_token_ids = []
+                continue
             want = self._want(seq.seq_id, limit)
             if self.draft_model is not None:  # decoded by ``fill`` once scheduled
                 seq.spec_token_ids = [DRAFT_SLOT] * want
                 continue
             drafts = self.proposer.propose(seq.token_ids)[:want] if want else []
-            grammar = grammar_of(seq.seq_id) if drafts else None
-            seq.spec_token_ids = grammar.valid_prefix(drafts) if grammar is not None else drafts
+            seq.spec_token_ids = grammar.valid_prefix(drafts) if grammar is not None and drafts else drafts
         if decoding and not self._pays(decoding):
             self.num_backoffs += 1
             for seq in decoding:
@@ -110,21 +116,33 @@ class Speculator:
         """Whether drafting these sequences' ``spec_token_ids`` is expected to give more tokens
         per second than decoding them plainly; while the cost of a step with or without the
         drafts is not known lately, the unknown one is tried (drafts first)."""
-        batch = len(decoding)
         drafted = sum(len(seq.spec_token_ids) for seq in decoding)
         if drafted == 0:
             return True
+        expected = sum(len(seq.spec_token_ids) * self._rate(seq.seq_id) for seq in decoding)
+        return self._worth(len(decoding), drafted, expected, max(len(seq.spec_token_ids) for seq in decoding))
+
+    def _worth(self, batch: int, drafted: int, expected: float, passes: int) -> bool:
+        """Whether ``batch`` decoding sequences with ``drafted`` drafts (a draft model decoding
+        them in ``passes`` passes), ``expected`` of them accepted, beat plain decoding."""
         plain, spec = self.target_cost.predict(batch), self.target_cost.predict(batch + drafted)
         if plain is None or spec is None:  # explore the side not known lately
             return spec is None
         if self.draft_model is not None:
-            passes = max(len(seq.spec_token_ids) for seq in decoding)
-            per_pass = self.draft_model.cost.predict(batch)
+            per_pass = self.draft_model.cost.predict(batch, flat=True)
             if per_pass is None:
                 return True
             spec += passes * per_pass
-        expected = sum(len(seq.spec_token_ids) * self._rate(seq.seq_id) for seq in decoding)
         return (batch + expected) * plain >= batch * spec
+
+    def worth_settling(self, num_running: int) -> bool:
+        """Under asynchronous scheduling: whether to settle the step in flight so that the next
+        one can draft (drafts need every token so far), judged before any is proposed: each
+        sequence drafting ``num_speculative_tokens`` accepted at the rate so far."""
+        if not self.active(num_running) or self._cooldown or num_running == 0:
+            return False
+        drafted = num_running * self.k
+        return self._worth(num_running, drafted, drafted * self._rate(-1), self.k)
 
     def _rate(self, seq_id: int) -> float:
         """A sequence's recent acceptance rate; for one not verified yet, every sequence's so far
