@@ -371,3 +371,18 @@ def test_the_engine_backs_off_where_drafts_cost_more_than_they_give(smollm, monk
     assert spec == plain
     stats = engine.stats()
     assert stats["spec_num_drafts"] == 0 and stats["spec_backoff_steps"] > 10
+
+
+@pytest.mark.learned_costs
+def test_a_draft_model_as_slow_as_the_target_turns_speculation_off():
+    """The int4 self-draft of an already 4-bit target: a draft pass costs a target step, so no
+    acceptance rate can pay; speculation goes off for good (and says so)."""
+    class Draft:
+        cost = LinearCost()
+
+    spec = Speculator(SpeculativeConfig.from_dict(SELF_DRAFT), Draft())
+    for n in (1, 4, 1, 4):
+        spec.target_cost.observe(n, 0.008 + 0.003 * (n - 1))
+        Draft.cost.observe(1, 0.0085)
+    assert not spec._pays([_Seq(1, 50, [-2, -2, -2])])
+    assert spec.disabled and not spec.active(1)

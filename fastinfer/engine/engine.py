@@ -494,7 +494,7 @@ class Engine:
         """Sets the drafts each running sequence verifies next. They need every token so far: a
         step in flight settles first, where drafting is expected to pay (else none drafts)."""
         running = self.scheduler.running
-        if self._inflight and not self.speculator.worth_settling(len(running)):
+        if self._inflight and not self.speculator.may_draft(len(running)):
             for seq in running:
                 seq.spec_token_ids = []
             return

@@ -69,7 +69,7 @@ def fill_drafts(speculator: Speculator, scheduled: list[ScheduledSeq], by_seq: d
     if speculator.draft_model is None:
         return {}
     reading = [s for s in scheduled if not s.spec and s.start + s.num_tokens <= s.seq.num_prompt_tokens]
-    if reading and speculator.active(len(scheduled)):  # the prompt: the draft reads it in the same steps
+    if reading and speculator.may_draft(len(scheduled)):  # the prompt: the draft reads it in the same steps
         speculator.draft_model.catch_up([s.seq for s in reading], [s.start + s.num_tokens for s in reading],
                                         [block_table(s.seq.seq_id) for s in reading])
     rows = [s for s in scheduled if s.spec]

@@ -7,13 +7,15 @@ of tokens (``LinearCost``), and expects each sequence's drafts to be accepted at
 (a large batch, or drafts mostly wrong, make the step plain). ``disable_by_batch_size``, if set,
 turns drafting off above that many running sequences whatever the costs. A draft model that
 does not pay stays off for 8 steps, then 16, up to 1,024 (each try first catches the draft
-up on the tokens it missed), where n-gram drafts are weighed at every step. A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
+up on the tokens it missed), and for good once a pass of it costs as much as a step of the
+target (no acceptance rate could pay for it then); n-gram drafts are weighed at every step. A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
 ``num_speculative_tokens``), so a sequence whose drafts are mostly wrong wastes little; one
 whose acceptance rate (a moving average) falls below ``min_acceptance_rate`` stops drafting for
 8 steps, then 16, up to 256, and tries again.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from fastinfer.spec_decode.cost import LinearCost
 from fastinfer.spec_decode.draft import DraftModel
 from fastinfer.spec_decode.ngram import NgramProposer
 
+_log = logging.getLogger("fastinfer.engine")
 _DECAY = 0.7  # weight of the past in the moving averages
 _PRIOR_RATE = 0.5  # the acceptance rate expected of the first drafts
 _FIRST_PAUSE, _LONGEST_PAUSE = 8, 256
@@ -61,6 +64,7 @@ class Speculator:
         self._tracks: dict[int, _Track] = {}
         self.target_cost = LinearCost()  # one step of the target, by the tokens it computes
         self.num_backoffs = 0  # steps whose drafts the cost model dropped
+        self.disabled = False  # a draft model found to cost as much as the target
         self._cooldown, self._next_cooldown = 0, _FIRST_PAUSE  # a draft model's steps off after a backoff
         self._draft_seen = 0.0
         self.num_drafts = 0           # verifications of at least one draft
@@ -71,7 +75,7 @@ class Speculator:
     def active(self, num_running: int) -> bool:
         """Whether a step with ``num_running`` sequences drafts at all."""
         limit = self.config.disable_by_batch_size
-        return limit is None or num_running <= limit
+        return not self.disabled and (limit is None or num_running <= limit)
 
     def draft(self, running: list, request_of: Callable[[int], tuple[object, object | None]]) -> None:
         """Sets ``spec_token_ids`` of each running sequence (the scheduler's ``Sequence``s): the
@@ -132,13 +136,19 @@ class Speculator:
             per_pass = self.draft_model.cost.predict(batch, flat=True)
             if per_pass is None:
                 return True
+            if batch == 1 and per_pass >= plain:  # no acceptance can pay for it: off for good
+                _log.warning("the draft model's pass (%.1f ms) costs as much as the target's step (%.1f ms): "
+                             "speculative decoding is off", per_pass * 1e3, plain * 1e3)
+                self.disabled = True
+                return False
             spec += passes * per_pass
         return (batch + expected) * plain >= batch * spec
 
-    def worth_settling(self, num_running: int) -> bool:
-        """Under asynchronous scheduling: whether to settle the step in flight so that the next
-        one can draft (drafts need every token so far), judged before any is proposed: each
-        sequence drafting ``num_speculative_tokens`` accepted at the rate so far."""
+    def may_draft(self, num_running: int) -> bool:
+        """Whether drafting is expected to pay with ``num_running`` sequences, judged before any
+        draft is proposed (each drafting ``num_speculative_tokens``, accepted at the rate so
+        far): whether to settle a step in flight for drafts (asynchronous scheduling), and
+        whether a draft model reads prompts as they are prefilled."""
         if not self.active(num_running) or self._cooldown or num_running == 0:
             return False
         drafted = num_running * self.k
