@@ -386,3 +386,37 @@ def test_a_draft_model_as_slow_as_the_target_turns_speculation_off():
         Draft.cost.observe(1, 0.0085)
     assert not spec._pays([_Seq(1, 50, [-2, -2, -2])])
     assert spec.disabled and not spec.active(1)
+
+
+def test_streamed_deltas_carry_several_tokens_a_step(smollm):
+    """Through ``AsyncEngine``: a streamed request's deltas (several tokens each where drafts were
+    accepted, a stop string held back until it is known) add up to the whole output, which is
+    plain decoding's."""
+    import asyncio
+
+    from fastinfer.engine.async_engine import AsyncEngine
+
+    prompt = PROMPTS[3]
+
+    async def stream(**options):
+        engine = AsyncEngine.from_engine(make_engine(smollm, kv_cache_memory="64MiB", **options))
+        async with engine:
+            kinds = ("delta", "final_only")
+            return await asyncio.gather(*[
+                asyncio.create_task(_collect(engine, prompt, SamplingParams(max_tokens=40, temperature=0.0,
+                                                                            stop=[" a single"], output_kind=k)))
+                for k in kinds])
+
+    deltas, final = asyncio.run(stream(speculative_config=NGRAM))
+    (plain,) = asyncio.run(stream())[1]
+    want = final[0].outputs[0]
+    assert (want.token_ids, want.text, want.finish_reason) == (plain.outputs[0].token_ids, plain.outputs[0].text,
+                                                               "stop")
+    assert sum(o.finished for o in deltas) == 1 and deltas[-1].finished
+    assert [t for o in deltas for t in o.outputs[0].token_ids] == want.token_ids
+    assert "".join(o.outputs[0].text for o in deltas) == want.text
+    assert max(len(o.outputs[0].token_ids) for o in deltas) > 1  # accepted drafts arrive together
+
+
+async def _collect(engine, prompt, params):
+    return [out async for out in engine.generate(prompt, params)]
