@@ -15,6 +15,7 @@ A row's result is therefore bit-identical alone or in any batch.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,29 +115,28 @@ class Sampler:
         raw = self._constrained(logits, params, masks)
         work = self._penalised(raw, positions)
         argmax = work.argmax(-1).tolist()
-        probs = self._target_probs(work, positions)
-        tokens, offset = [], 0
-        plain = self._draftless(work, rows, drafts, spans)
-        for i, (row, d, span) in enumerate(zip(rows, drafts, spans)):
+        starts = [0, *itertools.accumulate(spans)][:-1]
+        plain = self._draftless(work, rows, drafts, starts)
+        verified = [p for i, (row, start, span) in enumerate(zip(rows, starts, spans))
+                    if i not in plain and not row.params.greedy for p in range(start, start + span)]
+        probs = self._target_probs(work, positions, verified)  # where rejection sampling reads them
+        tokens = []
+        for i, (row, d, start, span) in enumerate(zip(rows, drafts, starts, spans)):
             if i in plain:
                 tokens.append([plain[i]])
             elif row.params.greedy:
-                tokens.append(accept_greedy(argmax[offset:offset + span], d))
+                tokens.append(accept_greedy(argmax[start:start + span], d))
             else:
                 q = None if draft_probs is None else draft_probs[i]
-                tokens.append(accept_sampled(probs[offset:offset + span], d, row.generator, q))
-            offset += span
+                tokens.append(accept_sampled(probs[start:start + span], d, row.generator, q))
         return SpecOutput(tokens, self._spec_logprobs(raw, tokens, spans, params))
 
     def _draftless(self, work: torch.Tensor, rows: Sequence[SamplingRow], drafts: Sequence[list[int]],
-                   spans: list[int]) -> dict[int, int]:
-        """The tokens of random rows without drafts, drawn as ``__call__`` draws them (one
-        uniform over the sorted candidates): the same token whether or not the batch verifies."""
-        at, offset = {}, 0
-        for i, (row, d, span) in enumerate(zip(rows, drafts, spans)):
-            if not d and not row.params.greedy:
-                at[i] = offset
-            offset += span
+                   starts: list[int]) -> dict[int, int]:
+        """The tokens of random rows without drafts (row ``i``'s position is ``starts[i]``), drawn
+        as ``__call__`` draws them (one uniform over the sorted candidates): the same token
+        whether or not the batch verifies."""
+        at = {i: start for i, (row, d, start) in enumerate(zip(rows, drafts, starts)) if not d and not row.params.greedy}
         keys, out = list(at), {}
         for k, idx in _random_groups([rows[i].params for i in keys], work.shape[1]).items():
             drawn = self._sample_random(work, [at[keys[j]] for j in idx], [rows[keys[j]] for j in idx], k)
@@ -149,15 +149,18 @@ class Sampler:
         params = [r.params for r in rows]
         return self._target_probs(self._penalised(self._constrained(logits, params, None), rows), rows)
 
-    def _target_probs(self, work: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+    def _target_probs(self, work: torch.Tensor, rows: Sequence[SamplingRow],
+                      only: list[int] | None = None) -> torch.Tensor | None:
         """[T, V]: each random row's normalised sampling distribution (after temperature, top-k,
-        top-p and min-p); greedy rows' stay zero. None when every row is greedy."""
-        params = [r.params for r in rows]
-        groups = _random_groups(params, work.shape[1])
+        top-p and min-p), for the rows ``only`` (None: all); the others' stay zero. None when no
+        such row is random."""
+        among = range(len(rows)) if only is None else only
+        groups = _random_groups([rows[i].params for i in among], work.shape[1])
         if not groups:
             return None
         out = torch.zeros_like(work)
-        for k, idx in groups.items():
+        for k, local in groups.items():
+            idx = [among[j] for j in local]
             sub = [rows[i] for i in idx]
             dev = work.device
             index = _index(idx, dev)

@@ -8,7 +8,9 @@ of tokens (``LinearCost``), and expects each sequence's drafts to be accepted at
 turns drafting off above that many running sequences whatever the costs. A draft model that
 does not pay stays off for 8 steps, then 16, up to 1,024 (each try first catches the draft
 up on the tokens it missed), and for good once a pass of it costs as much as a step of the
-target (no acceptance rate could pay for it then); n-gram drafts are weighed at every step. A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
+target (no acceptance rate could pay for it then); n-gram drafts are weighed at every step.
+
+A sequence drafts ``1 + round(recent accepted drafts)`` tokens (at most
 ``num_speculative_tokens``), so a sequence whose drafts are mostly wrong wastes little; one
 whose acceptance rate (a moving average) falls below ``min_acceptance_rate`` stops drafting for
 8 steps, then 16, up to 256, and tries again.
@@ -70,7 +72,6 @@ class Speculator:
         self.num_drafts = 0           # verifications of at least one draft
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
-        self.accepted_at = [0] * self.k  # per draft position: how often it was accepted
 
     def active(self, num_running: int) -> bool:
         """Whether a step with ``num_running`` sequences drafts at all."""
@@ -207,8 +208,6 @@ class Speculator:
         self.num_drafts += 1
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
-        for j in range(accepted):
-            self.accepted_at[j] += 1
         track = self._tracks.setdefault(seq_id, _Track())
         track.verified += 1
         track.rate = _DECAY * track.rate + (1 - _DECAY) * accepted / drafted
