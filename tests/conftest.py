@@ -52,11 +52,16 @@ def make_engine(loaded, **kwargs) -> Engine:
     return Engine(EngineConfig(model=loaded.path, **kwargs), loaded)
 
 
-def run_to_completion(engine: Engine) -> dict[str, object]:
+def run_to_completion(engine: Engine, before_step=None) -> dict[str, object]:
     """Steps ``engine`` until idle; returns the final output of every request by id and
-    checks that each request produced exactly one final output."""
+    checks that each request produced exactly one final output. ``before_step(n)`` is called
+    before the n-th step (1, 2, ...): to abort a request there, say."""
     finals: dict[str, object] = {}
+    steps = 0
     while engine.has_unfinished():
+        steps += 1
+        if before_step is not None:
+            before_step(steps)
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in finals, f"two final outputs for {out.request_id}"

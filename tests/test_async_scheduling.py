@@ -12,7 +12,7 @@ from fastinfer import EngineConfig, SamplingParams
 from fastinfer.errors import ArgumentTypeError
 from fastinfer.model.runner import ModelRunner
 
-from .conftest import make_engine
+from .conftest import make_engine, run_to_completion
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived", "def fib(n):",
            "Hello", "1, 2, 3, 4,", "The best way to learn a language is", "import numpy as np\n",
@@ -37,18 +37,17 @@ def run(loaded, params, abort_after: dict[str, int] | None = None, each_step=Non
     engine = make_engine(loaded, **{"kv_cache_memory": "64MiB", "max_num_batched_tokens": 48,
                                     "max_num_seqs": 4, **options})
     ids = [engine.add_request(p, params(i)) for i, p in enumerate(PROMPTS)]
-    finals, steps = (engine.drain() if drain else {}), 0
-    while engine.has_unfinished():
-        steps += 1
-        for rid, at in (abort_after or {}).items():
-            if steps == at:
-                engine.abort(ids[int(rid)])
+    finals = engine.drain() if drain else {}
+
+    def before(step: int) -> None:
+        for rid in (r for r, at in (abort_after or {}).items() if at == step):
+            engine.abort(ids[int(rid)])
         if each_step is not None:
-            each_step(engine, steps)
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in finals, "two final outputs"
-                finals[out.request_id] = out
+            each_step(engine, step)
+
+    rest = run_to_completion(engine, before)
+    assert not set(rest) & set(finals), "two final outputs"
+    finals.update(rest)
     assert sorted(finals) == sorted(ids)
     stats = engine.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_requests"] == 0

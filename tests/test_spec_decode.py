@@ -14,7 +14,7 @@ from fastinfer.spec_decode import Speculator, SpeculativeConfig
 from fastinfer.spec_decode.cost import LinearCost
 from fastinfer.spec_decode.speculator import _Track
 
-from .conftest import make_engine, save_tiny_model
+from .conftest import make_engine, run_to_completion, save_tiny_model
 
 @pytest.fixture(autouse=True)
 def speculate_always(request, monkeypatch):
@@ -49,16 +49,12 @@ def run(loaded, params, abort_after: dict[int, int] | None = None, prompts=PROMP
     if setup is not None:
         setup(engine)
     ids = [engine.add_request(p, params(i)) for i, p in enumerate(prompts)]
-    finals, steps = {}, 0
-    while engine.has_unfinished():
-        steps += 1
-        for index, at in (abort_after or {}).items():
-            if steps == at:
-                engine.abort(ids[index])
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in finals, "two final outputs"
-                finals[out.request_id] = out
+
+    def abort(step: int) -> None:
+        for index in (i for i, at in (abort_after or {}).items() if at == step):
+            engine.abort(ids[index])
+
+    finals = run_to_completion(engine, abort)
     assert sorted(finals) == sorted(ids)
     stats = engine.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_requests"] == 0
