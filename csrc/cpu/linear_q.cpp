@@ -63,7 +63,7 @@ struct QuantWeights {
   }
 };
 
-// ---- The tile scaffold of both AVX-512 paths below (QTileAvx512, AqTileVnni). gemm::run_with
+// ---- The tile scaffold of both AVX-512 paths below (QTileAvx512, and store_acc in aq_tile_vnni). gemm::run_with
 // splits the product into blocks over the threads and gemm::narrow_blocks walks a block in
 // R x C tiles, calling Kernel::template tile<R, C>(p, m0, n0); the kernel clamps its rows with
 // tile_row, points at its columns with tile_columns and hands its 16-lane accumulators to
@@ -294,6 +294,15 @@ struct QTileAvx512 {
 //   4. y[m, n] = the gemm.h tree over p (+ bias[n]).
 // Every step is either exact or one IEEE operation in a fixed order, so the scalar and the
 // VNNI paths give the same bits, and a row's result never depends on the other rows.
+// A chunk's code-byte mask (a chunk holds 64 bytes, fewer at a K that is not a multiple of the
+// chunk), its first group, the mask of the groups its lanes span and its code bytes.
+struct AqChunk {
+  uint64_t cmask;
+  int32_t g0;
+  uint32_t gmask;
+  int32_t nbytes;
+};
+
 struct AqTables {
   int kind;                   // kU4 or kS8
   int64_t K, G, groups, chunk, nchunks;
@@ -303,6 +312,7 @@ struct AqTables {
   std::vector<int32_t> nbytes;  // code bytes of each chunk
   std::vector<int32_t> lanes;   // valid lanes of each chunk
   int32_t max_gcnt = 0;         // the most groups one chunk spans (the AVX2 tiles take <= 8)
+  std::vector<AqChunk> info;    // the same facts, one load per chunk for the VNNI tiles
 
   AqTables(int k, int64_t K_, int64_t G_) : kind(k), K(K_), G(G_), groups(K_ / G_) {
     chunk = kind == kU4 ? 128 : 64;
@@ -323,6 +333,9 @@ struct AqTables {
       nbytes.push_back(static_cast<int32_t>(kind == kU4 ? n_in / 2 : n_in));
       lanes.push_back(valid);
       max_gcnt = std::max(max_gcnt, gcnt.back());
+      const int32_t nb = nbytes.back();
+      info.push_back({nb >= 64 ? ~0ULL : (1ULL << nb) - 1ULL, static_cast<int32_t>(first),
+                      static_cast<uint32_t>((1u << gcnt.back()) - 1u), nb});
     }
   }
   // Inputs (relative to the chunk) that lane l reads, for the scalar path and the preparation.
@@ -530,104 +543,110 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
 }
 
 #if FI_X86
-// R rows x C columns; each column's codes are unpacked once per chunk for all R rows.
-template <int KIND>
-struct AqTileVnni {
-  template <int R, int C, int PF = 3>
-  FI_TARGET_AVX512_VNNI static void tile(const AqGemm& p, int64_t m0, int64_t n0) {
-    const AqProblem& w = p.w;
-    const AqTables& t = *w.t;
-    const AqRows& rows = *w.rows;
-    const int8_t* xq[R];
-    const float* dx[R];
-    const float* ur[R];
-    const int32_t* cr[R];
+// R rows x C columns, all inside the problem (aq_blocks_vnni sends the tails to narrower
+// tiles), so the rows and the columns are each one base pointer and a stride: on a decode
+// step (M = 1, K = 576) the per-pointer bookkeeping of clamped tiles cost more than the dot
+// products. Each column's codes are unpacked once per chunk for all R rows; OFF: W has
+// offsets. PF > 0 prefetches the columns PF tiles ahead, chunk by chunk, to hide DRAM latency.
+template <int KIND, bool OFF, int R, int C, int PF = 3>
+FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
+  const AqProblem& w = p.w;
+  const AqTables& t = *w.t;
+  const AqRows& rows = *w.rows;
+  const int64_t K = t.K, rs = t.nchunks * 16, cb = w.row_bytes, gs = w.groups;
+  const int8_t* xq = rows.xq.data() + m0 * K;
+  const float* dx = rows.dx.data() + m0 * rs;
+  const float* ur = rows.u.data() + m0 * rs;
+  const int32_t* cr = rows.corr.data() + m0 * rs;
+  const uint8_t* code = w.code_row(n0);
+  const float* sc = w.scales + n0 * gs;
+  const float* of = OFF ? w.offsets + n0 * gs : nullptr;
+  const AqChunk* info = t.info.data();
+  const bool ahead = PF > 0 && n0 + (PF + 1) * C <= p.N;
+  __m512 acc[R * C];
+  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // A chunk is 64 code bytes for both kinds (128 u4 inputs, 64 s8 ones).
+  for (int64_t ch = 0; ch < t.nchunks; ++ch) {
+    const AqChunk ci = info[ch];
+    const __m512i gidx = _mm512_loadu_si512(t.gidx.data() + ch * 16);
+    __m512i lo[C], hi[C];
+    __m512 s[C], o[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      if (ahead) {
+        _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + ch * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(sc + (PF * C + c) * gs + ci.g0), _MM_HINT_T0);
+        if (OFF) _mm_prefetch(reinterpret_cast<const char*>(of + (PF * C + c) * gs + ci.g0), _MM_HINT_T0);
+      }
+      const __m512i v = _mm512_maskz_loadu_epi8(ci.cmask, code + c * cb + ch * 64);
+      if (KIND == kU4) {
+        lo[c] = _mm512_and_si512(v, nib);
+        hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      } else {
+        lo[c] = _mm512_xor_si512(v, flip);  // s8 code + 128, an unsigned byte
+      }
+      s[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(ci.gmask, sc + c * gs + ci.g0));
+      if (OFF) o[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(ci.gmask, of + c * gs + ci.g0));
+    }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int64_t m = tile_row(p, m0 + r);
-      xq[r] = rows.xq.data() + m * t.K;
-      dx[r] = rows.dx.data() + m * t.nchunks * 16;
-      ur[r] = rows.u.data() + m * t.nchunks * 16;
-      cr[r] = rows.corr.data() + m * t.nchunks * 16;
-    }
-    const uint8_t* code[C];
-    const float* srow[C];
-    const float* orow[C];
-    tile_columns<C>(p, n0, code, srow, orow);
-    const bool has_off = w.offsets != nullptr;
-    __m512 acc[R * C];
-    for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
-    const __m512i nib = _mm512_set1_epi8(0x0F);
-    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int64_t ch = 0; ch < t.nchunks; ++ch) {
-      const int64_t start = ch * t.chunk;
-      const int nbytes = t.nbytes[ch];
-      const __mmask64 cmask = nbytes >= 64 ? ~0ULL : ((1ULL << nbytes) - 1ULL);
-      const __mmask16 gmask = static_cast<__mmask16>((1u << t.gcnt[ch]) - 1u);
-      const __m512i gidx = _mm512_loadu_si512(t.gidx.data() + ch * 16);
-      const int64_t g0 = t.g0[ch];
-      if (PF > 0) {  // the weights PF tiles ahead, chunk by chunk: hide DRAM latency on decode
-        const int64_t ahead = n0 + PF * C;
-        if (ahead + C <= p.N) {
-          const int64_t cb = start / (KIND == kU4 ? 2 : 1);
-          for (int c = 0; c < C; ++c) {
-            const uint8_t* q = w.code_row(ahead + c) + cb;
-            for (int b = 0; b < nbytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(q + b), _MM_HINT_T0);
-          }
-          {
-            for (int c = 0; c < C; ++c) {
-              _mm_prefetch(reinterpret_cast<const char*>(w.scale_row(ahead + c) + g0), _MM_HINT_T0);
-              if (has_off)
-                _mm_prefetch(reinterpret_cast<const char*>(w.offset_row(ahead + c) + g0), _MM_HINT_T0);
-            }
-          }
+      const __m512 DX = _mm512_loadu_ps(dx + r * rs + ch * 16);
+      const __m512 U = OFF ? _mm512_loadu_ps(ur + r * rs + ch * 16) : _mm512_setzero_ps();
+      if (KIND == kU4) {  // a chunk's low-nibble inputs, then its high-nibble ones
+        const int8_t* x = xq + r * K + ch * 128;
+        const __m512i xl = _mm512_maskz_loadu_epi8(ci.cmask, x);
+        const __m512i xh = _mm512_maskz_loadu_epi8(ci.cmask, x + ci.nbytes);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const __m512i I = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xl), hi[c], xh);
+          __m512& a = acc[r * C + c];
+          a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(I), DX), s[c], a);
+          if (OFF) a = _mm512_fmadd_ps(U, o[c], a);
         }
-      }
-      __m512i lo[C], hi[C];
-      __m512 s[C], o[C];
-      for (int c = 0; c < C; ++c) {
-        const __m512i v = _mm512_maskz_loadu_epi8(cmask, code[c] + start / (KIND == kU4 ? 2 : 1));
-        if (KIND == kU4) {
-          lo[c] = _mm512_and_si512(v, nib);
-          hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        } else {
-          lo[c] = _mm512_xor_si512(v, bias);  // s8 code + 128, an unsigned byte
-        }
-        s[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, srow[c] + g0));
-        o[c] = has_off ? _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, orow[c] + g0))
-                       : _mm512_setzero_ps();
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512 DX = _mm512_loadu_ps(dx[r] + ch * 16);
-        const __m512 U = _mm512_loadu_ps(ur[r] + ch * 16);
-        if (KIND == kU4) {
-          const int half = nbytes;  // a chunk's low-nibble inputs, then its high-nibble ones
-          const __m512i xl = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
-          const __m512i xh = _mm512_maskz_loadu_epi8(cmask, xq[r] + start + half);
-          for (int c = 0; c < C; ++c) {
-            const __m512i I = _mm512_dpbusd_epi32(
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xl), hi[c], xh);
-            const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
-            __m512& a = acc[r * C + c];
-            a = _mm512_fmadd_ps(T, s[c], a);
-            if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
-          }
-        } else {
-          const __m512i xv = _mm512_maskz_loadu_epi8(cmask, xq[r] + start);
-          const __m512i corr = _mm512_loadu_si512(cr[r] + ch * 16);
-          for (int c = 0; c < C; ++c) {
-            const __m512i I =
-                _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xv), corr);
-            const __m512 T = _mm512_mul_ps(_mm512_cvtepi32_ps(I), DX);
-            __m512& a = acc[r * C + c];
-            a = _mm512_fmadd_ps(T, s[c], a);
-            if (has_off) a = _mm512_fmadd_ps(U, o[c], a);
-          }
+      } else {  // dot(code + 128, xq) - 128 * sum(xq) = dot(code, xq), exactly
+        const __m512i xv = _mm512_maskz_loadu_epi8(ci.cmask, xq + r * K + ch * 64);
+        const __m512i base = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(cr + r * rs + ch * 16));
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const __m512i I = _mm512_dpbusd_epi32(base, lo[c], xv);
+          __m512& a = acc[r * C + c];
+          a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(I), DX), s[c], a);
+          if (OFF) a = _mm512_fmadd_ps(U, o[c], a);
         }
       }
     }
-    store_acc<R, C>(p, m0, n0, acc);
   }
-};
+  store_acc<R, C>(p, m0, n0, acc);
+}
+
+// Rows m0..m0+R-1 of columns [n, n_end): tiles C wide, then one column at a time.
+template <int KIND, bool OFF, int R, int C>
+inline void aq_strip_vnni(const AqGemm& p, int64_t m0, int64_t n, int64_t n_end) {
+  for (; n + C <= n_end; n += C) aq_tile_vnni<KIND, OFF, R, C>(p, m0, n);
+  for (; n < n_end; ++n) aq_tile_vnni<KIND, OFF, R, 1, 0>(p, m0, n);
+}
+
+// A block: one or two rows (decode) in 4-column tiles; more rows in 4 x 2 tiles, the last
+// 1-3 rows in a tile of their own height.
+template <int KIND, bool OFF>
+void aq_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
+  const int64_t rows = m_end - m_begin;
+  if (rows == 1) return aq_strip_vnni<KIND, OFF, 1, 4>(p, m_begin, n_begin, n_end);
+  if (rows == 2) return aq_strip_vnni<KIND, OFF, 2, 4>(p, m_begin, n_begin, n_end);
+  for (int64_t n = n_begin; n < n_end; n += 2) {
+    const int64_t n1 = std::min(n + 2, n_end);
+    int64_t m = m_begin;
+    for (; m + 4 <= m_end; m += 4) aq_strip_vnni<KIND, OFF, 4, 2>(p, m, n, n1);
+    switch (m_end - m) {
+      case 1: aq_strip_vnni<KIND, OFF, 1, 2>(p, m, n, n1); break;
+      case 2: aq_strip_vnni<KIND, OFF, 2, 2>(p, m, n, n1); break;
+      case 3: aq_strip_vnni<KIND, OFF, 3, 2>(p, m, n, n1); break;
+      default: break;
+    }
+  }
+}
 #endif
 
 // ---- s8 codes with one scale per output channel (groups == 1) and no offsets: int8 RTN's
@@ -897,7 +916,7 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
   gemm::BlockFn<AqProblem> fn = pc ? pc_block_scalar : aq_block_scalar<KIND>;
 #if FI_X86
   if (current_isa() >= Isa::kAvx512Vnni)
-    fn = pc ? pc_blocks_vnni : gemm::narrow_blocks<AqTileVnni<KIND>, AqProblem>;
+    fn = pc ? pc_blocks_vnni : offsets != nullptr ? aq_blocks_vnni<KIND, true> : aq_blocks_vnni<KIND, false>;
   else if (current_isa() >= Isa::kAvx2 && tables.max_gcnt <= 8)
     fn = pc ? gemm::narrow_blocks<PcTileAvx2, AqProblem> : gemm::narrow_blocks<AqTileAvx2<KIND>, AqProblem>;
 #endif
