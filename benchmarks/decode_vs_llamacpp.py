@@ -3,9 +3,12 @@ in alternation in one run (these shared machines drift by tens of percent within
 
     FASTINFER_LLAMA_CPP=<llama.cpp>/build/bin .venv/bin/python benchmarks/decode_vs_llamacpp.py --rounds 3
 
-Each round runs ``llama-bench -p 0 -n 128`` (tg128) and then fastinfer on a 128-token prompt with 128
-new tokens (tokens/s after the first token, as benchmarks/quant_table.py measures it); the ratio
-of each round and the medians are printed, and written as JSON with ``--json``.
+Each round measures the machine's memory read bandwidth (fastinfer.bench.cpu_roofline), runs
+``llama-bench -p 0 -n 128`` (tg128) and then fastinfer on a 128-token prompt with 128 new tokens
+(tokens/s after the first token, as benchmarks/quant_table.py measures it). Printed per round and
+as medians: the ratio, and each system's fraction of its own roofline in that round (its weight
+bytes read once per token at the measured bandwidth: fastinfer's packed weights, llama.cpp's GGUF
+tensors); written as JSON with ``--json``.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import sys
 import torch
 
 from fastinfer import EngineConfig, SamplingParams
+from fastinfer.bench.cpu_roofline import decode_roofline, read_bandwidth
 from fastinfer.bench.llamacpp import llama_bench
 from fastinfer.bench.perplexity import default_text
 from fastinfer.bench.schema import collect_env
@@ -30,6 +34,13 @@ def fastinfer_decode(engine: Engine, prompt: list[int], new: int) -> float:
     return (new - 1) / (m.finished_time - m.first_token_time)
 
 
+def gguf_tensor_bytes(path: str) -> int:
+    """Bytes of a GGUF file's tensors (what llama.cpp reads per token; the tied embedding's one
+    row aside)."""
+    from gguf import GGUFReader
+    return int(sum(t.n_bytes for t in GGUFReader(path).tensors))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -40,19 +51,28 @@ def main() -> int:
     path, threads = engine.loaded.path, torch.get_num_threads()
     prompt = engine.tokenizer.encode(default_text())[10000:10128]
     fastinfer_decode(engine, prompt[:16], 4)  # warm-up
+    our_bytes, their_bytes = engine.weight_bytes, gguf_tensor_bytes(path)
     rounds = []
     for i in range(args.rounds):
+        bw = read_bandwidth()
         ours = fastinfer_decode(engine, prompt, args.new)
         theirs = llama_bench(path, threads, prompt=0, new=args.new)["tg_tok_s"]
-        rounds.append({"fastinfer_tok_s": ours, "llama_cpp_tok_s": theirs, "ratio": ours / theirs})
-        print(f"round {i + 1}: fastinfer {ours:.1f} tok/s, llama.cpp tg{args.new} {theirs:.1f} tok/s, "
-              f"ratio {ours / theirs:.2f}", flush=True)
+        r = {"fastinfer_tok_s": ours, "llama_cpp_tok_s": theirs, "ratio": ours / theirs, "read_GBps": bw["read_GBps"],
+             "fastinfer_roofline_fraction": ours / decode_roofline(our_bytes, bw)["tok_s"],
+             "llama_cpp_roofline_fraction": theirs / decode_roofline(their_bytes, bw)["tok_s"]}
+        rounds.append(r)
+        print(f"round {i + 1}: read {bw['read_GBps']} GB/s; fastinfer {ours:.1f} tok/s "
+              f"({r['fastinfer_roofline_fraction']:.0%} of its roofline), llama.cpp tg{args.new} {theirs:.1f} tok/s "
+              f"({r['llama_cpp_roofline_fraction']:.0%}), ratio {ours / theirs:.2f}", flush=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    print(f"median: fastinfer {med['fastinfer_tok_s']:.1f}, llama.cpp {med['llama_cpp_tok_s']:.1f}, "
-          f"ratio {med['ratio']:.2f} ({threads} threads, {os.path.basename(path)})")
+    print(f"median: fastinfer {med['fastinfer_tok_s']:.1f} ({med['fastinfer_roofline_fraction']:.0%}), llama.cpp "
+          f"{med['llama_cpp_tok_s']:.1f} ({med['llama_cpp_roofline_fraction']:.0%}), ratio {med['ratio']:.2f}; "
+          f"read {med['read_GBps']} GB/s, weights read per token: fastinfer {our_bytes / 1e6:.1f} MB, llama.cpp "
+          f"{their_bytes / 1e6:.1f} MB ({threads} threads, {os.path.basename(path)})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": collect_env(), "model": path, "threads": threads, "rounds": rounds, "median": med}, f,
+            json.dump({"env": collect_env(), "model": path, "threads": threads, "weight_bytes":
+                       {"fastinfer": our_bytes, "llama_cpp": their_bytes}, "rounds": rounds, "median": med}, f,
                       indent=2)
     return 0
 

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfer.bench import llamacpp, report
+from fastinfer.bench.cpu_roofline import compute_roofline, gemm_rate
 from fastinfer.bench.schema import REFERENCE_SYSTEM, build_result, collect_env, machine_line
 from fastinfer.bench.systems import (FastinferSystem, SystemRun, TorchNaiveSystem,
                                      TransformersBatchedSystem, TransformersSystem)
@@ -110,6 +111,8 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
     doc["quantization"] = {f: getattr(config, f) for f in QUANT_FIELDS}
     doc["weight_bytes"], doc["kv_bytes_per_token"] = engine.weight_bytes, engine.kv_bytes_per_token
     _kv_cache_figures(doc, runs)
+    if engine.device.type == "cpu":
+        _roofline(doc, engine, workload)
     if any(s.name == "llama.cpp" for s in systems):  # its single-stream figures on the same file
         try:
             doc["llama_cpp_bench"] = llamacpp.llama_bench(engine.loaded.path, torch.get_num_threads())
@@ -123,6 +126,20 @@ def run_benchmark(args: argparse.Namespace, command_line: str | None = None) -> 
         print(f"\nreproduce: {command_line}")
     _write_outputs(doc, runs, args, command_line)
     return doc
+
+
+def _roofline(doc: dict, engine: Engine, workload) -> None:
+    """The in-run compute roofline (``roofline``): the workload's FLOPs at the bf16 GEMM rate
+    measured now (F.linear at M = 256 on the model's MLP shape), and each system's
+    ``roofline_fraction`` of it (issue 25)."""
+    cfg = engine.loaded.config
+    rate = gemm_rate(256, cfg.hidden_size, cfg.intermediate_size, torch.bfloat16)
+    roof = compute_roofline(cfg, workload.input_lens, workload.output_lens, rate)
+    doc["roofline"] = roof
+    for result in doc["results"].values():
+        result["roofline_fraction"] = result["output_throughput_tok_s"] / roof["output_tok_s"]
+    print(f"compute roofline: {roof['workload_flops']['total'] / 1e12:.2f} TFLOP at {rate['GFLOPs']} GFLOP/s "
+          f"(bf16 F.linear {'x'.join(map(str, rate['shape']))}) = {roof['output_tok_s']:.0f} output tok/s")
 
 
 def _kv_cache_figures(doc: dict, runs: dict[str, list[SystemRun]]) -> None:

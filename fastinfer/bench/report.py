@@ -36,14 +36,21 @@ _COLUMNS = [
 
 
 def table_rows(doc: dict) -> list[list[str]]:
-    """Header plus one row per system of a result document."""
-    rows = [[name for name, _ in _COLUMNS]]
+    """Header plus one row per system of a result document (with each system's share of the
+    in-run compute roofline where the run measured one)."""
+    columns = _COLUMNS
+    if "roofline" in doc:
+        columns = _COLUMNS[:-1] + [("% roofline", "roofline_fraction")] + _COLUMNS[-1:]
+    rows = [[name for name, _ in columns]]
     for system, res in doc["results"].items():
         row = [system]
-        for _, key in _COLUMNS[1:]:
+        for _, key in columns[1:]:
             if key == "ratio":
                 value = doc.get("ratios", {}).get(system)
                 row.append("-" if value is None else f"{value:.2f}x")
+                continue
+            if key == "roofline_fraction":
+                row.append(f"{100 * res[key]:.0f}%")
                 continue
             row.append(fmt(res[key[0]][key[1]] if isinstance(key, tuple) else res[key]))
         rows.append(row)

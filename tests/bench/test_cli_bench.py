@@ -36,7 +36,15 @@ def test_quick_throughput_writes_a_valid_document(quick_result):
         assert res["output_throughput_tok_s"] > 0 and res["ttft_ms"]["p50"] > 0
     assert doc["ratios"]["torch-naive"] == pytest.approx(
         doc["results"]["fastinfer"]["output_throughput_tok_s"] / doc["results"]["torch-naive"]["output_throughput_tok_s"])
+    # the in-run compute roofline (CPU): the workload's FLOPs at the bf16 GEMM rate measured now
+    roof = doc["roofline"]
+    assert roof["gemm"]["flop_per_s"] > 0 and roof["workload_flops"]["total"] > roof["workload_flops"]["linear"] > 0
+    assert roof["output_tok_s"] == pytest.approx(sum(w["output_lens"]) * roof["gemm"]["flop_per_s"]
+                                                 / roof["workload_flops"]["total"])
+    for res in doc["results"].values():
+        assert res["roofline_fraction"] == pytest.approx(res["output_throughput_tok_s"] / roof["output_tok_s"])
     assert "| fastinfer |" in open(quick_result["md"]).read()
+    assert "% roofline" in open(quick_result["md"]).read()
     assert open(quick_result["png"], "rb").read(4) == b"\x89PNG"
 
 
