@@ -628,13 +628,21 @@ inline void aq_strip_vnni(const AqGemm& p, int64_t m0, int64_t n, int64_t n_end)
   for (; n < n_end; ++n) aq_tile_vnni<KIND, OFF, R, 1, 0>(p, m0, n);
 }
 
-// A block: one or two rows (decode) in 4-column tiles; more rows in 4 x 2 tiles, the last
-// 1-3 rows in a tile of their own height.
+// A block: one or two rows (decode) in 4-column tiles; up to 6 rows (a verification step's
+// drafts) in one tile of their height, so each column is unpacked once; more rows in 4 x 2
+// tiles, the last 1-3 rows in a tile of their own height.
 template <int KIND, bool OFF>
 void aq_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
   const int64_t rows = m_end - m_begin;
-  if (rows == 1) return aq_strip_vnni<KIND, OFF, 1, 4>(p, m_begin, n_begin, n_end);
-  if (rows == 2) return aq_strip_vnni<KIND, OFF, 2, 4>(p, m_begin, n_begin, n_end);
+  switch (rows) {
+    case 1: return aq_strip_vnni<KIND, OFF, 1, 4>(p, m_begin, n_begin, n_end);
+    case 2: return aq_strip_vnni<KIND, OFF, 2, 4>(p, m_begin, n_begin, n_end);
+    case 3: return aq_strip_vnni<KIND, OFF, 3, 2>(p, m_begin, n_begin, n_end);
+    case 4: return aq_strip_vnni<KIND, OFF, 4, 2>(p, m_begin, n_begin, n_end);
+    case 5: return aq_strip_vnni<KIND, OFF, 5, 2>(p, m_begin, n_begin, n_end);
+    case 6: return aq_strip_vnni<KIND, OFF, 6, 2>(p, m_begin, n_begin, n_end);
+    default: break;
+  }
   for (int64_t n = n_begin; n < n_end; n += 2) {
     const int64_t n1 = std::min(n + 2, n_end);
     int64_t m = m_begin;

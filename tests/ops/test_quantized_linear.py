@@ -134,8 +134,8 @@ def test_native_wide_output_lm_head_shape(kind, group, offs, m):
 @native
 @pytest.mark.parametrize("kind,group,offs", LAYOUTS)
 # 160: a last chunk of 32 inputs; 96: of 96 (the AVX2 tiles' second half chunk partly filled);
-# 70 rows: more than one row block
-@pytest.mark.parametrize("m,k", [(9, 192), (3, 160), (2, 576), (5, 96), (70, 224)])
+# 70 rows: more than one row block; 1-6 rows: the VNNI tiles of one block's height
+@pytest.mark.parametrize("m,k", [(9, 192), (3, 160), (2, 576), (5, 96), (70, 224), (1, 160), (4, 576), (6, 160)])
 def test_native_simd_paths_bit_identical(kind, group, offs, m, k):
     if group is not None and k % group:
         pytest.skip("group does not divide K")
