@@ -41,12 +41,17 @@ def gguf_tensor_bytes(path: str) -> int:
     return int(sum(t.n_bytes for t in GGUFReader(path).tensors))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def round_args(description: str) -> argparse.Namespace:
+    """``--rounds``, ``--new`` and ``--json`` of the alternating decode benchmarks."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = round_args(__doc__.splitlines()[0])
     engine = Engine(EngineConfig(quantization="gguf", kv_cache_memory="256MiB", max_model_len=1024))
     path, threads = engine.loaded.path, torch.get_num_threads()
     prompt = engine.tokenizer.encode(default_text())[10000:10128]
