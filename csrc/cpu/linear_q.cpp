@@ -63,16 +63,16 @@ struct QuantWeights {
   }
 };
 
-// ---- The tile scaffold of both AVX-512 paths below (QTileAvx512, and store_acc in aq_tile_vnni). gemm::run_with
-// splits the product into blocks over the threads and gemm::narrow_blocks walks a block in
-// R x C tiles, calling Kernel::template tile<R, C>(p, m0, n0); the kernel clamps its rows with
-// tile_row, points at its columns with tile_columns and hands its 16-lane accumulators to
-// store_acc. Rows past M and columns past N are clamped onto row M - 1 and column N - 1
-// (computed, never stored), so every stored output goes through the same instructions.
-// Helpers the kernel calls rather than a scaffold calling the kernel: the VNNI kernel's target
-// is wider than AVX-512, so a call into it could not be inlined; and the operands stay plain
-// local arrays because the kernels' register allocation is sensitive to how they arrive (a
-// struct of them measured 5-10% slower).
+// ---- The tile scaffold of QTileAvx512 and the AVX2 tiles (aq_tile_vnni, which never clamps,
+// shares only store_acc). gemm::run_with splits the product into blocks over the threads and
+// gemm::narrow_blocks walks a block in R x C tiles, calling Kernel::template tile<R, C>(p, m0,
+// n0); the kernel clamps its rows with tile_row, points at its columns with tile_columns and
+// hands its accumulators to store_acc (AVX-512). Rows past M and columns past N are clamped onto
+// row M - 1 and column N - 1 (computed, never stored), so every stored output goes through the
+// same instructions. Helpers the kernel calls rather than a scaffold calling the kernel: the
+// VNNI kernel's target is wider than AVX-512, so a call into it could not be inlined; and the
+// operands stay plain local arrays because the kernels' register allocation is sensitive to how
+// they arrive (a struct of them measured 5-10% slower).
 template <class W>
 inline int64_t tile_row(const gemm::Problem<W>& p, int64_t m) {
   return std::min<int64_t>(m, p.M - 1);
@@ -294,25 +294,22 @@ struct QTileAvx512 {
 //   4. y[m, n] = the gemm.h tree over p (+ bias[n]).
 // Every step is either exact or one IEEE operation in a fixed order, so the scalar and the
 // VNNI paths give the same bits, and a row's result never depends on the other rows.
-// A chunk's code-byte mask (a chunk holds 64 bytes, fewer at a K that is not a multiple of the
-// chunk), its first group, the mask of the groups its lanes span and its code bytes.
+// Per chunk of K: what every path reads of it (one load per chunk for the VNNI tiles).
 struct AqChunk {
-  uint64_t cmask;
-  int32_t g0;
-  uint32_t gmask;
-  int32_t nbytes;
+  uint64_t cmask;   // its code bytes as a mask over 64 (a chunk holds 64, fewer at a ragged K)
+  int32_t g0;       // its first group
+  uint32_t gmask;   // the groups its lanes span, as a mask over 16
+  int32_t gcnt;     // how many groups that is
+  int32_t nbytes;   // its code bytes
+  int32_t lanes;    // its valid lanes
 };
 
 struct AqTables {
   int kind;                   // kU4 or kS8
   int64_t K, G, groups, chunk, nchunks;
-  std::vector<int64_t> g0;    // first group of each chunk
+  std::vector<AqChunk> info;  // [nchunks]
   std::vector<int32_t> gidx;  // [nchunks, 16]: group of each lane minus g0 (0 for missing lanes)
-  std::vector<int32_t> gcnt;  // groups a chunk's lanes span
-  std::vector<int32_t> nbytes;  // code bytes of each chunk
-  std::vector<int32_t> lanes;   // valid lanes of each chunk
-  int32_t max_gcnt = 0;         // the most groups one chunk spans (the AVX2 tiles take <= 8)
-  std::vector<AqChunk> info;    // the same facts, one load per chunk for the VNNI tiles
+  int32_t max_gcnt = 0;       // the most groups one chunk spans (the AVX2 tiles take <= 8)
 
   AqTables(int k, int64_t K_, int64_t G_) : kind(k), K(K_), G(G_), groups(K_ / G_) {
     chunk = kind == kU4 ? 128 : 64;
@@ -328,14 +325,11 @@ struct AqTables {
         gidx.push_back(static_cast<int32_t>(g - first));
         last = std::max(last, g);
       }
-      g0.push_back(first);
-      gcnt.push_back(static_cast<int32_t>(last - first + 1));
-      nbytes.push_back(static_cast<int32_t>(kind == kU4 ? n_in / 2 : n_in));
-      lanes.push_back(valid);
-      max_gcnt = std::max(max_gcnt, gcnt.back());
-      const int32_t nb = nbytes.back();
+      const int32_t cnt = static_cast<int32_t>(last - first + 1);
+      const int32_t nb = static_cast<int32_t>(kind == kU4 ? n_in / 2 : n_in);
       info.push_back({nb >= 64 ? ~0ULL : (1ULL << nb) - 1ULL, static_cast<int32_t>(first),
-                      static_cast<uint32_t>((1u << gcnt.back()) - 1u), nb});
+                      static_cast<uint32_t>((1u << cnt) - 1u), cnt, nb, valid});
+      max_gcnt = std::max(max_gcnt, cnt);
     }
   }
   // Inputs (relative to the chunk) that lane l reads, for the scalar path and the preparation.
@@ -468,7 +462,7 @@ void aq_prepare(const AqTables& t, const float* x, int64_t ldx, int64_t M, AqRow
       // high-nibble half, n_in / 2 further on): see AqTables::lane_inputs.
       const int8_t* xc = xq + start;
       const int64_t half = n_in / 2;
-      const int valid = t.lanes[c];
+      const int valid = t.info[c].lanes;
       for (int l = 0; l < valid; ++l) {
         int32_t sum = xc[4 * l] + xc[4 * l + 1] + xc[4 * l + 2] + xc[4 * l + 3];
         if (t.kind == kU4) sum += xc[half + 4 * l] + xc[half + 4 * l + 1] + xc[half + 4 * l + 2] + xc[half + 4 * l + 3];
@@ -507,7 +501,7 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
       for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
       for (int64_t c = 0; c < t.nchunks; ++c) {
         const int64_t start = c * t.chunk;
-        const int valid = t.lanes[c];
+        const int valid = t.info[c].lanes;
         const int64_t nb = std::min(t.chunk, t.K - start) / 32;
         const int64_t at = (m * t.nchunks + c) * 16;
         for (int l = 0; l < 16; ++l) {
@@ -530,7 +524,7 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
             }
             dot += cv * xv;
           }
-          const int64_t g = t.g0[c] + t.gidx[c * 16 + l];
+          const int64_t g = t.info[c].g0 + t.gidx[c * 16 + l];
           const float T = static_cast<float>(dot) * w.rows->dx[at + l];
           acc[l] = std::fma(T, srow[g], acc[l]);
           if (orow != nullptr) acc[l] = std::fma(w.rows->u[at + l], orow[g], acc[l]);
@@ -679,7 +673,7 @@ void pc_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
       for (int64_t c = 0; c < t.nchunks; ++c) {
         const int64_t start = c * t.chunk;
         const float* DX = w.rows->dx.data() + (m * t.nchunks + c) * 16;
-        for (int l = 0; l < t.lanes[c]; ++l) {
+        for (int l = 0; l < t.info[c].lanes; ++l) {
           int32_t dot = 0;
           for (int i = 0; i < 4; ++i) dot += code[start + 4 * l + i] * xq[start + 4 * l + i];
           acc[l] = std::fma(static_cast<float>(dot), DX[l], acc[l]);
@@ -708,7 +702,7 @@ FI_TARGET_AVX512_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
   for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t ch = 0, start = 0; ch < t.nchunks; ++ch, start += 64) {
-    const int nbytes = t.nbytes[ch];
+    const int nbytes = t.info[ch].nbytes;
     const __mmask64 cmask = nbytes >= 64 ? ~0ULL : ((1ULL << nbytes) - 1ULL);
     __m512i cv[C];
 #pragma GCC unroll 8
@@ -823,13 +817,13 @@ struct AqTileAvx2 {
       __m256 acc[R * C];
       for (int i = 0; i < R * C; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t ch = 0; ch < t.nchunks; ++ch) {
-        const int nbytes = t.nbytes[ch], nb = half_bytes(nbytes, h);
+        const int nbytes = t.info[ch].nbytes, nb = half_bytes(nbytes, h);
         if (nb == 0) continue;  // lanes with no inputs add nothing (their DX and U are 0)
         const int64_t start = ch * t.chunk, lane0 = ch * 16 + 8 * h;
         const int64_t cb = (KIND == kU4 ? start / 2 : start) + 32 * h;
-        const __m256i gmask = gemm::tail_mask_avx2(t.gcnt[ch]);
+        const __m256i gmask = gemm::tail_mask_avx2(t.info[ch].gcnt);
         const __m256i gidx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.gidx.data() + lane0));
-        const int64_t g0 = t.g0[ch];
+        const int64_t g0 = t.info[ch].g0;
         for (int c = 0; c < C; ++c) {
           const __m256i v = load_half_avx2(code[c] + cb, nb);
           const __m256i lo = KIND == kU4 ? _mm256_and_si256(v, nib) : v;
@@ -876,7 +870,7 @@ struct PcTileAvx2 {
       __m256 acc[R * C];
       for (int i = 0; i < R * C; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t ch = 0; ch < t.nchunks; ++ch) {
-        const int nb = half_bytes(t.nbytes[ch], h);
+        const int nb = half_bytes(t.info[ch].nbytes, h);
         if (nb == 0) continue;
         const int64_t at = ch * 64 + 32 * h, lane0 = ch * 16 + 8 * h;
         for (int c = 0; c < C; ++c) {
