@@ -71,9 +71,10 @@ def workload_flops(cfg, input_lens: list[int], output_lens: list[int]) -> dict[s
     h, d = cfg.hidden_size, cfg.head_dim
     per_token = 2 * cfg.num_layers * (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h
                                       + 3 * h * cfg.intermediate_size)
-    tokens = sum(p + o - 1 for p, o in zip(input_lens, output_lens))
+    fed = [p + o - 1 for p, o in zip(input_lens, output_lens)]  # tokens through the layers, per request
+    tokens = sum(fed)
     # token at position i attends i + 1 keys: QK and PV, 2 FLOPs a multiply-add each
-    positions = sum(n * (n + 1) // 2 for n in (p + o - 1 for p, o in zip(input_lens, output_lens)))
+    positions = sum(n * (n + 1) // 2 for n in fed)
     attention = 4 * cfg.num_layers * cfg.num_heads * d * positions
     head = 2 * h * cfg.vocab_size * sum(output_lens)
     return {"linear": per_token * tokens, "attention": attention, "lm_head": head,
