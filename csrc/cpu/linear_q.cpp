@@ -1,8 +1,10 @@
 // Batch-invariant linear on quantized weights for the CPU: y = x @ dequant(W).T + bias.
 //
 // W [N, K] is held in fastinfer's one quantized layout (fastinfer/common/packed.py): integer or
-// fp8 codes in groups of G inputs along K, each group with a float32 scale and an optional
-// float32 offset. The weight a code stands for is
+// fp8 codes in groups of G inputs along K, each group with a scale and an optional offset,
+// both float32 or both float16 (GGUF's own fp16 fields, kept: fewer bytes read a token; every
+// path widens them exactly, so the float16 form of a float32 weight computes the same bits).
+// The weight a code stands for is
 //     w[n, k] = fma(code[n, k], scale[n, k / G], offset[n, k / G])   (offset 0 when absent)
 // computed in registers (never stored), one correctly rounded float32 per weight, identical on
 // the AVX-512, AVX2 and scalar paths. The tiles of gemm.h then apply the float32 linear's
@@ -47,19 +49,38 @@ inline float e4m3_to_float(uint8_t b) {
   return (b & 0x80u) ? -v : v;
 }
 
+// IEEE binary16 bits -> float32, exactly (every half is a float).
+inline float half_to_float(uint16_t h) {
+  const uint32_t exp = (h >> 10) & 31u, mant = h & 0x3FFu;
+  float v;
+  if (exp == 0) {
+    v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // subnormal: m * 2^-24
+  } else {
+    const uint32_t bits = (exp == 31 ? 0x7F800000u : (exp + 112u) << 23) | (mant << 13);
+    std::memcpy(&v, &bits, sizeof v);
+  }
+  return (h & 0x8000u) ? -v : v;
+}
+
 // W's storage, as every path below reads it.
 struct QuantWeights {
   const uint8_t* codes;  // row n starts at codes + n * row_bytes
   int64_t row_bytes;
-  const float* scales;   // [N, groups]
-  const float* offsets;  // [N, groups] or null
+  const void* scales;    // [N, groups]: float32, or float16 bits when `half`
+  const void* offsets;   // [N, groups] like scales, or null
   int64_t groups;        // K / G
+  bool half;
 
-  // Row n of W: its codes, its groups' scales and its groups' offsets (null without offsets).
   const uint8_t* code_row(int64_t n) const { return codes + n * row_bytes; }
-  const float* scale_row(int64_t n) const { return scales + n * groups; }
-  const float* offset_row(int64_t n) const {
-    return offsets != nullptr ? offsets + n * groups : nullptr;
+  bool has_offsets() const { return offsets != nullptr; }
+  // Element i of a scale-like array, widened to float32.
+  float value(const void* a, int64_t i) const {
+    return half ? half_to_float(static_cast<const uint16_t*>(a)[i]) : static_cast<const float*>(a)[i];
+  }
+  // Group g of row n: its scale, and its offset (0 without offsets).
+  float scale(int64_t n, int64_t g) const { return value(scales, n * groups + g); }
+  float offset(int64_t n, int64_t g) const {
+    return offsets != nullptr ? value(offsets, n * groups + g) : 0.0f;
   }
 };
 
@@ -78,18 +99,14 @@ inline int64_t tile_row(const gemm::Problem<W>& p, int64_t m) {
   return std::min<int64_t>(m, p.M - 1);
 }
 
-// code[c], s[c], o[c]: the codes, group scales and group offsets (null without offsets) of
-// column n0 + c, c < C.
+// col[c], code[c]: the (clamped) index and the codes of column n0 + c, c < C.
 template <int C, class W>
-inline void tile_columns(const gemm::Problem<W>& p, int64_t n0, const uint8_t** code,
-                         const float** s, const float** o) {
+inline void tile_columns(const gemm::Problem<W>& p, int64_t n0, int64_t* col, const uint8_t** code) {
   // Column blocks are multiples of 16 (gemm::kColAlign): a tile never straddles two blocks.
   static_assert(gemm::kColAlign % C == 0, "tile width must divide the column block alignment");
   for (int c = 0; c < C; ++c) {
-    const int64_t n = std::min<int64_t>(n0 + c, p.N - 1);
-    code[c] = p.w.code_row(n);
-    s[c] = p.w.scale_row(n);
-    o[c] = p.w.offset_row(n);
+    col[c] = std::min<int64_t>(n0 + c, p.N - 1);
+    code[c] = p.w.code_row(col[c]);
   }
 }
 
@@ -110,15 +127,14 @@ struct QuantRows : QuantWeights {
 
   struct Col {
     const uint8_t* c;
-    const float* s;
-    const float* o;
+    int64_t n;
     float scale, offset;
   };
   int64_t group_size() const { return G; }
-  Col col(int64_t n) const { return {code_row(n), scale_row(n), offset_row(n), 0.0f, 0.0f}; }
+  Col col(int64_t n) const { return {code_row(n), n, 0.0f, 0.0f}; }
   void begin_group(Col& c, int64_t g) const {
-    c.scale = c.s[g];
-    c.offset = c.o != nullptr ? c.o[g] : 0.0f;
+    c.scale = scale(c.n, g);
+    c.offset = offset(c.n, g);
   }
   static float code(const Col& c, int64_t k) {
     if (KIND == kU4) {
@@ -220,19 +236,18 @@ struct QTileAvx512 {
   FI_TARGET_AVX512 static void tile(const gemm::Problem<QuantRows<KIND>>& p, int64_t m0, int64_t n0) {
     const QuantRows<KIND>& w = p.w;
     const float* xr[R];
+    int64_t col[C];
     const uint8_t* code[C];
-    const float* srow[C];
-    const float* orow[C];
     for (int r = 0; r < R; ++r) xr[r] = p.x + tile_row(p, m0 + r) * p.ldx;
-    tile_columns<C>(p, n0, code, srow, orow);
+    tile_columns<C>(p, n0, col, code);
     __m512 acc[R * C];
     for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
     const int64_t G = w.G;
     for (int64_t g = 0; g < w.groups; ++g) {
       __m512 s[C], o[C];
       for (int c = 0; c < C; ++c) {
-        s[c] = _mm512_set1_ps(srow[c][g]);
-        o[c] = orow[c] != nullptr ? _mm512_set1_ps(orow[c][g]) : _mm512_setzero_ps();
+        s[c] = _mm512_set1_ps(w.scale(col[c], g));
+        o[c] = _mm512_set1_ps(w.offset(col[c], g));
       }
       const int64_t k_end = (g + 1) * G;
       if (KIND == kU4) {
@@ -493,8 +508,6 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
   const AqTables& t = *w.t;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* code = w.code_row(n);
-    const float* srow = w.scale_row(n);
-    const float* orow = w.offset_row(n);
     for (int64_t m = m_begin; m < m_end; ++m) {
       const int8_t* xq = w.rows->xq.data() + m * t.K;
       float acc[16];
@@ -526,8 +539,8 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
           }
           const int64_t g = t.info[c].g0 + t.gidx[c * 16 + l];
           const float T = static_cast<float>(dot) * w.rows->dx[at + l];
-          acc[l] = std::fma(T, srow[g], acc[l]);
-          if (orow != nullptr) acc[l] = std::fma(w.rows->u[at + l], orow[g], acc[l]);
+          acc[l] = std::fma(T, w.scale(n, g), acc[l]);
+          if (w.has_offsets()) acc[l] = std::fma(w.rows->u[at + l], w.offset(n, g), acc[l]);
         }
       }
       float out = tree16(acc);
@@ -541,8 +554,15 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
 // tiles), so the rows and the columns are each one base pointer and a stride: on a decode
 // step (M = 1, K = 576) the per-pointer bookkeeping of clamped tiles cost more than the dot
 // products. Each column's codes are unpacked once per chunk for all R rows; OFF: W has
-// offsets. PF > 0 prefetches the columns PF tiles ahead, chunk by chunk, to hide DRAM latency.
-template <int KIND, bool OFF, int R, int C, int PF = 3>
+// offsets; H: its scales and offsets are float16. PF > 0 prefetches the columns PF tiles ahead,
+// chunk by chunk, to hide DRAM latency.
+template <bool H>
+FI_TARGET_AVX512_VNNI inline __m512 load_groups(const char* base, uint32_t gmask) {
+  if (H) return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(gmask, base)));
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>(gmask), base);
+}
+
+template <int KIND, bool OFF, bool H, int R, int C, int PF = 3>
 FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0) {
   const AqProblem& w = p.w;
   const AqTables& t = *w.t;
@@ -553,8 +573,11 @@ FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
   const float* ur = rows.u.data() + m0 * rs;
   const int32_t* cr = rows.corr.data() + m0 * rs;
   const uint8_t* code = w.code_row(n0);
-  const float* sc = w.scales + n0 * gs;
-  const float* of = OFF ? w.offsets + n0 * gs : nullptr;
+  // scales and offsets as bytes: a row's groups take gb of them, group g starts at g * es
+  constexpr int64_t es = H ? 2 : 4;
+  const int64_t gb = gs * es;
+  const char* sc = static_cast<const char*>(w.scales) + n0 * gb;
+  const char* of = OFF ? static_cast<const char*>(w.offsets) + n0 * gb : nullptr;
   const AqChunk* info = t.info.data();
   const bool ahead = PF > 0 && n0 + (PF + 1) * C <= p.N;
   __m512 acc[R * C];
@@ -571,8 +594,8 @@ FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
     for (int c = 0; c < C; ++c) {
       if (ahead) {
         _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + ch * 64), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(sc + (PF * C + c) * gs + ci.g0), _MM_HINT_T0);
-        if (OFF) _mm_prefetch(reinterpret_cast<const char*>(of + (PF * C + c) * gs + ci.g0), _MM_HINT_T0);
+        _mm_prefetch(sc + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T0);
+        if (OFF) _mm_prefetch(of + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T0);
       }
       const __m512i v = _mm512_maskz_loadu_epi8(ci.cmask, code + c * cb + ch * 64);
       if (KIND == kU4) {
@@ -581,8 +604,8 @@ FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
       } else {
         lo[c] = _mm512_xor_si512(v, flip);  // s8 code + 128, an unsigned byte
       }
-      s[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(ci.gmask, sc + c * gs + ci.g0));
-      if (OFF) o[c] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(ci.gmask, of + c * gs + ci.g0));
+      s[c] = _mm512_permutexvar_ps(gidx, load_groups<H>(sc + c * gb + ci.g0 * es, ci.gmask));
+      if (OFF) o[c] = _mm512_permutexvar_ps(gidx, load_groups<H>(of + c * gb + ci.g0 * es, ci.gmask));
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -616,35 +639,35 @@ FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
 }
 
 // Rows m0..m0+R-1 of columns [n, n_end): tiles C wide, then one column at a time.
-template <int KIND, bool OFF, int R, int C>
+template <int KIND, bool OFF, bool H, int R, int C>
 inline void aq_strip_vnni(const AqGemm& p, int64_t m0, int64_t n, int64_t n_end) {
-  for (; n + C <= n_end; n += C) aq_tile_vnni<KIND, OFF, R, C>(p, m0, n);
-  for (; n < n_end; ++n) aq_tile_vnni<KIND, OFF, R, 1, 0>(p, m0, n);
+  for (; n + C <= n_end; n += C) aq_tile_vnni<KIND, OFF, H, R, C>(p, m0, n);
+  for (; n < n_end; ++n) aq_tile_vnni<KIND, OFF, H, R, 1, 0>(p, m0, n);
 }
 
 // A block: one or two rows (decode) in 4-column tiles; up to 6 rows (a verification step's
 // drafts) in one tile of their height, so each column is unpacked once; more rows in 4 x 2
 // tiles, the last 1-3 rows in a tile of their own height.
-template <int KIND, bool OFF>
+template <int KIND, bool OFF, bool H>
 void aq_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
   const int64_t rows = m_end - m_begin;
   switch (rows) {
-    case 1: return aq_strip_vnni<KIND, OFF, 1, 4>(p, m_begin, n_begin, n_end);
-    case 2: return aq_strip_vnni<KIND, OFF, 2, 4>(p, m_begin, n_begin, n_end);
-    case 3: return aq_strip_vnni<KIND, OFF, 3, 2>(p, m_begin, n_begin, n_end);
-    case 4: return aq_strip_vnni<KIND, OFF, 4, 2>(p, m_begin, n_begin, n_end);
-    case 5: return aq_strip_vnni<KIND, OFF, 5, 2>(p, m_begin, n_begin, n_end);
-    case 6: return aq_strip_vnni<KIND, OFF, 6, 2>(p, m_begin, n_begin, n_end);
+    case 1: return aq_strip_vnni<KIND, OFF, H, 1, 4>(p, m_begin, n_begin, n_end);
+    case 2: return aq_strip_vnni<KIND, OFF, H, 2, 4>(p, m_begin, n_begin, n_end);
+    case 3: return aq_strip_vnni<KIND, OFF, H, 3, 2>(p, m_begin, n_begin, n_end);
+    case 4: return aq_strip_vnni<KIND, OFF, H, 4, 2>(p, m_begin, n_begin, n_end);
+    case 5: return aq_strip_vnni<KIND, OFF, H, 5, 2>(p, m_begin, n_begin, n_end);
+    case 6: return aq_strip_vnni<KIND, OFF, H, 6, 2>(p, m_begin, n_begin, n_end);
     default: break;
   }
   for (int64_t n = n_begin; n < n_end; n += 2) {
     const int64_t n1 = std::min(n + 2, n_end);
     int64_t m = m_begin;
-    for (; m + 4 <= m_end; m += 4) aq_strip_vnni<KIND, OFF, 4, 2>(p, m, n, n1);
+    for (; m + 4 <= m_end; m += 4) aq_strip_vnni<KIND, OFF, H, 4, 2>(p, m, n, n1);
     switch (m_end - m) {
-      case 1: aq_strip_vnni<KIND, OFF, 1, 2>(p, m, n, n1); break;
-      case 2: aq_strip_vnni<KIND, OFF, 2, 2>(p, m, n, n1); break;
-      case 3: aq_strip_vnni<KIND, OFF, 3, 2>(p, m, n, n1); break;
+      case 1: aq_strip_vnni<KIND, OFF, H, 1, 2>(p, m, n, n1); break;
+      case 2: aq_strip_vnni<KIND, OFF, H, 2, 2>(p, m, n, n1); break;
+      case 3: aq_strip_vnni<KIND, OFF, H, 3, 2>(p, m, n, n1); break;
       default: break;
     }
   }
@@ -658,7 +681,7 @@ void aq_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_b
 //   y[m, n] = tree16(p) * scale[n] (+ bias[n]).
 // Three instructions per 64 multiply-adds on VNNI (one dot product, one conversion, one fma),
 // with every accumulator in a register: about twice the rate of the general tiles on prefill.
-inline bool per_channel(int64_t kind, int64_t groups, const float* offsets) {
+inline bool per_channel(int64_t kind, int64_t groups, const void* offsets) {
   return kind == kS8 && groups == 1 && offsets == nullptr;
 }
 
@@ -679,7 +702,7 @@ void pc_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
           acc[l] = std::fma(static_cast<float>(dot), DX[l], acc[l]);
         }
       }
-      float out = tree16(acc) * w.scales[n];
+      float out = tree16(acc) * w.scale(n, 0);
       gemm::store_tile<1, 1>(p, m, n, &out);
     }
   }
@@ -723,7 +746,7 @@ FI_TARGET_AVX512_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
   }
   float out[R * C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[r * C + c] = reduce16_avx512(acc[r * C + c]) * w.scales[n0 + c];
+    for (int c = 0; c < C; ++c) out[r * C + c] = reduce16_avx512(acc[r * C + c]) * w.scale(n0 + c, 0);
   gemm::store_tile<R, C>(p, m0, n0, out);
 }
 
@@ -796,6 +819,13 @@ inline void aq_tile_rows(const AqGemm& p, int64_t m0, const int8_t** xq, const f
   }
 }
 
+// Groups g0..g0+cnt-1 (cnt <= 8) of row n of a scale-like array, widened, zeros above.
+FI_TARGET_AVX2 inline __m256 groups_avx2(const QuantWeights& w, const void* a, int64_t n, int64_t g0, int cnt) {
+  alignas(32) float v[8] = {};
+  for (int i = 0; i < cnt; ++i) v[i] = w.value(a, n * w.groups + g0 + i);
+  return _mm256_load_ps(v);
+}
+
 template <int KIND>
 struct AqTileAvx2 {
   template <int R, int C>
@@ -806,11 +836,10 @@ struct AqTileAvx2 {
     const float* dx[R];
     const float* ur[R];
     aq_tile_rows<R>(p, m0, xq, dx, ur);
+    int64_t col[C];
     const uint8_t* code[C];
-    const float* srow[C];
-    const float* orow[C];
-    tile_columns<C>(p, n0, code, srow, orow);
-    const bool has_off = w.offsets != nullptr;
+    tile_columns<C>(p, n0, col, code);
+    const bool has_off = w.has_offsets();
     const __m256i nib = _mm256_set1_epi8(0x0F);
     __m256 half_acc[2][R * C];
     for (int h = 0; h < 2; ++h) {
@@ -821,15 +850,15 @@ struct AqTileAvx2 {
         if (nb == 0) continue;  // lanes with no inputs add nothing (their DX and U are 0)
         const int64_t start = ch * t.chunk, lane0 = ch * 16 + 8 * h;
         const int64_t cb = (KIND == kU4 ? start / 2 : start) + 32 * h;
-        const __m256i gmask = gemm::tail_mask_avx2(t.info[ch].gcnt);
+        const int gcnt = t.info[ch].gcnt;
         const __m256i gidx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.gidx.data() + lane0));
         const int64_t g0 = t.info[ch].g0;
         for (int c = 0; c < C; ++c) {
           const __m256i v = load_half_avx2(code[c] + cb, nb);
           const __m256i lo = KIND == kU4 ? _mm256_and_si256(v, nib) : v;
           const __m256i hi = KIND == kU4 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), nib) : v;
-          const __m256 s = _mm256_permutevar8x32_ps(_mm256_maskload_ps(srow[c] + g0, gmask), gidx);
-          const __m256 o = has_off ? _mm256_permutevar8x32_ps(_mm256_maskload_ps(orow[c] + g0, gmask), gidx)
+          const __m256 s = _mm256_permutevar8x32_ps(groups_avx2(w, w.scales, col[c], g0, gcnt), gidx);
+          const __m256 o = has_off ? _mm256_permutevar8x32_ps(groups_avx2(w, w.offsets, col[c], g0, gcnt), gidx)
                                    : _mm256_setzero_ps();
           for (int r = 0; r < R; ++r) {
             const int8_t* xr = xq[r] + start + 32 * h;
@@ -861,10 +890,9 @@ struct PcTileAvx2 {
     const int8_t* xq[R];
     const float* dx[R];
     aq_tile_rows<R>(p, m0, xq, dx, nullptr);
+    int64_t col[C];
     const uint8_t* code[C];
-    const float* srow[C];
-    const float* orow[C];
-    tile_columns<C>(p, n0, code, srow, orow);
+    tile_columns<C>(p, n0, col, code);
     __m256 half_acc[2][R * C];
     for (int h = 0; h < 2; ++h) {
       __m256 acc[R * C];
@@ -887,7 +915,7 @@ struct PcTileAvx2 {
     float out[R * C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c)
-        out[r * C + c] = reduce16_avx2(half_acc[0][r * C + c], half_acc[1][r * C + c]) * srow[c][0];
+        out[r * C + c] = reduce16_avx2(half_acc[0][r * C + c], half_acc[1][r * C + c]) * w.scale(col[c], 0);
     gemm::store_tile<R, C>(p, m0, n0, out);
   }
 };
@@ -896,9 +924,17 @@ struct PcTileAvx2 {
 // True when the activation-quantized contract applies: integer codes and whole 32-blocks.
 inline bool aq_applies(int64_t kind, int64_t K) { return kind != kE4M3 && K % 32 == 0; }
 
+#if FI_X86
+// The VNNI block walk for W's offsets and scale width.
 template <int KIND>
-void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
-            const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
+gemm::BlockFn<AqProblem> aq_vnni_fn(bool offsets, bool half) {
+  if (offsets) return half ? aq_blocks_vnni<KIND, true, true> : aq_blocks_vnni<KIND, true, false>;
+  return half ? aq_blocks_vnni<KIND, false, true> : aq_blocks_vnni<KIND, false, false>;
+}
+#endif
+
+template <int KIND>
+void run_aq(const float* x, int64_t ldx, const QuantWeights& qw, int64_t G, const float* bias, float* y,
             int64_t M, int64_t N, int64_t K) {
   // Tables depend only on (kind, K, G): built once per shape and kept (a model has a handful).
   thread_local std::vector<std::unique_ptr<AqTables>> cache;
@@ -912,13 +948,13 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
   const AqTables& tables = *found;
   thread_local AqRows rows;  // reused: no allocation per call once warm
   aq_prepare(tables, x, ldx, M, rows);
-  const AqProblem w{{codes, row_bytes, scales, offsets, tables.groups}, &tables, &rows};
+  const AqProblem w{qw, &tables, &rows};
   const AqGemm p = gemm::make_problem(x, ldx, w, bias, y, M, N, K);
-  const bool pc = per_channel(KIND, tables.groups, offsets);
+  const bool pc = per_channel(KIND, tables.groups, qw.offsets);
   gemm::BlockFn<AqProblem> fn = pc ? pc_block_scalar : aq_block_scalar<KIND>;
 #if FI_X86
   if (current_isa() >= Isa::kAvx512Vnni)
-    fn = pc ? pc_blocks_vnni : offsets != nullptr ? aq_blocks_vnni<KIND, true> : aq_blocks_vnni<KIND, false>;
+    fn = pc ? pc_blocks_vnni : aq_vnni_fn<KIND>(qw.has_offsets(), qw.half);
   else if (current_isa() >= Isa::kAvx2 && tables.max_gcnt <= 8)
     fn = pc ? gemm::narrow_blocks<PcTileAvx2, AqProblem> : gemm::narrow_blocks<AqTileAvx2<KIND>, AqProblem>;
 #endif
@@ -926,10 +962,9 @@ void run_aq(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes
 }
 
 template <int KIND>
-void run_kind(const float* x, int64_t ldx, const uint8_t* codes, int64_t row_bytes,
-              const float* scales, const float* offsets, int64_t G, const float* bias, float* y,
+void run_kind(const float* x, int64_t ldx, const QuantWeights& qw, int64_t G, const float* bias, float* y,
               int64_t M, int64_t N, int64_t K) {
-  const QuantRows<KIND> w{{codes, row_bytes, scales, offsets, K / G}, G};
+  const QuantRows<KIND> w{qw, G};
   const auto p = gemm::make_problem(x, ldx, w, bias, y, M, N, K);
 #if FI_X86
   gemm::run(p, gemm::narrow_blocks<QTileAvx512<KIND>, QuantRows<KIND>>);
@@ -970,20 +1005,23 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                     "linear_q: codes must be contiguous [N, ", row_bytes, "], got shape ",
                     codes.sizes());
   const int64_t groups = K / group_size;
-  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "linear_q: scales must be float32");
+  const bool half = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK_TYPE(half || scales.scalar_type() == at::kFloat,
+                   "linear_q: scales must be float32 or float16, got ", scales.scalar_type());
   TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == groups &&
                         scales.is_contiguous(),
                     "linear_q: scales must be contiguous [N, K / group_size] = [", N, ", ",
                     groups, "], got shape ", scales.sizes());
-  const float* off_ptr = nullptr;
+  const void* off_ptr = nullptr;
   if (offsets.has_value() && offsets->defined()) {
     const at::Tensor& o = *offsets;
     TORCH_CHECK(o.device().is_cpu(), "linear_q: offsets must be on the CPU");
-    TORCH_CHECK_TYPE(o.scalar_type() == at::kFloat, "linear_q: offsets must be float32");
+    TORCH_CHECK_TYPE(o.scalar_type() == scales.scalar_type(), "linear_q: offsets must have the scales' dtype ",
+                     scales.scalar_type(), ", got ", o.scalar_type());
     TORCH_CHECK_VALUE(o.sizes() == scales.sizes() && o.is_contiguous(),
                       "linear_q: offsets must be contiguous and shaped like scales, got shape ",
                       o.sizes());
-    off_ptr = o.data_ptr<float>();
+    off_ptr = o.data_ptr();
   }
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -1000,21 +1038,21 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
   const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
-  const float* s = scales.data_ptr<float>();
+  const QuantWeights qw{c, row_bytes, scales.data_ptr(), off_ptr, groups, half};
   const int64_t ldx = M > 1 ? x.stride(0) : K;
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const bool aq = quantize_inputs && aq_applies(kind, K);
   if (aq && kind == kU4)
-    run_aq<kU4>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+    run_aq<kU4>(xp, ldx, qw, group_size, bias_ptr, yp, M, N, K);
   else if (aq)
-    run_aq<kS8>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+    run_aq<kS8>(xp, ldx, qw, group_size, bias_ptr, yp, M, N, K);
   else if (kind == kU4)
-    run_kind<kU4>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+    run_kind<kU4>(xp, ldx, qw, group_size, bias_ptr, yp, M, N, K);
   else if (kind == kS8)
-    run_kind<kS8>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+    run_kind<kS8>(xp, ldx, qw, group_size, bias_ptr, yp, M, N, K);
   else
-    run_kind<kE4M3>(xp, ldx, c, row_bytes, s, off_ptr, group_size, bias_ptr, yp, M, N, K);
+    run_kind<kE4M3>(xp, ldx, qw, group_size, bias_ptr, yp, M, N, K);
   return y;
 }
 

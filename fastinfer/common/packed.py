@@ -2,7 +2,7 @@
 
 A :class:`PackedWeight` stands for a float matrix ``W [N, K]`` (N output channels, K inputs).
 Its codes come in groups of ``group_size`` consecutive inputs of one row; each group has a
-float32 scale and, optionally, a float32 offset, and the weight a code stands for is
+scale and, optionally, an offset, and the weight a code stands for is
 
     ``w[n, k] = code[n, k] * scale[n, k // G] + offset[n, k // G]``
 
@@ -21,6 +21,11 @@ rounds twice, which is within one float32 ulp). Three code kinds cover every sch
 Why one layout: one family of kernels (reference, native CPU, Triton) then serves GGUF, RTN
 and AWQ alike; the float32 scales and offsets make every GGUF block type's
 ``d * sub_scale`` products exact, so GGUF blocks are computed on as the file has them.
+
+Scales and offsets are float32, or both float16 where every value is a float16 (the GGUF types
+whose block fields are the scale and offset themselves: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1; see
+:func:`narrow_scales`). Kernels widen float16 exactly, so both forms compute the same bits; the
+float16 form reads fewer bytes (a quarter less for Q4_1 in groups of 32).
 
 ``PackedWeight`` is an ``nn.Module`` whose codes, scales and offsets are buffers, so it moves
 with its model (``.to(device)``), is counted by ``weight_bytes`` and saves to safetensors.
@@ -67,6 +72,7 @@ def share_version(module: nn.Module, version: WeightsVersion) -> None:
 
 
 _CODE_DTYPES = {"u4": torch.uint8, "s8": torch.int8, "e4m3": torch.float8_e4m3fn}
+SCALE_DTYPES = (torch.float32, torch.float16)
 _GROUP_MULTIPLE = {"u4": 32, "s8": 16, "e4m3": 16}
 
 
@@ -88,8 +94,11 @@ class PackedWeight(nn.Module):
             raise ValueError(f"{kind} codes must be {_CODE_DTYPES[kind]} [{n}, {code_cols}], got "
                              f"{codes.dtype} {list(codes.shape)}")
         for name, t in (("scales", scales), ("offsets", offsets)):
-            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n, k // g)):
-                raise ValueError(f"{name} must be float32 [{n}, {k // g}], got {t.dtype} {list(t.shape)}")
+            if t is not None and (t.dtype not in SCALE_DTYPES or tuple(t.shape) != (n, k // g)):
+                raise ValueError(f"{name} must be float32 or float16 [{n}, {k // g}], got {t.dtype} "
+                                 f"{list(t.shape)}")
+        if offsets is not None and offsets.dtype != scales.dtype:
+            raise ValueError(f"offsets must have the scales' dtype {scales.dtype}, got {offsets.dtype}")
         self.kind, self.out_features, self.in_features, self.group_size = kind, n, k, g
         # Kernels may quantize the inputs to int8 per block of 32 for exact int8 dot products
         # (llama.cpp's way; see cpu_native.linear_q). False keeps the inputs in float.
@@ -145,10 +154,10 @@ class PackedWeight(nn.Module):
         codes = self.unpacked_codes(rows)
         scales = self.scales if rows is None else self.scales.index_select(0, rows)
         n, g = codes.shape[0], self.group_size
-        w = codes.reshape(n, -1, g) * scales[..., None]
+        w = codes.reshape(n, -1, g) * scales.float()[..., None]
         if self.offsets is not None:
             offsets = self.offsets if rows is None else self.offsets.index_select(0, rows)
-            w = w + offsets[..., None]
+            w = w + offsets.float()[..., None]
         return w.reshape(n, self.in_features)
 
     def extra_repr(self) -> str:
@@ -172,11 +181,34 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
         parts = [regroup(p, "s8", g) for p in parts]
     if with_offsets:
         parts = [p if p.offsets is not None else _with_zero_offsets(p) for p in parts]
+    if len({p.scales.dtype for p in parts}) > 1:
+        parts = [widen_scales(p) for p in parts]
     k = first.in_features
     return PackedWeight(
         parts[0].kind, sum(p.out_features for p in parts), k, parts[0].group_size,
         torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
         torch.cat([p.offsets for p in parts]) if with_offsets else None)
+
+
+def _with_scales(p: PackedWeight, dtype: torch.dtype) -> PackedWeight:
+    return PackedWeight(p.kind, p.out_features, p.in_features, p.group_size, p.codes, p.scales.to(dtype),
+                        p.offsets.to(dtype) if p.offsets is not None else None)
+
+
+def widen_scales(p: PackedWeight) -> PackedWeight:
+    """``p`` with float32 scales and offsets (``p`` itself if they are); exact."""
+    return p if p.scales.dtype == torch.float32 else _with_scales(p, torch.float32)
+
+
+def narrow_scales(p: PackedWeight) -> PackedWeight:
+    """``p`` with float16 scales and offsets where every one of them is a float16 exactly (so
+    the weights are unchanged), else ``p`` itself."""
+    if p.scales.dtype == torch.float16:
+        return p
+    parts = [t for t in (p.scales, p.offsets) if t is not None]
+    if not all(torch.equal(t.half().float(), t) for t in parts):  # inf marks overflow: unequal
+        return p
+    return _with_scales(p, torch.float16)
 
 
 def _with_zero_offsets(p: PackedWeight) -> PackedWeight:

@@ -4,7 +4,9 @@ Each supported block type is decoded into integer codes, a float32 scale per gro
 the type has one, a float32 offset, such that ``code * scale + offset`` is exactly the float
 that ``gguf``'s own dequantization gives (tests/test_gguf_blocks.py checks every type, bit for
 bit). The sub-block scale products (``d * sc`` of the K-quants) are formed in float32 exactly as
-``gguf`` forms them, which is why the layout's scales are float32.
+``gguf`` forms them, which is why the layout's scales are float32; where every scale and offset
+is a float16 (the types whose fp16 block fields are the scale and offset: Q4_0, Q4_1, Q8_0, Q5_0,
+Q5_1), they are kept as float16, as the file has them (:func:`~fastinfer.common.packed.narrow_scales`).
 
 Type       codes  group  offset          Type   codes  group  offset
 Q4_0       u4     32     -8 d            Q5_0   s8     32     (codes q - 16)
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastinfer.common.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight, narrow_scales
 from fastinfer.quant.pack import from_numpy
 
 QK_K = 256
@@ -148,5 +150,5 @@ def to_packed(type_name: str, raw: np.ndarray, rows: int, cols: int) -> PackedWe
         raise ValueError(f"{type_name} data holds {blocks.shape[0]} blocks, expected {rows * cols // block_elems}")
     kind, group, codes, scales, offsets = decode(blocks)
     per_row = cols // group
-    return from_numpy(kind, codes.reshape(rows, cols), scales.reshape(rows, per_row),
-                      offsets.reshape(rows, per_row) if offsets is not None else None, group)
+    return narrow_scales(from_numpy(kind, codes.reshape(rows, cols), scales.reshape(rows, per_row),
+                                    offsets.reshape(rows, per_row) if offsets is not None else None, group))

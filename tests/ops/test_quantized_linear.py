@@ -10,7 +10,7 @@ import torch
 from fastinfer import ops
 from fastinfer.ops import reference
 from fastinfer.ops.backends import cpu_native
-from fastinfer.common.packed import PackedWeight, concat_rows, regroup
+from fastinfer.common.packed import PackedWeight, concat_rows, narrow_scales, regroup, widen_scales
 from fastinfer.quant.pack import pack, pack_codes
 from fastinfer.quant.rtn import quantize_fp8, quantize_int4, quantize_int8
 
@@ -38,6 +38,15 @@ def random_packed(kind: str, n: int, k: int, group: int | None, seed: int, offse
     scales = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
     offs = torch.randn(n, k // group, generator=g) * 0.05 if offsets else None
     return pack_codes(kind, codes, scales, offs, group)
+
+
+def scale_forms(w: PackedWeight) -> tuple[PackedWeight, PackedWeight]:
+    """``w`` with its scales and offsets rounded to float16 values: as float32, and as float16."""
+    w32 = PackedWeight(w.kind, w.out_features, w.in_features, w.group_size, w.codes, w.scales.half().float(),
+                       w.offsets.half().float() if w.offsets is not None else None)
+    w16 = narrow_scales(w32)
+    assert w16.scales.dtype == torch.float16 and w16.nbytes < w32.nbytes
+    return w32, w16
 
 
 def error_bound(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -134,18 +143,19 @@ def test_native_wide_output_lm_head_shape(kind, group, offs, m):
 @native
 @pytest.mark.parametrize("kind,group,offs", LAYOUTS)
 # 160: a last chunk of 32 inputs; 96: of 96 (the AVX2 tiles' second half chunk partly filled);
-# 70 rows: more than one row block; 1-6 rows: the VNNI tiles of one block's height
+# 70 rows: more than one row block; 1-6 rows: the VNNI tiles of one block's height. Scales and
+# offsets are float16 values, held as float32 and as float16: both forms give the same bits.
 @pytest.mark.parametrize("m,k", [(9, 192), (3, 160), (2, 576), (5, 96), (70, 224), (1, 160), (4, 576), (6, 160)])
 def test_native_simd_paths_bit_identical(kind, group, offs, m, k):
     if group is not None and k % group:
         pytest.skip("group does not divide K")
-    w = random_packed(kind, 37, k, group, seed=11, offsets=offs)
+    forms = scale_forms(random_packed(kind, 37, k, group, seed=11, offsets=offs))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
-    for quantize_inputs in native_modes(x, w):
+    for quantize_inputs in native_modes(x, forms[0]):
         outs = []
         for cap in (3, 2, 1, 0):
             with isa_cap(cap):
-                outs.append(cpu_native.linear_q(x, w, quantize_inputs=quantize_inputs))
+                outs += [cpu_native.linear_q(x, w, quantize_inputs=quantize_inputs) for w in forms]
         assert all(torch.equal(outs[0], o) for o in outs[1:]), f"quantize_inputs={quantize_inputs}"
 
 
@@ -214,6 +224,20 @@ def test_concat_and_regroup_are_exact():
     torch.testing.assert_close(regroup(a, "s8", 16).dequantize(), a.dequantize(), rtol=0, atol=0)
 
 
+def test_float16_scales_narrow_only_when_exact():
+    w = random_packed("u4", 8, 64, 32, seed=3)
+    assert narrow_scales(w) is w  # random float32 scales are not float16 values
+    w32, w16 = scale_forms(w)
+    assert w16.offsets.dtype == torch.float16 and torch.equal(w16.dequantize(), w32.dequantize())
+    assert widen_scales(w16).scales.dtype == torch.float32 and widen_scales(w32) is w32
+    big = PackedWeight("s8", 1, 16, 16, torch.ones(1, 16, dtype=torch.int8), torch.full((1, 1), 1e6))
+    assert narrow_scales(big) is big  # beyond float16's range
+    fused = concat_rows([w16, w32, w16])  # mixed forms widen, exactly
+    assert fused.scales.dtype == torch.float32
+    assert torch.equal(fused.dequantize(), torch.cat([w32.dequantize()] * 3))
+    assert concat_rows([w16, w16]).scales.dtype == torch.float16
+
+
 def test_packed_weight_checks_its_parts():
     with pytest.raises(ValueError, match="u4 codes must be torch.uint8 \\[2, 32\\]"):
         PackedWeight("u4", 2, 64, 32, torch.zeros(2, 64, dtype=torch.uint8), torch.ones(2, 2))
@@ -221,6 +245,10 @@ def test_packed_weight_checks_its_parts():
         PackedWeight("s8", 2, 64, 48, torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 1))
     with pytest.raises(ValueError, match="kind must be one of"):
         PackedWeight("u3", 2, 64, 32, torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="scales must be float32 or float16"):
+        PackedWeight("s8", 2, 64, 32, torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="offsets must have the scales' dtype torch.float16"):
+        PackedWeight("s8", 2, 64, 32, torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 2).half(), torch.ones(2, 2))
 
 
 @native
@@ -233,6 +261,10 @@ def test_native_op_errors_name_the_problem():
         op(x, torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3, 4), None, 0, 16)
     with pytest.raises(TypeError, match="x must be float32"):
         op(x.double(), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 4), None, 1, 16)
+    with pytest.raises(TypeError, match="scales must be float32 or float16, got Double"):
+        op(x, torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 4).double(), None, 1, 16)
+    with pytest.raises(TypeError, match="offsets must have the scales' dtype Half, got Float"):
+        op(x, torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 4).half(), torch.ones(3, 4), 1, 16)
 
 
 @native

@@ -96,3 +96,16 @@ def test_every_e4m3_code_decodes_exactly():
     x[0, 0] = 1.0
     got = tq.quantized_linear(x, w)[0]
     assert torch.equal(got.cpu(), codes.view(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("scheme", ["u4-g32", "s8-g16", "s8-channel"])
+def test_float16_scales_give_the_float32_result(scheme):
+    """Scales and offsets that are float16 values, held as float16 (GGUF's Q4_1 / Q8_0 form), give
+    the same outputs as the same values held as float32: the kernel widens them exactly."""
+    from fastinfer.common.packed import PackedWeight, narrow_scales
+    x, w, bias = case(scheme, 7, 96, 49)
+    w32 = PackedWeight(w.kind, w.out_features, w.in_features, w.group_size, w.codes, w.scales.half().float(),
+                       w.offsets.half().float() if w.offsets is not None else None)
+    w16 = narrow_scales(w32)
+    assert w16.scales.dtype == torch.float16
+    assert torch.equal(tq.quantized_linear(x, w16, bias), tq.quantized_linear(x, w32, bias))

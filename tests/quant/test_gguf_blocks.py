@@ -31,6 +31,9 @@ def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray
     return raw.reshape(rows, -1)
 
 
+HALF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
 def test_every_kept_type_is_covered():
     assert set(LAYOUT) == KEPT_TYPES
     assert KEPT_TYPES <= gguf_loader.SUPPORTED_TYPES
@@ -47,6 +50,9 @@ def test_kept_blocks_equal_gguf_dequantization(type_name, rows, cols):
     np.testing.assert_array_equal(packed.dequantize().numpy(), want)
     # the packed form is smaller than float32 and near the file's own size
     assert packed.nbytes < rows * cols * 4
+    # types whose fp16 fields are the scale and offset keep them as float16, as the file has them
+    if type_name in HALF_TYPES:
+        assert packed.scales.dtype == torch.float16
 
 
 def test_default_model_tensors_kept_exactly(smollm_path):
@@ -59,7 +65,9 @@ def test_default_model_tensors_kept_exactly(smollm_path):
             continue
         rows, cols = (int(d) for d in reversed(t.shape))
         want = dequantize(t.data, t.tensor_type).reshape(rows, cols)
-        np.testing.assert_array_equal(to_packed(t.tensor_type.name, t.data, rows, cols).dequantize().numpy(), want)
+        packed = to_packed(t.tensor_type.name, t.data, rows, cols)
+        np.testing.assert_array_equal(packed.dequantize().numpy(), want)
+        assert packed.scales.dtype == torch.float16  # Q8_0 and Q4_1: 2-byte scales and offsets, as in the file
         checked += 1
     assert checked == 3
 

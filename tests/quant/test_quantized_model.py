@@ -117,9 +117,10 @@ def test_weight_bytes_and_kv_bytes_per_token(smollm_path, smollm):
     assert dense["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
     sizes = {mode: make_engine(loaded(smollm_path, mode), kv_cache_memory="64MiB").stats()["weight_bytes"]
              for mode in MODES}
-    # Q4_1 holds 5 bits a weight in the file; packed with float32 scale and offset per 32: 6
-    assert sizes["gguf-kept"] < 0.22 * dense["weight_bytes"]
-    assert sizes["int4-g32"] == sizes["gguf-kept"]
+    # Q4_1 holds 5 bits a weight in the file, kept so (its fp16 scale and offset per 32, the
+    # Q8_0 embedding's fp16 scales); int4 RTN's float32 scale and offset per 32 make 6 bits
+    assert sizes["gguf-kept"] < 0.18 * dense["weight_bytes"]
+    assert 0.2 * dense["weight_bytes"] < sizes["int4-g32"] < 0.21 * dense["weight_bytes"]
     assert sizes["int4-auto"] < sizes["int4-g32"]
     assert 0.25 * dense["weight_bytes"] < sizes["int8"] < 0.26 * dense["weight_bytes"]
     assert sizes["fp8"] == sizes["int8"]

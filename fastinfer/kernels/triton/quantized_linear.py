@@ -67,11 +67,11 @@ def _qlinear_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr, 
             xh = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + 16 + j)[None, :], mask=mm[:, None], other=0.0)
             byte = tl.load(codes_ptr + rn[:, None] * stride_cn + (k0 // 2 + j)[None, :], mask=mn[:, None],
                            other=0).to(tl.int32)
-            s = tl.load(scales_ptr + rn * stride_sn + k0 // G, mask=mn, other=0.0)[:, None]
+            s = tl.load(scales_ptr + rn * stride_sn + k0 // G, mask=mn, other=0.0).to(tl.float32)[:, None]
             lo = (byte & 15).to(tl.float32) * s
             hi = ((byte >> 4) & 15).to(tl.float32) * s
             if HAS_OFFSET:
-                o = tl.load(offsets_ptr + rn * stride_sn + k0 // G, mask=mn, other=0.0)[:, None]
+                o = tl.load(offsets_ptr + rn * stride_sn + k0 // G, mask=mn, other=0.0).to(tl.float32)[:, None]
                 lo += o
                 hi += o
             acc += _dot(xl, lo, IEEE)
@@ -89,9 +89,9 @@ def _qlinear_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr, 
                 raw = tl.load(codes_ptr + rn[:, None] * stride_cn + ks[None, :], mask=wmask, other=0)
                 code = _e4m3_to_f32(raw.to(tl.int32) & 255)
             grp = rn[:, None] * stride_sn + (ks // G)[None, :]
-            w = code * tl.load(scales_ptr + grp, mask=wmask, other=0.0)
+            w = code * tl.load(scales_ptr + grp, mask=wmask, other=0.0).to(tl.float32)
             if HAS_OFFSET:
-                w += tl.load(offsets_ptr + grp, mask=wmask, other=0.0)
+                w += tl.load(offsets_ptr + grp, mask=wmask, other=0.0).to(tl.float32)
             acc += _dot(xt, w, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
