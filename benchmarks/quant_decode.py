@@ -25,9 +25,9 @@ CONFIGS = {"bf16": dict(quantization="none", dtype="bfloat16"), "int4": dict(qua
 
 
 def main() -> int:
-    args = round_args(__doc__.splitlines()[0])
+    args = round_args(__doc__.splitlines()[0], depth=128)
     engines = {k: Engine(EngineConfig(kv_cache_memory="256MiB", max_model_len=1024, **v)) for k, v in CONFIGS.items()}
-    prompt = engines["bf16"].tokenizer.encode(default_text())[10000:10128]
+    prompt = engines["bf16"].tokenizer.encode(default_text())[10000:10000 + max(1, args.depth)]
     for engine in engines.values():
         decode(engine, prompt[:16], 4)  # warm-up
     rounds: dict[str, list[float]] = {k: [] for k in engines}

@@ -49,17 +49,18 @@ def unavailable_reason(model_path: str) -> str | None:
     return None
 
 
-def llama_bench(model_path: str, threads: int, prompt: int = 128, new: int = 128) -> dict:
+def llama_bench(model_path: str, threads: int, prompt: int = 128, new: int = 128, depth: int = 0) -> dict:
     """``llama-bench`` on ``model_path``: ``{"pp_tok_s", "tg_tok_s", "build"}`` (raises
-    RuntimeError when it fails or is absent)."""
+    RuntimeError when it fails or is absent). ``depth`` > 0 runs the tests after that many
+    tokens of context (``-d``): tg128 then decodes at positions depth .. depth + 127."""
     exe = find_binary("llama-bench")
     if exe is None:
         raise RuntimeError(f"llama-bench not found; {HOW}")
-    out = subprocess.run([exe, "-m", model_path, "-p", str(prompt), "-n", str(new), "-t", str(threads), "-o", "json"],
-                         capture_output=True, text=True, timeout=1800)
+    cmd = [exe, "-m", model_path, "-p", str(prompt), "-n", str(new), "-t", str(threads), "-o", "json"]
+    out = subprocess.run(cmd + (["-d", str(depth)] if depth else []), capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr[-500:]}")
-    result = {"prompt": prompt, "new": new, "threads": threads}
+    result = {"prompt": prompt, "new": new, "threads": threads, "depth": depth}
     for row in json.loads(out.stdout):
         key = "pp_tok_s" if row.get("n_prompt", 0) > 0 else "tg_tok_s"
         result[key] = float(row["avg_ts"])
