@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastinfer import InvalidArgumentError
+from fastinfer.quant.pack import pack
 from fastinfer.quant.rtn import (FP8_MAX, dequantize, quantize_fp8, quantize_int4, quantize_int8,
                                  resolve_group_size)
 
@@ -39,13 +40,20 @@ def test_int4_round_trip_within_half_a_step_per_group(n, k, group):
     g = resolve_group_size(group, k)
     assert q.group_size == g and q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
     assert q.scales.shape == q.offsets.shape == (n, k // g)
+    # scale and offset are float16 values (as Q4_1 stores them): half a step, plus what rounding
+    # them moved the grid's ends (2**-11 relative), plus float32 rounding
+    assert torch.equal(q.scales.half().float(), q.scales) and torch.equal(q.offsets.half().float(), q.offsets)
     err = (dequantize(q) - w).abs().reshape(n, k // g, g)
-    assert (err <= q.scales[..., None] / 2 + 1e-6).all()
+    moved = 2.0**-11 * (q.offsets.abs() + 15 * q.scales)
+    assert (err <= (q.scales / 2 + moved)[..., None] + 1e-6).all()
+    assert pack(q).scales.dtype == torch.float16
 
 
 def test_int4_represents_a_grid_of_16_levels_exactly():
-    # a group that already lies on a 16-level grid (as a Q4_1 block spanning codes 0..15) is exact
-    levels = torch.arange(16, dtype=torch.float32) * 0.01 - 0.07
+    # a group that already lies on a 16-level grid of float16 step and base (as a Q4_1 block
+    # spanning codes 0..15) is exact
+    step, base = torch.tensor(0.01).half().float(), torch.tensor(-0.07).half().float()
+    levels = torch.arange(16, dtype=torch.float32) * step + base
     w = levels[torch.randperm(16, generator=torch.Generator().manual_seed(1))].repeat(2).reshape(1, 32)
     torch.testing.assert_close(dequantize(quantize_int4(w, 32)), w, rtol=0, atol=1e-7)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastinfer.common.packed import PackedWeight
+from fastinfer.common.packed import PackedWeight, narrow_scales
 from fastinfer.quant.rtn import QuantizedWeight
 
 
@@ -29,8 +29,8 @@ def pack_codes(kind: str, codes: torch.Tensor, scales: torch.Tensor, offsets: to
 def pack(q: QuantizedWeight) -> PackedWeight:
     """The kernels' layout of a round-to-nearest (or AWQ) result from :mod:`fastinfer.quant.rtn`."""
     n, k = q.codes.shape
-    if q.scheme == "int4":
-        return pack_codes("u4", q.codes, q.scales, q.offsets, q.group_size)
+    if q.scheme == "int4":  # float16 scale and offset values (rtn.int4_groups): kept as float16
+        return narrow_scales(pack_codes("u4", q.codes, q.scales, q.offsets, q.group_size))
     kind = {"int8": "s8", "fp8": "e4m3"}[q.scheme]
     group = q.group_size or k
     return pack_codes(kind, q.codes, q.scales, q.offsets, group)

@@ -6,7 +6,10 @@ pack them (two int4 codes a byte, GGUF-style blocks) is the layout's concern, no
 
 - int8: symmetric per output channel, ``w ≈ scale[n] * code``, code in [-127, 127].
 - int4: per group of ``group_size`` inputs, with a scale and an offset (as GGUF's Q4_1),
-  ``w ≈ scale[n, g] * code + offset[n, g]``, code in [0, 15].
+  ``w ≈ scale[n, g] * code + offset[n, g]``, code in [0, 15]. Like Q4_1 (and GPTQ / AWQ
+  checkpoints), the scale and the offset are float16 values (held in float32 here; the packed
+  weight keeps them as float16, 2 bytes each instead of 4), and the codes are rounded against
+  that grid.
 - fp8: e4m3 per output channel, ``w ≈ scale[n] * float(code)``, the channel's largest
   magnitude mapped to 448 (e4m3's largest finite value).
 """
@@ -85,12 +88,19 @@ def quantize_int4(w: torch.Tensor, group_size: int | str = 32) -> QuantizedWeigh
 
 def int4_groups(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int4 with a scale and an offset per group, for float32 ``groups [..., G]``: returns
-    ``(codes [..., G] as float 0..15, scales [...], offsets [...])``."""
+    ``(codes [..., G] as float 0..15, scales [...], offsets [...])``, the scales and offsets
+    rounded to float16 values (kept in float32 where beyond float16's range)."""
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = (hi - lo) / 15.0
+    scales, lo = _float16_values((hi - lo) / 15.0), _float16_values(lo)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # a constant group: codes 0
     codes = torch.round((groups - lo[..., None]) / safe[..., None]).clamp_(0, 15)
     return codes, safe, lo
+
+
+def _float16_values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the nearest float16 values, elements beyond float16's range kept."""
+    r = t.half().float()
+    return torch.where(torch.isfinite(r), r, t)
 
 
 def fake_int4_groups(groups: torch.Tensor) -> torch.Tensor:
