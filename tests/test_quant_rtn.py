@@ -87,3 +87,15 @@ def test_group_size_rules():
     for bad in (16, 32.0, True, "64"):
         with pytest.raises(InvalidArgumentError, match=r"quant_group_size must be one of \[32, 64, 128\] or 'auto'"):
             resolve_group_size(bad, 576)
+
+
+def test_grouped_int8_scales_are_float16_values_like_q8_0():
+    """Per group (the int4 scheme's embedding and LM head) the scale is a float16 value, as GGUF's
+    Q8_0 holds it, and the packed weight keeps it as float16; per channel it stays float32."""
+    w = weights(8, 64)
+    q = quantize_int8(w, 32)
+    assert torch.equal(q.scales.half().float(), q.scales)
+    err = (dequantize(q) - w).abs().reshape(8, 2, 32)
+    # half a step, plus what rounding the scale moved the largest code (127 * 2**-11 relative)
+    assert (err <= (q.scales / 2 + 127 * 2.0**-11 * q.scales)[..., None] * (1 + 1e-5)).all()
+    assert pack(q).scales.dtype == torch.float16 and pack(quantize_int8(w)).scales.dtype == torch.float32

@@ -32,8 +32,8 @@ def pack(q: QuantizedWeight) -> PackedWeight:
     if q.scheme == "int4":  # float16 scale and offset values (rtn.int4_groups): kept as float16
         return narrow_scales(pack_codes("u4", q.codes, q.scales, q.offsets, q.group_size))
     kind = {"int8": "s8", "fp8": "e4m3"}[q.scheme]
-    group = q.group_size or k
-    return pack_codes(kind, q.codes, q.scales, q.offsets, group)
+    packed = pack_codes(kind, q.codes, q.scales, q.offsets, q.group_size or k)
+    return narrow_scales(packed) if q.group_size else packed  # grouped int8: float16 values
 
 
 def from_numpy(kind: str, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,

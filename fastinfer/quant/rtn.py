@@ -4,7 +4,9 @@ the reference math of the int8, int4 and fp8 schemes (issue 11).
 Codes are returned unpacked (one code per element, in an integer or fp8 tensor); how kernels
 pack them (two int4 codes a byte, GGUF-style blocks) is the layout's concern, not this one's.
 
-- int8: symmetric per output channel, ``w ≈ scale[n] * code``, code in [-127, 127].
+- int8: symmetric per output channel, ``w ≈ scale[n] * code``, code in [-127, 127]; per group
+  (the int4 scheme's embedding and LM head), the scale is a float16 value, as GGUF's Q8_0
+  stores it.
 - int4: per group of ``group_size`` inputs, with a scale and an offset (as GGUF's Q4_1),
   ``w ≈ scale[n, g] * code + offset[n, g]``, code in [0, 15]. Like Q4_1 (and GPTQ / AWQ
   checkpoints), the scale and the offset are float16 values (held in float32 here; the packed
@@ -71,6 +73,8 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWe
     g = group_size or k
     groups = w.float().reshape(n, k // g, g)
     scales = groups.abs().amax(dim=2) / 127.0
+    if group_size is not None:
+        scales = _float16_values(scales)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = torch.round(groups / scales[..., None]).clamp_(-127, 127).to(torch.int8).reshape(n, k)
     if group_size is None:
