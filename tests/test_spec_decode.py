@@ -147,6 +147,38 @@ def test_random_gqa_models(tmp_path, hf_smollm_tokenizer):
         assert stats["spec_accepted_tokens"] > 30 and 0.3 < stats["spec_acceptance_rate"] < 0.95
 
 
+def test_random_gqa_models_with_stops_n2_preemption_and_abort(tmp_path, hf_smollm_tokenizer):
+    """The random models again, with a stop token their own output reaches, ``n = 2``, a KV budget
+    of 6 blocks that forces preemption and an abort at step 5: the tokens, texts and endings of
+    every request but the aborted one equal plain decoding's, and every KV block comes back."""
+    from fastinfer.model.loader import load_model
+
+    prompts = ["Hello there", "The capital of France is", "1, 2, 3,", "Once upon a time"]
+    for family in ("llama", "qwen2"):
+        path = save_tiny_model(tmp_path / family, family, hf_smollm_tokenizer)
+        loaded = load_model(path, torch.float32, torch.device("cpu"), None)
+        free = lambda i: SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)  # noqa: E731
+        first, base = run(loaded, free, prompts=prompts, max_num_seqs=4)
+        stop = first[1][0][0][8]  # a token request 1 reaches: it stops at its first occurrence
+        kinds = [dict(ignore_eos=True), dict(stop_token_ids=[stop]), dict(n=2, ignore_eos=True), dict(ignore_eos=True)]
+        params = lambda i: SamplingParams(max_tokens=40 + 3 * i, temperature=0.0, **kinds[i])  # noqa: E731
+        opts = dict(prompts=prompts, max_num_seqs=4, max_model_len=64,
+                    kv_cache_memory=base.stats()["kv_bytes_per_token"] * 16 * 6)
+        plain, plain_engine = run(loaded, params, {3: 5}, **opts)
+        assert plain[1][0][2] == "stop" and len(plain[2]) == 2 and plain_engine.stats()["num_preemptions"] > 0
+        runs = [base.tokenizer.encode(p) + outs[0][0] for p, outs in zip(prompts, plain)]
+
+        def oracle(engine):
+            engine.speculator.proposer = OracleProposer(runs, 4)
+
+        spec, engine = run(loaded, params, {3: 5}, speculative_config=NGRAM, setup=oracle, **opts)
+        stats = engine.stats()
+        assert stats["kv_blocks_total"] == 6 and stats["num_preemptions"] > 0
+        assert stats["spec_accepted_tokens"] > 20
+        assert all(c[2] == "abort" for c in spec[3])
+        assert spec[:3] == plain[:3]
+
+
 def mixed_params(i: int) -> SamplingParams:
     """Greedy requests (they draft) beside seeded random ones (they never do)."""
     if i % 2 == 0:
