@@ -128,8 +128,10 @@ def _sequence_output(seqs, target, values, h, hkv, d, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,L", [(1, 1), (97, 1), (300, 1), (97, 97), (130, 17)])
-def test_sequence_alone_equals_sequence_in_batch(dtype, n, L):
-    h, hkv, d = 9, 3, 64
+# 9/3: a decode alone runs as one item per kv head; 4/1: alone, split per query head (2 threads)
+@pytest.mark.parametrize("h,hkv", [(9, 3), (4, 1)])
+def test_sequence_alone_equals_sequence_in_batch(dtype, n, L, h, hkv):
+    d = 64
     g = torch.Generator().manual_seed(n * 31 + L)
     values = (torch.randn(L, h, d, generator=g).to(dtype), torch.randn(n, hkv, d, generator=g).to(dtype),
               torch.randn(n, hkv, d, generator=g).to(dtype))
