@@ -411,6 +411,23 @@ std::vector<Item> make_items(const Problem& p, int64_t B, int64_t threads) {
         split.push_back({it.seq, it.kv0 + j, 1, it.h0, it.hn, it.q0, it.qn, it.cost / it.kvn});
     items.swap(split);
   }
+  // Then, while still fewer than two a thread, items of several queries (a verification step's
+  // drafts, a short continuation) are cut into two runs of queries; every row keeps its group.
+  for (bool cut = true; few() && cut;) {
+    cut = false;
+    std::vector<Item> split;
+    for (const Item& it : items) {
+      if (it.qn < 2) {
+        split.push_back(it);
+        continue;
+      }
+      const int64_t a = it.qn / 2;
+      split.push_back({it.seq, it.kv0, it.kvn, it.h0, it.hn, it.q0, a, it.cost * a / it.qn});
+      split.push_back({it.seq, it.kv0, it.kvn, it.h0, it.hn, it.q0 + a, it.qn - a, it.cost - it.cost * a / it.qn});
+      cut = true;
+    }
+    items.swap(split);
+  }
   // Per query head only while some thread would have no item: the heads of a group read the
   // same keys and values, which a decode step brings from DRAM (measured on a 3-kv-head model
   // at 2 threads: 3 items of 3 heads beat 9 of one by 10-35% in a decode step at ~470 keys).
