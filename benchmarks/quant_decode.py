@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/quant_decode.py [--rounds 3] [--new 128] [--json out.json]
 
-Loads the default model three ways (bf16 dense, int4 RTN with bf16 activations, GGUF blocks kept)
+Loads the default model four ways (bf16 dense; int4 RTN with the CPU's default float32
+activations, as ``LLM(..., quantization="int4")`` runs, and with bf16 ones; GGUF blocks kept)
 and, round after round, decodes ``--new`` tokens greedily after the same 128-token prompt with
 each (tokens/s after the first token); prints each round, the medians and their ratios to bf16.
 """
@@ -20,8 +21,8 @@ from fastinfer.bench.perplexity import default_text
 from fastinfer.bench.schema import collect_env
 from fastinfer.engine.engine import Engine
 
-CONFIGS = {"bf16": dict(quantization="none", dtype="bfloat16"), "int4": dict(quantization="int4", dtype="bfloat16"),
-           "gguf-kept": dict(quantization="gguf")}
+CONFIGS = {"bf16": dict(quantization="none", dtype="bfloat16"), "int4": dict(quantization="int4"),
+           "int4-bf16": dict(quantization="int4", dtype="bfloat16"), "gguf-kept": dict(quantization="gguf")}
 
 
 def main() -> int:
