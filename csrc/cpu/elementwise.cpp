@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
@@ -167,6 +168,20 @@ void silu_rows(const T* x, int64_t ld, T* out, int64_t M, int64_t d) {
   });
 }
 
+#if FI_X86
+// One float32 row's rotation, 16 pairs at a time: the scalar loop's multiplies and adds, each
+// rounded (the build keeps them unfused), so the same bits.
+FI_TARGET_AVX512 void rotate_row_avx512(float* row, const float* c, const float* s, int64_t half) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = lanes16(half - i);
+    const __m512 x1 = _mm512_maskz_loadu_ps(m, row + i), x2 = _mm512_maskz_loadu_ps(m, row + half + i);
+    const __m512 cv = _mm512_maskz_loadu_ps(m, c + i), sv = _mm512_maskz_loadu_ps(m, s + i);
+    _mm512_mask_storeu_ps(row + i, m, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)));
+    _mm512_mask_storeu_ps(row + half + i, m, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)));
+  }
+}
+#endif
+
 // x [T, heads, D] (strides s0, s1, last dim contiguous), rotated in place at positions pos.
 template <typename T>
 void rotate(T* x, int64_t s0, int64_t s1, int64_t T_, int64_t heads, int64_t D, const int64_t* pos,
@@ -177,6 +192,12 @@ void rotate(T* x, int64_t s0, int64_t s1, int64_t T_, int64_t heads, int64_t D, 
     const float* s = c + half;
     for (int64_t h = 0; h < heads; ++h) {
       T* row = x + t * s0 + h * s1;
+#if FI_X86
+      if (std::is_same<T, float>::value && use_avx512()) {
+        rotate_row_avx512(reinterpret_cast<float*>(row), c, s, half);
+        continue;
+      }
+#endif
       for (int64_t i = 0; i < half; ++i) {
         const float x1 = load_f(row, i), x2 = load_f(row, half + i);
         // two roundings per product, then the sum (the reference's order; no contraction)

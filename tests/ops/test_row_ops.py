@@ -77,11 +77,12 @@ def test_silu_and_mul(impl, dtype, m, d):
 
 @impls("rotary_embedding")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_embedding(impl, dtype):
-    rot = RotaryEmbedding(64, 4096, 10000.0)
-    qkv = torch.randn(7, 9 * 64 + 2 * 3 * 64).to(dtype)
-    q, k, v = qkv.split([576, 192, 192], -1)  # strided views, as the attention layer passes them
-    q, k = q.view(7, 9, 64), k.view(7, 3, 64)
+@pytest.mark.parametrize("d", [64, 80, 24])  # halves of 32, 40 and 12: whole and partial vectors
+def test_rotary_embedding(impl, dtype, d):
+    rot = RotaryEmbedding(d, 4096, 10000.0)
+    qkv = torch.randn(7, 9 * d + 2 * 3 * d).to(dtype)
+    q, k, v = qkv.split([9 * d, 3 * d, 3 * d], -1)  # strided views, as the attention layer passes them
+    q, k = q.view(7, 9, d), k.view(7, 3, d)
     pos = torch.tensor([0, 1, 17, 100, 511, 2048, 4095])
     want_q, want_k = reference.rotary_embedding(pos, q.clone(), k.clone(), rot.cos_sin)
     v_before = v.clone()
