@@ -555,7 +555,9 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
 // step (M = 1, K = 576) the per-pointer bookkeeping of clamped tiles cost more than the dot
 // products. Each column's codes are unpacked once per chunk for all R rows; OFF: W has
 // offsets; H: its scales and offsets are float16. PF > 0 prefetches the columns PF tiles ahead,
-// chunk by chunk, to hide DRAM latency.
+// chunk by chunk, into L2 (T1): a decode step streams its weights from DRAM, and requests to L1
+// (T0) left the LM head at half the rate (AMD EPYC, 2 threads: 30 MB cold in 1.38 ms with T0,
+// 0.67 ms with T1; 8 tiles ahead measured no better than 3).
 template <bool H>
 FI_TARGET_AVX512_VNNI inline __m512 load_groups(const char* base, uint32_t gmask) {
   if (H) return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(gmask, base)));
@@ -593,9 +595,9 @@ FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       if (ahead) {
-        _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + ch * 64), _MM_HINT_T0);
-        _mm_prefetch(sc + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T0);
-        if (OFF) _mm_prefetch(of + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + ch * 64), _MM_HINT_T1);
+        _mm_prefetch(sc + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T1);
+        if (OFF) _mm_prefetch(of + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T1);
       }
       const __m512i v = _mm512_maskz_loadu_epi8(ci.cmask, code + c * cb + ch * 64);
       if (KIND == kU4) {
@@ -730,7 +732,7 @@ FI_TARGET_AVX512_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
     __m512i cv[C];
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + start), _MM_HINT_T0);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + start), _MM_HINT_T1);
       cv[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(cmask, code + c * cb + start), flip);  // code + 128
     }
 #pragma GCC unroll 8
