@@ -219,7 +219,7 @@ struct QuantRows : QuantWeights {
   FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
     const int64_t byte = KIND == kU4 ? k >> 1 : k;
     if (KIND != kU4 || (k & 16) == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(c.c + byte), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c.c + byte), _MM_HINT_T1);
   }
 #endif
 };
