@@ -647,29 +647,30 @@ inline void aq_strip_vnni(const AqGemm& p, int64_t m0, int64_t n, int64_t n_end)
   for (; n < n_end; ++n) aq_tile_vnni<KIND, OFF, H, R, 1, 0>(p, m0, n);
 }
 
-// A block: one or two rows (decode) in 4-column tiles; up to 6 rows (a verification step's
-// drafts) in one tile of their height, so each column is unpacked once; more rows in 4 x 2
-// tiles, the last 1-3 rows in a tile of their own height.
+// A block in tiles 4 columns wide: up to 6 rows (decode, a verification step's drafts) in one
+// tile of their height, so each column is unpacked once; more rows in 4 x 4 tiles, the last 1-3
+// rows in a tile of their own height. (4 columns against 2, AMD EPYC, 2 threads, the default
+// model's 30 gate_up + down: 5 rows 1.6x faster, 3-4 rows 1.1x, 32 and 256 rows 1.13-1.15x.)
 template <int KIND, bool OFF, bool H>
 void aq_blocks_vnni(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
   const int64_t rows = m_end - m_begin;
   switch (rows) {
     case 1: return aq_strip_vnni<KIND, OFF, H, 1, 4>(p, m_begin, n_begin, n_end);
     case 2: return aq_strip_vnni<KIND, OFF, H, 2, 4>(p, m_begin, n_begin, n_end);
-    case 3: return aq_strip_vnni<KIND, OFF, H, 3, 2>(p, m_begin, n_begin, n_end);
-    case 4: return aq_strip_vnni<KIND, OFF, H, 4, 2>(p, m_begin, n_begin, n_end);
-    case 5: return aq_strip_vnni<KIND, OFF, H, 5, 2>(p, m_begin, n_begin, n_end);
-    case 6: return aq_strip_vnni<KIND, OFF, H, 6, 2>(p, m_begin, n_begin, n_end);
+    case 3: return aq_strip_vnni<KIND, OFF, H, 3, 4>(p, m_begin, n_begin, n_end);
+    case 4: return aq_strip_vnni<KIND, OFF, H, 4, 4>(p, m_begin, n_begin, n_end);
+    case 5: return aq_strip_vnni<KIND, OFF, H, 5, 4>(p, m_begin, n_begin, n_end);
+    case 6: return aq_strip_vnni<KIND, OFF, H, 6, 4>(p, m_begin, n_begin, n_end);
     default: break;
   }
-  for (int64_t n = n_begin; n < n_end; n += 2) {
-    const int64_t n1 = std::min(n + 2, n_end);
+  for (int64_t n = n_begin; n < n_end; n += 4) {
+    const int64_t n1 = std::min(n + 4, n_end);
     int64_t m = m_begin;
-    for (; m + 4 <= m_end; m += 4) aq_strip_vnni<KIND, OFF, H, 4, 2>(p, m, n, n1);
+    for (; m + 4 <= m_end; m += 4) aq_strip_vnni<KIND, OFF, H, 4, 4>(p, m, n, n1);
     switch (m_end - m) {
-      case 1: aq_strip_vnni<KIND, OFF, H, 1, 2>(p, m, n, n1); break;
-      case 2: aq_strip_vnni<KIND, OFF, H, 2, 2>(p, m, n, n1); break;
-      case 3: aq_strip_vnni<KIND, OFF, H, 3, 2>(p, m, n, n1); break;
+      case 1: aq_strip_vnni<KIND, OFF, H, 1, 4>(p, m, n, n1); break;
+      case 2: aq_strip_vnni<KIND, OFF, H, 2, 4>(p, m, n, n1); break;
+      case 3: aq_strip_vnni<KIND, OFF, H, 3, 4>(p, m, n, n1); break;
       default: break;
     }
   }
