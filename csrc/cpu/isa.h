@@ -28,6 +28,15 @@
 
 namespace fastinfer_cpu {
 
+// Where a kernel prefetches the weights it reads next: into L2, where the requests queue deeper
+// than at L1. A decode step streams its weights from DRAM once: the default model's LM head
+// (30 MB, cold) took 0.67 ms against 1.38 ms prefetched into L1, bf16 decode steps 1.2x faster
+// (AMD EPYC, 2 threads); batched steps, whose weights serve many rows, measured the same either
+// way.
+inline void prefetch_weights(const void* p) {
+  __builtin_prefetch(p, 0, 2);
+}
+
 // kAvx512Vnni adds AVX512-BW and VNNI (int8 dot products) to kAvx512; code that has no VNNI
 // variant treats it as kAvx512 (compare with >=).
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };

@@ -47,7 +47,7 @@ struct F32Rows {
     return _mm512_maskz_loadu_ps(m, c.p + k);
   }
   FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
-    _mm_prefetch(reinterpret_cast<const char*>(c.p + k), _MM_HINT_T1);
+    prefetch_weights(c.p + k);
   }
 #endif
 };
@@ -84,7 +84,7 @@ struct BF16Rows {
     return widen_bf16_avx512(buf);
   }
   FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
-    _mm_prefetch(reinterpret_cast<const char*>(c.p + k), _MM_HINT_T1);
+    prefetch_weights(c.p + k);
   }
 #endif
 };

@@ -218,8 +218,7 @@ struct QuantRows : QuantWeights {
   }
   FI_TARGET_AVX512 void prefetch(const Col& c, int64_t k) const {
     const int64_t byte = KIND == kU4 ? k >> 1 : k;
-    if (KIND != kU4 || (k & 16) == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(c.c + byte), _MM_HINT_T1);
+    if (KIND != kU4 || (k & 16) == 0) prefetch_weights(c.c + byte);
   }
 #endif
 };
@@ -555,9 +554,7 @@ void aq_block_scalar(const AqGemm& p, int64_t m_begin, int64_t m_end, int64_t n_
 // step (M = 1, K = 576) the per-pointer bookkeeping of clamped tiles cost more than the dot
 // products. Each column's codes are unpacked once per chunk for all R rows; OFF: W has
 // offsets; H: its scales and offsets are float16. PF > 0 prefetches the columns PF tiles ahead,
-// chunk by chunk, into L2 (T1): a decode step streams its weights from DRAM, and requests to L1
-// (T0) left the LM head at half the rate (AMD EPYC, 2 threads: 30 MB cold in 1.38 ms with T0,
-// 0.67 ms with T1; 8 tiles ahead measured no better than 3).
+// chunk by chunk, into L2 (prefetch_weights; 8 tiles ahead measured no better than 3).
 template <bool H>
 FI_TARGET_AVX512_VNNI inline __m512 load_groups(const char* base, uint32_t gmask) {
   if (H) return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(gmask, base)));
@@ -595,9 +592,9 @@ FI_TARGET_AVX512_VNNI void aq_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       if (ahead) {
-        _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + ch * 64), _MM_HINT_T1);
-        _mm_prefetch(sc + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T1);
-        if (OFF) _mm_prefetch(of + (PF * C + c) * gb + ci.g0 * es, _MM_HINT_T1);
+        prefetch_weights(code + (PF * C + c) * cb + ch * 64);
+        prefetch_weights(sc + (PF * C + c) * gb + ci.g0 * es);
+        if (OFF) prefetch_weights(of + (PF * C + c) * gb + ci.g0 * es);
       }
       const __m512i v = _mm512_maskz_loadu_epi8(ci.cmask, code + c * cb + ch * 64);
       if (KIND == kU4) {
@@ -733,7 +730,7 @@ FI_TARGET_AVX512_VNNI void pc_tile_vnni(const AqGemm& p, int64_t m0, int64_t n0)
     __m512i cv[C];
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(code + (PF * C + c) * cb + start), _MM_HINT_T1);
+      if (ahead) prefetch_weights(code + (PF * C + c) * cb + start);
       cv[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(cmask, code + c * cb + start), flip);  // code + 128
     }
 #pragma GCC unroll 8
