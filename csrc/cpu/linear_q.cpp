@@ -19,6 +19,7 @@
 //   2  e4m3: fp8 e4m3fn codes, one a byte; G is a multiple of 16 (K for per-channel scales).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,19 +50,6 @@ inline float e4m3_to_float(uint8_t b) {
   return (b & 0x80u) ? -v : v;
 }
 
-// IEEE binary16 bits -> float32, exactly (every half is a float).
-inline float half_to_float(uint16_t h) {
-  const uint32_t exp = (h >> 10) & 31u, mant = h & 0x3FFu;
-  float v;
-  if (exp == 0) {
-    v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // subnormal: m * 2^-24
-  } else {
-    const uint32_t bits = (exp == 31 ? 0x7F800000u : (exp + 112u) << 23) | (mant << 13);
-    std::memcpy(&v, &bits, sizeof v);
-  }
-  return (h & 0x8000u) ? -v : v;
-}
-
 // W's storage, as every path below reads it.
 struct QuantWeights {
   const uint8_t* codes;  // row n starts at codes + n * row_bytes
@@ -75,7 +63,7 @@ struct QuantWeights {
   bool has_offsets() const { return offsets != nullptr; }
   // Element i of a scale-like array, widened to float32.
   float value(const void* a, int64_t i) const {
-    return half ? half_to_float(static_cast<const uint16_t*>(a)[i]) : static_cast<const float*>(a)[i];
+    return half ? static_cast<float>(static_cast<const c10::Half*>(a)[i]) : static_cast<const float*>(a)[i];
   }
   // Group g of row n: its scale, and its offset (0 without offsets).
   float scale(int64_t n, int64_t g) const { return value(scales, n * groups + g); }
