@@ -11,7 +11,13 @@
 //   h, residual = add_rms_norm(linear(o, o_proj), residual)
 //   h = linear(silu_and_mul(linear(h, gate_up)), down)
 //
-// so its results are bit-identical to the loop's when the loop's ops pick the native kernels
+// With `embed` given, `h` holds the step's token ids and the op first looks up their rows (a dense
+// table, or a packed one dequantized by embedding_q, cast to the model's dtype = the norms'); with
+// `final_norm`, the h it returns is add_rms_norm(h, residual, final_norm)[0]. A decode step is
+// then one call from Python: each Python-level op costs 50-150 us of a decode step, its objects
+// evicted from the caches by the step's weight stream.
+//
+// Its results are bit-identical to the loop's when the loop's ops pick the native kernels
 // (tested for every weight kind and cache format). A linear is dense (kind -1: linear_f32 for
 // float32 and bfloat16 weights, computed in float32 and cast back; at::linear, the reference's
 // call, otherwise) or quantized (kind 0 u4, 1 s8, 2 e4m3: linear_q in float32, cast back).
@@ -62,7 +68,9 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(
     const c10::List<c10::optional<at::Tensor>>& offsets, const c10::List<c10::optional<at::Tensor>>& biases,
     at::IntArrayRef kinds, at::IntArrayRef group_sizes, at::IntArrayRef quantize_inputs,
     at::TensorList k_caches, at::TensorList v_caches, const c10::List<c10::optional<at::Tensor>>& k_scales,
-    const c10::List<c10::optional<at::Tensor>>& v_scales) {
+    const c10::List<c10::optional<at::Tensor>>& v_scales, const c10::optional<at::Tensor>& embed,
+    const c10::optional<at::Tensor>& embed_scales, const c10::optional<at::Tensor>& embed_offsets,
+    int64_t embed_kind, int64_t embed_group, const c10::optional<at::Tensor>& final_norm) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK_VALUE(L > 0 && static_cast<int64_t>(v_caches.size()) == L &&
                         static_cast<int64_t>(k_scales.size()) == L && static_cast<int64_t>(v_scales.size()) == L,
@@ -75,9 +83,22 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(
     TORCH_CHECK_VALUE(static_cast<int64_t>(n) == 4 * L,
                       "decoder_layers: four linears per layer (qkv, o, gate_up, down): every linear "
                       "list needs ", 4 * L, " entries, got ", n);
-  TORCH_CHECK_VALUE(h_in.dim() == 2 && num_heads > 0 && num_kv_heads > 0 && head_dim > 0,
-                    "decoder_layers: h must be [T, hidden], got shape ", h_in.sizes());
-  const int64_t T = h_in.size(0);
+  at::Tensor h = h_in, residual;
+  if (embed.has_value() && embed->defined()) {
+    TORCH_CHECK_VALUE(h_in.dim() == 1, "decoder_layers: with an embedding, h must be the token ids [T], got shape ",
+                      h_in.sizes());
+    if (embed_kind < 0) {
+      h = at::embedding(*embed, h_in);
+    } else {
+      TORCH_CHECK_VALUE(embed_scales.has_value() && embed_scales->defined(),
+                        "decoder_layers: a packed embedding (embed_kind ", embed_kind, ") needs its scales");
+      h = embedding_q(h_in, *embed, *embed_scales, embed_offsets, embed_kind, embed_group);
+      if (h.scalar_type() != norms[0].scalar_type()) h = h.to(norms[0].scalar_type());
+    }
+  }
+  TORCH_CHECK_VALUE(h.dim() == 2 && num_heads > 0 && num_kv_heads > 0 && head_dim > 0,
+                    "decoder_layers: h must be [T, hidden], got shape ", h.sizes());
+  const int64_t T = h.size(0);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   // Copies of the optional lists' entries: c10::List hands out temporaries.
   std::vector<c10::optional<at::Tensor>> sc(scales.begin(), scales.end()), of(offsets.begin(), offsets.end()),
@@ -86,7 +107,6 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(
     return LinearRef{weights[i], sc[i], of[i], bi[i], kinds[i], group_sizes[i], quantize_inputs[i] != 0};
   };
 
-  at::Tensor h = h_in, residual;
   if (residual_in.has_value() && residual_in->defined()) residual = *residual_in;
   for (int64_t l = 0; l < L; ++l) {
     if (!residual.defined()) {
@@ -110,6 +130,11 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(
                                          norms[2 * l + 1], eps);
     h = apply(lin(4 * l + 3), silu_and_mul(apply(lin(4 * l + 2), h)));
   }
+  if (final_norm.has_value() && final_norm->defined()) {
+    at::Tensor sum;
+    std::tie(h, sum) = add_rms_norm(h, residual, *final_norm, eps);
+    residual = sum;
+  }
   return {h, residual};
 }
 
@@ -120,6 +145,8 @@ TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {
         "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, float attn_scale, int num_heads, "
         "int num_kv_heads, int head_dim, float eps, Tensor[] norms, Tensor[] weights, Tensor?[] scales, "
         "Tensor?[] offsets, Tensor?[] biases, int[] kinds, int[] group_sizes, int[] quantize_inputs, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor?[] k_scales, Tensor?[] v_scales) -> (Tensor, Tensor)",
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor?[] k_scales, Tensor?[] v_scales, Tensor? embed=None, "
+        "Tensor? embed_scales=None, Tensor? embed_offsets=None, int embed_kind=-1, int embed_group=0, "
+        "Tensor? final_norm=None) -> (Tensor, Tensor)",
         &fastinfer_cpu::decoder_layers);
 }

@@ -963,54 +963,82 @@ void run_kind(const float* x, int64_t ldx, const QuantWeights& qw, int64_t G, co
 
 }  // namespace
 
-at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size,
-                    const std::optional<at::Tensor>& bias, bool quantize_inputs) {
-  // Type errors raise TypeError, shape/layout errors ValueError, device errors RuntimeError.
-  for (const at::Tensor* t : {&x, &codes, &scales})
-    TORCH_CHECK(t->device().is_cpu(), "linear_q: every tensor must be on the CPU, got ",
-                t->device());
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, "linear_q: kind must be 0 (u4), 1 (s8) or 2 (e4m3), got ",
-                    kind);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "linear_q: x must be float32, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && codes.dim() == 2,
-                    "linear_q: x must be [M, K] and codes [N, K or K/2], got shapes ", x.sizes(),
-                    " and ", codes.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+namespace {
+
+// Checks a packed weight's tensors (K inputs a row) and views them as QuantWeights; `op` names
+// the caller in the errors. Type errors raise TypeError, shape/layout errors ValueError, device
+// errors RuntimeError.
+QuantWeights quant_weights(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size,
+                           int64_t K) {
+  TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu(), op,
+              ": every tensor must be on the CPU, got ", codes.device(), " and ", scales.device());
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, op, ": kind must be 0 (u4), 1 (s8) or 2 (e4m3), got ", kind);
+  TORCH_CHECK_VALUE(codes.dim() == 2, op, ": codes must be [N, K or K/2], got shape ", codes.sizes());
+  const int64_t N = codes.size(0);
   const at::ScalarType want = kind == kU4 ? at::kByte
                               : kind == kS8 ? at::kChar
                                             : at::ScalarType::Float8_e4m3fn;
   TORCH_CHECK_TYPE(codes.scalar_type() == want || (kind == kE4M3 && codes.scalar_type() == at::kByte),
-                   "linear_q: codes of kind ", kind, " must be ", want, ", got ",
-                   codes.scalar_type());
+                   op, ": codes of kind ", kind, " must be ", want, ", got ", codes.scalar_type());
   TORCH_CHECK_VALUE(K > 0 && group_size > 0 && K % group_size == 0 &&
                         group_size % (kind == kU4 ? 32 : 16) == 0,
-                    "linear_q: group_size must divide K = ", K, " and be a multiple of ",
+                    op, ": group_size must divide K = ", K, " and be a multiple of ",
                     kind == kU4 ? 32 : 16, ", got ", group_size);
   const int64_t row_bytes = kind == kU4 ? K / 2 : K;
   TORCH_CHECK_VALUE(codes.size(1) == row_bytes && codes.is_contiguous(),
-                    "linear_q: codes must be contiguous [N, ", row_bytes, "], got shape ",
-                    codes.sizes());
+                    op, ": codes must be contiguous [N, ", row_bytes, "], got shape ", codes.sizes());
   const int64_t groups = K / group_size;
   const bool half = scales.scalar_type() == at::kHalf;
   TORCH_CHECK_TYPE(half || scales.scalar_type() == at::kFloat,
-                   "linear_q: scales must be float32 or float16, got ", scales.scalar_type());
+                   op, ": scales must be float32 or float16, got ", scales.scalar_type());
   TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == groups &&
                         scales.is_contiguous(),
-                    "linear_q: scales must be contiguous [N, K / group_size] = [", N, ", ",
-                    groups, "], got shape ", scales.sizes());
+                    op, ": scales must be contiguous [N, K / group_size] = [", N, ", ", groups,
+                    "], got shape ", scales.sizes());
   const void* off_ptr = nullptr;
   if (offsets.has_value() && offsets->defined()) {
     const at::Tensor& o = *offsets;
-    TORCH_CHECK(o.device().is_cpu(), "linear_q: offsets must be on the CPU");
-    TORCH_CHECK_TYPE(o.scalar_type() == scales.scalar_type(), "linear_q: offsets must have the scales' dtype ",
+    TORCH_CHECK(o.device().is_cpu(), op, ": offsets must be on the CPU");
+    TORCH_CHECK_TYPE(o.scalar_type() == scales.scalar_type(), op, ": offsets must have the scales' dtype ",
                      scales.scalar_type(), ", got ", o.scalar_type());
     TORCH_CHECK_VALUE(o.sizes() == scales.sizes() && o.is_contiguous(),
-                      "linear_q: offsets must be contiguous and shaped like scales, got shape ",
-                      o.sizes());
+                      op, ": offsets must be contiguous and shaped like scales, got shape ", o.sizes());
     off_ptr = o.data_ptr();
   }
+  return {static_cast<const uint8_t*>(codes.data_ptr()), row_bytes, scales.data_ptr(), off_ptr, groups, half};
+}
+
+// Row n of the weight, dequantized as the reference does: code * scale, then + offset (two
+// roundings; no add without offsets, so a -0.0 stays -0.0).
+template <int KIND>
+void dequantize_row(const QuantWeights& qw, int64_t n, int64_t K, int64_t G, float* out) {
+  using Rows = QuantRows<KIND>;
+  const typename Rows::Col c{qw.code_row(n), n, 0.0f, 0.0f};
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const float s = qw.scale(n, g0 / G);
+    if (qw.has_offsets()) {
+      const float o = qw.offset(n, g0 / G);
+      for (int64_t k = g0; k < g0 + G; ++k) out[k] = Rows::code(c, k) * s + o;
+    } else {
+      for (int64_t k = g0; k < g0 + G; ++k) out[k] = Rows::code(c, k) * s;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size,
+                    const std::optional<at::Tensor>& bias, bool quantize_inputs) {
+  // Type errors raise TypeError, shape/layout errors ValueError, device errors RuntimeError.
+  TORCH_CHECK(x.device().is_cpu(), "linear_q: every tensor must be on the CPU, got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "linear_q: x must be float32, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "linear_q: x must be [M, K], got shape ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  const QuantWeights qw = quant_weights("linear_q", codes, scales, offsets, kind, group_size, K);
+  const int64_t N = codes.size(0);
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
@@ -1025,8 +1053,6 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                     x.strides());
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
-  const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
-  const QuantWeights qw{c, row_bytes, scales.data_ptr(), off_ptr, groups, half};
   const int64_t ldx = M > 1 ? x.stride(0) : K;
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -1044,10 +1070,47 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   return y;
 }
 
+// Rows `ids` [T] of a packed table [V, K], dequantized to float32 [T, K] bit for bit as
+// PackedWeight.dequantize(rows=ids) (the reference's quantized_embedding). An id outside
+// [0, V) raises IndexError.
+at::Tensor embedding_q(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size) {
+  TORCH_CHECK(ids.device().is_cpu(), "embedding_q: ids must be on the CPU, got ", ids.device());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "embedding_q: ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 1, "embedding_q: ids must be 1-D [T], got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(codes.dim() == 2, "embedding_q: codes must be [V, K or K/2], got shape ", codes.sizes());
+  const int64_t K = kind == kU4 ? 2 * codes.size(1) : codes.size(1), V = codes.size(0), T = ids.size(0);
+  const QuantWeights qw = quant_weights("embedding_q", codes, scales, offsets, kind, group_size, K);
+  const at::Tensor idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK_INDEX(id[t] >= 0 && id[t] < V, "embedding_q: id ", id[t], " is out of range for a table of ",
+                      V, " rows");
+  at::Tensor out = at::empty({T, K}, scales.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  auto rows = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (kind == kU4)
+        dequantize_row<kU4>(qw, id[t], K, group_size, o + t * K);
+      else if (kind == kS8)
+        dequantize_row<kS8>(qw, id[t], K, group_size, o + t * K);
+      else
+        dequantize_row<kE4M3>(qw, id[t], K, group_size, o + t * K);
+    }
+  };
+  if (T * K < 65536)
+    rows(0, T);  // a decode step's few rows: no parallel region
+  else
+    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / K), rows);
+  return out;
+}
+
 }  // namespace fastinfer_cpu
 
 TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {
   m.def("linear_q(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int kind, "
         "int group_size, Tensor? bias=None, bool quantize_inputs=False) -> Tensor",
         &fastinfer_cpu::linear_q);
+  m.def("embedding_q(Tensor ids, Tensor codes, Tensor scales, Tensor? offsets, int kind, int group_size) -> Tensor",
+        &fastinfer_cpu::embedding_q);
 }

@@ -16,6 +16,9 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                     const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size,
                     const std::optional<at::Tensor>& bias, bool quantize_inputs);
 
+at::Tensor embedding_q(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& offsets, int64_t kind, int64_t group_size);
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                            const at::Tensor& context_lens, double scale,

@@ -16,6 +16,7 @@ from fastinfer.ops.dispatch import BACKENDS, forcing, implementations, register,
 _REFERENCE_OPS = (
     "linear", "embedding", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding",
     "reshape_and_cache", "paged_attention", "quantized_linear", "quantized_embedding", "decoder_layers",
+    "decoder_model",
 )
 for _name in _REFERENCE_OPS:
     register(_name, "reference", getattr(reference, _name))
@@ -77,13 +78,16 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
 
 
 def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
-                 attn_scale: float, cos_sin: torch.Tensor, norms: list, linears: list):
+                 attn_scale: float, cos_sin: torch.Tensor, norms: list, linears: list,
+                 embed: torch.Tensor | PackedWeight | None = None, final_norm: torch.Tensor | None = None):
     """What a fused backend of :func:`decoder_layers` needs from a Llama-family decoder's layers
     (two norm weights and four ``(weight, bias)`` linears per layer: qkv, o, gate_up, down), or
-    None when no fused backend takes them. Build it once per set of weights."""
+    None when no fused backend takes them; with the model's token table ``embed`` and last norm
+    weight ``final_norm``, also what :func:`decoder_model`'s needs. Build it once per set of weights."""
     if not cpu_native.available():
         return None
-    return cpu_native.decoder_plan(dtype, num_heads, num_kv_heads, head_dim, eps, attn_scale, cos_sin, norms, linears)
+    return cpu_native.decoder_plan(dtype, num_heads, num_kv_heads, head_dim, eps, attn_scale, cos_sin, norms,
+                                   linears, embed, final_norm)
 
 
 def decoder_layers(layers, plan, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
@@ -95,7 +99,16 @@ def decoder_layers(layers, plan, positions: torch.Tensor, h: torch.Tensor, resid
     return select("decoder_layers", *args)(*args)
 
 
+def decoder_model(model, plan, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                  meta: AttentionMetadata) -> torch.Tensor:
+    """A decoder model's final hidden states ``[T, hidden]`` for ``token_ids [T]``: its embedding,
+    layers and final norm in one fused native call where ``plan`` and the inputs allow it, else
+    ``model.forward_parts`` (each part through its own op)."""
+    args = (model, plan, token_ids, positions, kv_caches, meta)
+    return select("decoder_model", *args)(*args)
+
+
 __all__ = [
-    "AttentionMetadata", "BACKENDS", "PackedWeight", "add_rms_norm", "forcing", "decoder_layers", "decoder_plan", "embedding", "implementations", "linear", "paged_attention",
+    "AttentionMetadata", "BACKENDS", "PackedWeight", "add_rms_norm", "forcing", "decoder_layers", "decoder_model", "decoder_plan", "embedding", "implementations", "linear", "paged_attention",
     "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
 ]

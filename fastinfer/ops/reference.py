@@ -155,3 +155,10 @@ def decoder_layers(layers, plan, positions: torch.Tensor, h: torch.Tensor, resid
     for layer, kv_layer in zip(layers, kv_caches):
         h, residual = layer(positions, h, residual, kv_layer, meta)
     return h, residual
+
+
+def decoder_model(model, plan, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                  meta: AttentionMetadata) -> torch.Tensor:
+    """``model.forward_parts``: the embedding, the layers (:func:`decoder_layers`' dispatch) and
+    the final norm, each through its own op; ``plan`` is for the fused backends. -> ``[T, hidden]``."""
+    return model.forward_parts(token_ids, positions, kv_caches, meta)

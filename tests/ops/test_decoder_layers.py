@@ -49,30 +49,44 @@ def _steps(engine) -> list[torch.Tensor]:
     return [runner.execute(s) for s in steps]
 
 
+def _counted_native(monkeypatch, op: str, calls: list) -> None:
+    """Puts a counting wrapper around ``op``'s native implementation."""
+    native = next(i for i in ops.implementations(op) if i.backend == "cpu_native")
+
+    def counting(*args):
+        calls.append(op)
+        return native.fn(*args)
+
+    monkeypatch.setitem(dispatch._REGISTRY, op, [dispatch.Impl("cpu_native", native.applies, counting, fused=True)]
+                        + [i for i in dispatch._REGISTRY[op] if i.backend != "cpu_native"])
+
+
+def _reference_only(monkeypatch, op: str) -> None:
+    monkeypatch.setitem(dispatch._REGISTRY, op, [i for i in dispatch._REGISTRY[op] if i.backend == "reference"])
+
+
 @pytest.mark.parametrize("dtype,quantization,kv_dtype", MODES,
                          ids=[f"{str(d)[6:]}-{q}-kv_{k}" for d, q, k in MODES])
 def test_fused_decoder_matches_layer_loop(tiny_folder, dtype, quantization, kv_dtype, monkeypatch):
+    """Three ways to the same bits: the whole model in one native call (embedding, layers, final
+    norm: ops.decoder_model), the layers alone in one (ops.decoder_layers), and the layer loop."""
     loaded = load_model(tiny_folder, dtype, CPU, quantization)
-    engine = make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256)
-    fused_calls = []
-    native = next(i for i in ops.implementations("decoder_layers") if i.backend == "cpu_native")
-
-    def counting(*args):
-        fused_calls.append(1)
-        return native.fn(*args)
-
-    monkeypatch.setitem(dispatch._REGISTRY, "decoder_layers",
-                        [dispatch.Impl("cpu_native", native.applies, counting)]
-                        + [i for i in dispatch._REGISTRY["decoder_layers"] if i.backend != "cpu_native"])
-    fused = _steps(engine)
-    assert len(fused_calls) == 4, "the fused native decoder did not run"
-    monkeypatch.setitem(dispatch._REGISTRY, "decoder_layers",
-                        [i for i in dispatch._REGISTRY["decoder_layers"] if i.backend == "reference"])
-    engine = make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256)
-    looped = _steps(engine)
-    assert len(fused_calls) == 4
-    for step, (f, r) in enumerate(zip(fused, looped)):
+    calls: list[str] = []
+    _counted_native(monkeypatch, "decoder_model", calls)
+    _counted_native(monkeypatch, "decoder_layers", calls)
+    whole = _steps(make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256))
+    assert calls == ["decoder_model"] * 4, "the whole model did not run in one native call"
+    _reference_only(monkeypatch, "decoder_model")
+    calls.clear()
+    fused = _steps(make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256))
+    assert calls == ["decoder_layers"] * 4, "the fused native decoder did not run"
+    _reference_only(monkeypatch, "decoder_layers")
+    calls.clear()
+    looped = _steps(make_engine(loaded, kv_cache_dtype=kv_dtype, kv_cache_memory="8MiB", max_model_len=256))
+    assert calls == []
+    for step, (w, f, r) in enumerate(zip(whole, fused, looped)):
         assert torch.equal(f, r), f"step {step}: max diff {(f.float() - r.float()).abs().max().item()}"
+        assert torch.equal(w, r), f"step {step}: max diff {(w.float() - r.float()).abs().max().item()}"
 
 
 def test_plan_follows_replaced_weights(tiny_folder):

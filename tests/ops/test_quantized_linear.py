@@ -299,3 +299,30 @@ def test_isa_cap_by_name_and_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTINFER_CPU_ISA": "scalar"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "scalar"]
+
+
+@native
+@pytest.mark.parametrize("kind,group,offs", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_native_embedding_rows_equal_the_reference(kind, group, offs, rows):
+    """embedding_q gives the reference's dequantized rows bit for bit (code * scale, then +
+    offset), with float32 and float16 scales, for one id, a few and a prefill's many (the
+    parallel path), repeats included; ids of any shape; an id off the table raises IndexError."""
+    w = random_packed(kind, 97, 576 if kind != "u4" else 640, group, seed=rows, offsets=offs)
+    ids = torch.randint(0, 97, (rows,), generator=torch.Generator().manual_seed(rows))
+    ids[0] = 96
+    for form in (w, *scale_forms(w)):
+        assert ops.implementations("quantized_embedding")[0].backend == "cpu_native"
+        want = reference.quantized_embedding(ids, form)
+        got = ops.embedding(ids, form)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        # -0.0 products stay -0.0 without offsets (no "+ 0.0"): compare the bits too
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    grid = torch.tensor([[5, 0], [96, 5]])
+    assert torch.equal(cpu_native.embedding_q(grid, w), reference.quantized_embedding(grid.view(-1), w).view(2, 2, -1))
+    with pytest.raises(IndexError, match="id 97 is out of range for a table of 97 rows"):
+        cpu_native.embedding_q(torch.tensor([3, 97]), w)
+    with pytest.raises(IndexError, match="id -1 is out of range"):
+        cpu_native.embedding_q(torch.tensor([-1]), w)
+    with pytest.raises(TypeError, match="ids must be int64"):
+        torch.ops.fastinfer_cpu.embedding_q(ids.int(), *w.tensors, 0 if kind == "u4" else 1, w.group_size)

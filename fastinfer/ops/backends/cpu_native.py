@@ -19,7 +19,7 @@ from fastinfer.common.metadata import AttentionMetadata, int64_tensor
 
 from fastinfer.common.packed import PackedWeight
 
-__all__ = ["DecoderPlan", "available", "decoder_layers", "decoder_layers_applies", "decoder_plan", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
+__all__ = ["DecoderPlan", "available", "decoder_layers", "decoder_layers_applies", "decoder_model", "decoder_model_applies", "decoder_plan", "embedding_q", "embedding_q_applies", "isa", "linear_f32", "linear_q", "linear_q_applies", "paged_attention",
            "paged_attention_applies", "reshape_and_cache", "reshape_and_cache_applies", "rms_norm", "set_isa_cap",
            "add_rms_norm", "silu_and_mul", "rotary_embedding"]
 
@@ -185,6 +185,30 @@ def linear_q(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     y = op(x2, codes, scales, offsets, _KIND_INDEX[weight.kind], weight.group_size, b, quantize_inputs)
     y = y.view(*lead, y.shape[1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _embedding_q_op():
+    """``torch.ops.fastinfer_cpu.embedding_q.default``, resolved once."""
+    _require()
+    return torch.ops.fastinfer_cpu.embedding_q.default
+
+
+def embedding_q_applies(token_ids: torch.Tensor, weight: PackedWeight) -> bool:
+    """True when :func:`embedding_q` takes these inputs: int64 ids and the weight on the CPU,
+    groups the native kernels take."""
+    return token_ids.is_cpu and token_ids.dtype == torch.int64 and weight.tensors[0].is_cpu and weight.native_applies()
+
+
+def embedding_q(token_ids: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """Rows ``token_ids [T]`` of a packed table, dequantized to float32 ``[T, K]``: bit for bit
+    ``weight.dequantize(rows=token_ids)`` (each value ``code * scale``, then ``+ offset``), in
+    one call where the reference's index_selects and elementwise ops cost ~50-100 us a decode
+    step. Raises IndexError for an id outside the table."""
+    codes, scales, offsets = weight.tensors
+    ids = token_ids.reshape(-1)
+    out = _embedding_q_op()(ids, codes, scales, offsets, _KIND_INDEX[weight.kind], weight.group_size)
+    return out if token_ids.dim() == 1 else out.view(*token_ids.shape, out.shape[1])
 
 
 @functools.lru_cache(maxsize=1)
@@ -371,6 +395,9 @@ class DecoderPlan:
     packed weight's codes), ``scales``, ``offsets``, ``biases`` (None where absent), ``kinds``
     (-1 dense, else the packed code kind) and ``group_sizes``. ``packed`` keeps the packed
     weights (None for dense ones) so that their ``quantize_inputs`` flags are read at each call.
+    ``embed`` (the token table: a dense tensor or a :class:`PackedWeight`) and ``final_norm``
+    (the last norm's weight) are set, together, where the native op can also run the model's
+    embedding lookup and final norm (:func:`decoder_model`).
     """
 
     dtype: torch.dtype
@@ -388,6 +415,8 @@ class DecoderPlan:
     kinds: list
     group_sizes: list
     packed: list
+    embed: torch.Tensor | PackedWeight | None = None
+    final_norm: torch.Tensor | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -398,17 +427,22 @@ def _decoder_op():
 
 
 def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
-                 attn_scale: float, cos_sin: torch.Tensor, norms: list, linears: list) -> DecoderPlan | None:
+                 attn_scale: float, cos_sin: torch.Tensor, norms: list, linears: list,
+                 embed: torch.Tensor | PackedWeight | None = None,
+                 final_norm: torch.Tensor | None = None) -> DecoderPlan | None:
     """The plan for layers whose ``norms`` (two per layer) and ``linears`` (``(weight, bias)``
     four per layer: qkv, o, gate_up, down) are given, or None when a piece is not one the native
     kernels take (then the layers run one op at a time): every tensor on the CPU, the model in
     float32 or bfloat16, dense weights contiguous in the model's dtype, packed weights that
-    :func:`linear_q` takes, and a head dim the attention kernel takes (a multiple of 16 up to 256)."""
+    :func:`linear_q` takes, and a head dim the attention kernel takes (a multiple of 16 up to 256).
+    ``embed`` and ``final_norm`` (the model's token table and last norm weight) enter the plan
+    where the native op takes them too (a table in the model's dtype, or packed with groups the
+    native kernels take; the norm like the layers')."""
     if (not available() or dtype not in _ROW_DTYPES or head_dim % 16
             or not 16 <= head_dim <= 256 or cos_sin.dtype != torch.float32 or not cos_sin.is_cpu
             or not cos_sin.is_contiguous() or cos_sin.shape[1] != head_dim):
         return None
-    if any(n.dtype != dtype or not n.is_cpu or not n.is_contiguous() for n in norms):
+    if not all(_norm_applies(n, dtype) for n in norms):
         return None
     weights, scales, offsets, biases, kinds, groups, packed = [], [], [], [], [], [], []
     for weight, bias in linears:
@@ -428,8 +462,16 @@ def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim
             weights.append(weight), scales.append(None), offsets.append(None), kinds.append(-1)
             groups.append(0), packed.append(None)
         biases.append(bias)
+    whole = embed is not None and final_norm is not None and _norm_applies(final_norm, dtype) and (
+        embed.tensors[0].is_cpu and embed.native_applies() if isinstance(embed, PackedWeight)
+        else embed.dtype == dtype and embed.is_cpu and embed.dim() == 2 and embed.is_contiguous())
     return DecoderPlan(dtype, num_heads, num_kv_heads, head_dim, float(eps), float(attn_scale), cos_sin,
-                       list(norms), weights, scales, offsets, biases, kinds, groups, packed)
+                       list(norms), weights, scales, offsets, biases, kinds, groups, packed,
+                       embed if whole else None, final_norm if whole else None)
+
+
+def _norm_applies(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    return weight.dtype == dtype and weight.is_cpu and weight.is_contiguous()
 
 
 def decoder_layers_applies(layers, plan: DecoderPlan | None, positions, h, residual, kv_caches, meta) -> bool:
@@ -440,15 +482,30 @@ def decoder_layers_applies(layers, plan: DecoderPlan | None, positions, h, resid
         return False
     if residual is not None and (residual.dtype != h.dtype or residual.shape != h.shape):
         return False
+    return _caches_apply(plan, h, kv_caches)
+
+
+def _caches_apply(plan: DecoderPlan, h: torch.Tensor, kv_caches) -> bool:
+    """One CPU cache per layer, contiguous ``[blocks, block_size, Hkv, D]``, in h's dtype or quantized."""
     first = kv_caches[0]
     return (len(kv_caches) * 4 == len(plan.weights) and first.k.is_cpu
             and _cache_dtype_applies(h, first.k, first.v, first.k_scale)
             and first.k.is_contiguous() and first.v.is_contiguous() and first.k.dim() == 4)
 
 
-def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches, meta):
+def decoder_model_applies(model, plan: DecoderPlan | None, token_ids, positions, kv_caches, meta) -> bool:
+    """True when the native op takes the whole model's call: a plan with the embedding and final
+    norm, int64 token ids ``[T]`` and positions on the CPU, and caches as for :func:`decoder_layers`."""
+    if plan is None or plan.final_norm is None or not token_ids.is_cpu or token_ids.dtype != torch.int64:
+        return False
+    return token_ids.dim() == 1 and positions.dtype == torch.int64 and _caches_apply(plan, plan.final_norm, kv_caches)
+
+
+def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches, meta, whole: bool = False):
     """The layers' ``(h, residual)`` from one native call: bit-identical to running them one op
-    at a time with the native kernels (:func:`fastinfer.ops.reference.decoder_layers`)."""
+    at a time with the native kernels (:func:`fastinfer.ops.reference.decoder_layers`). With
+    ``whole``, ``h`` holds the token ids, and the call also looks up their embedding rows first
+    and applies the final norm last (:func:`decoder_model`)."""
     fast = _int8_inputs_fast()
     qi = [int(p is not None and p.quantize_inputs and fast) for p in plan.packed]
     qsl, ctx = meta.query_start_loc_tensor, meta.context_lens_tensor
@@ -459,7 +516,24 @@ def decoder_layers(layers, plan: DecoderPlan, positions, h, residual, kv_caches,
         meta.slot_mapping, meta.block_tables, qsl, ctx, plan.attn_scale, plan.num_heads, plan.num_kv_heads,
         plan.head_dim, plan.eps, plan.norms, plan.weights, plan.scales, plan.offsets, plan.biases, plan.kinds,
         plan.group_sizes, qi, [c.k for c in kv_caches], [c.v for c in kv_caches],
-        [c.k_scale for c in kv_caches], [c.v_scale for c in kv_caches])
+        [c.k_scale for c in kv_caches], [c.v_scale for c in kv_caches], *(_embed_args(plan) if whole else ()))
+
+
+def _embed_args(plan: DecoderPlan) -> tuple:
+    """The native op's embedding and final-norm arguments for ``plan``."""
+    e = plan.embed
+    if isinstance(e, PackedWeight):
+        codes, s, o = e.tensors
+        return codes, s, o, _KIND_INDEX[e.kind], e.group_size, plan.final_norm
+    return e, None, None, -1, 0, plan.final_norm
+
+
+def decoder_model(model, plan: DecoderPlan, token_ids, positions, kv_caches, meta) -> torch.Tensor:
+    """The final hidden states ``[T, hidden]`` of the model's embedding, layers and final norm in
+    one native call: bit-identical to :func:`fastinfer.ops.reference.decoder_model` run on the
+    native kernels. A decode step's Python-level ops around the layers (the lookup, the norm)
+    cost 50-150 us each, their objects evicted by the step's weight stream."""
+    return decoder_layers(None, plan, positions, token_ids, None, kv_caches, meta, whole=True)[0]
 
 
 def _f32_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias=None) -> bool:
@@ -479,6 +553,7 @@ def register_ops(register) -> None:
     register("paged_attention", "cpu_native", paged_attention, paged_attention_applies)
     # int8 inputs and exact int8 dot products (VNNI), or weights dequantized in registers.
     register("quantized_linear", "cpu_native", linear_q, linear_q_applies)
+    register("quantized_embedding", "cpu_native", embedding_q, embedding_q_applies)
     # Row-wise, a fixed order per row.
     for fn, applies in ((rms_norm, rms_norm_applies), (add_rms_norm, add_rms_norm_applies),
                         (silu_and_mul, silu_and_mul_applies), (rotary_embedding, rotary_embedding_applies)):
@@ -488,3 +563,4 @@ def register_ops(register) -> None:
     # The layers' native kernels in one call: the same results as the reference's layer loop
     # over the ops above, without ~100 us of Python per layer.
     register("decoder_layers", "cpu_native", decoder_layers, decoder_layers_applies, fused=True)
+    register("decoder_model", "cpu_native", decoder_model, decoder_model_applies, fused=True)
