@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -90,6 +91,39 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 #endif
   silu_mul_scalar(g, u, out, n);
 }
+
+// The index of the first maximum of x[0..n) (n >= 1), as torch.argmax gives it: NaN counts as
+// the greatest value (the first NaN wins), -0.0 equals +0.0.
+int64_t argmax_scalar(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+#if FI_X86
+// Two passes: the maximum (and whether there is a NaN), then its first index.
+FI_TARGET_AVX512 int64_t argmax_avx512(const float* x, int64_t n) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = lowest;
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(lowest, lanes16(n - i), x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+  }
+  if (nan) return argmax_scalar(x, n);
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes16(n - i), _mm512_maskz_loadu_ps(lanes16(n - i), x + i),
+                                                  top, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;  // unreachable: the maximum is one of the values
+}
+#endif
 
 // Rows [M, H] of x (and r), row stride ld, over parallel chunks of rows.
 template <typename F>
@@ -251,6 +285,28 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "argmax_rows: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "argmax_rows: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1,
+                    "argmax_rows: x must be [M, V] with V >= 1 and contiguous rows, got shape ", x.sizes(),
+                    " and strides ", x.strides());
+  const int64_t M = x.size(0), V = x.size(1), ld = x.stride(0);
+  at::Tensor out = at::empty({M}, x.options().dtype(at::kLong));
+  const float* p = x.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for_rows(M, V, [&](int64_t m) {
+#if FI_X86
+    if (use_avx512()) {
+      o[m] = argmax_avx512(p + m * ld, V);
+      return;
+    }
+#endif
+    o[m] = argmax_scalar(p + m * ld, V);
+  });
+  return out;
+}
+
 void rotary_embedding_(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& cos_sin) {
   TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
@@ -277,6 +333,7 @@ TORCH_LIBRARY_FRAGMENT(fastinfer_cpu, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
         &fastinfer_cpu::add_rms_norm);
   m.def("silu_and_mul(Tensor x) -> Tensor", &fastinfer_cpu::silu_and_mul);
+  m.def("argmax_rows(Tensor x) -> Tensor", &fastinfer_cpu::argmax_rows);
   m.def("rotary_embedding_(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_sin) -> ()",
         &fastinfer_cpu::rotary_embedding_);
 }

@@ -16,7 +16,7 @@ from fastinfer.ops.dispatch import BACKENDS, forcing, implementations, register,
 _REFERENCE_OPS = (
     "linear", "embedding", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding",
     "reshape_and_cache", "paged_attention", "quantized_linear", "quantized_embedding", "decoder_layers",
-    "decoder_model",
+    "decoder_model", "argmax",
 )
 for _name in _REFERENCE_OPS:
     register(_name, "reference", getattr(reference, _name))
@@ -39,6 +39,12 @@ def embedding(token_ids: torch.Tensor, weight: torch.Tensor | PackedWeight) -> t
     if isinstance(weight, PackedWeight):
         return select("quantized_embedding", token_ids, weight)(token_ids, weight)
     return select("embedding", token_ids, weight)(token_ids, weight)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of logits rows ``[M, V]`` -> ``[M]`` int64: the first maximal index (the
+    lowest id wins a tie; NaN counts as the greatest)."""
+    return select("argmax", x)(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,6 +115,6 @@ def decoder_model(model, plan, token_ids: torch.Tensor, positions: torch.Tensor,
 
 
 __all__ = [
-    "AttentionMetadata", "BACKENDS", "PackedWeight", "add_rms_norm", "forcing", "decoder_layers", "decoder_model", "decoder_plan", "embedding", "implementations", "linear", "paged_attention",
+    "AttentionMetadata", "BACKENDS", "PackedWeight", "add_rms_norm", "argmax", "forcing", "decoder_layers", "decoder_model", "decoder_plan", "embedding", "implementations", "linear", "paged_attention",
     "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
 ]

@@ -31,6 +31,11 @@ def quantized_embedding(token_ids: torch.Tensor, weight: PackedWeight) -> torch.
     return weight.dequantize(rows=token_ids)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first maximum ``[M, V]`` -> ``[M]`` int64 (NaN counts as the greatest)."""
+    return x.argmax(-1)
+
+
 def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Rows of ``weight [V, H]`` for ``token_ids [T]`` (int64) -> ``[T, H]``."""
     return F.embedding(token_ids, weight)

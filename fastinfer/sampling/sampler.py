@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastinfer import ops
 from fastinfer.sampling.grammar import TokenMasks
 from fastinfer.sampling.params import SamplingParams
 from fastinfer.sampling.processors import apply_logit_bias_, apply_penalties_, min_p_, needs_penalties
@@ -86,12 +87,12 @@ class Sampler:
         work = self._penalised(raw, rows)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if len(greedy) == len(rows):  # all greedy: one argmax, one read-back
-            token_ids = work.argmax(-1).tolist()
+            token_ids = ops.argmax(work).tolist()
             return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
         tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
         if greedy:
             # torch.argmax returns the first maximal index: the lowest id wins a tie.
-            _put(tokens, greedy, self._take(work, greedy, "a").argmax(-1))
+            _put(tokens, greedy, ops.argmax(self._take(work, greedy, "a")))
         for k, idx in _random_groups(params, raw.shape[1]).items():
             _put(tokens, idx, self._sample_random(work, idx, [rows[i] for i in idx], k))
         token_ids = tokens.tolist()
@@ -114,7 +115,7 @@ class Sampler:
         params = [r.params for r in positions]
         raw = self._constrained(logits, params, masks)
         work = self._penalised(raw, positions)
-        argmax = work.argmax(-1).tolist()
+        argmax = ops.argmax(work).tolist()
         starts = [0, *itertools.accumulate(spans)][:-1]
         plain = self._draftless(work, rows, drafts, starts)
         verified = [p for i, (row, start, span) in enumerate(zip(rows, starts, spans))
@@ -214,7 +215,7 @@ class Sampler:
     def sample_on_device(self, logits: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B]`` int64 on the logits' device, with no host sync, for rows that all
         pass ``can_defer``: the same argmax as ``__call__`` gives them."""
-        return logits.float().argmax(-1)
+        return ops.argmax(logits.float())
 
     def _constrained(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                      masks: TokenMasks | None) -> torch.Tensor:

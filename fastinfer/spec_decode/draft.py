@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastinfer import ops
 from fastinfer.model.runner import ModelRunner, StepInput
 from fastinfer.sampling.rejection import draw_one
 from fastinfer.sampling.sampler import Sampler, SamplingRow
@@ -89,7 +90,7 @@ class DraftModel:
         """Appends one draft to each live sequence: the argmax, or a draw from the distribution."""
         mine = [rows[i] for i in live]
         q = self.sampler.target_probs(logits, mine)
-        argmax = logits.argmax(-1).tolist()
+        argmax = ops.argmax(logits).tolist()
         for j, i in enumerate(live):
             if rows[i].params.greedy:
                 drafts[i].append(argmax[j])

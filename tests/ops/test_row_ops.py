@@ -10,6 +10,8 @@ batch, on each SIMD path.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -118,3 +120,31 @@ def test_native_argument_errors():
         cpu_native.rms_norm(torch.randn(3, 64), torch.ones(64, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(ValueError, match="last dim must be even"):
         torch.ops.fastinfer_cpu.silu_and_mul(torch.randn(2, 7))
+
+
+@impls("argmax")
+@pytest.mark.parametrize("cap", [0, 2])
+def test_argmax_is_torchs(impl, cap):
+    """Every backend gives torch.argmax's index: the first maximum (repeats of the maximum, a
+    maximum in a row's tail past the last 16 lanes, -0.0 beside +0.0), the first NaN where a row
+    has NaNs, and rows of -inf; on the scalar and AVX-512 paths, for one row and many."""
+    g = torch.Generator().manual_seed(3)
+    for m, v in ((1, 49152), (5, 1000), (40, 37), (3, 1)):
+        x = torch.randn(m, v, generator=g)
+        if v > 1:
+            x[0, v - 1] = 50.0                         # the maximum in the tail
+            x[1 % m, [v // 3, v // 2]] = 60.0          # a tie: the lower index wins
+            x[2 % m, :] = -float("inf")                # all -inf: index 0
+        if m >= 5:
+            x[3, [7, v - 2]] = float("nan")            # NaN counts as the greatest: the first one
+            x[4, :] = -1.0
+            x[4, [9, 11]] = torch.tensor([-0.0, 0.0])  # -0.0 == +0.0: the first
+        with isa_cap(cap) if impl.backend == "cpu_native" else contextlib.nullcontext():
+            got = impl.fn(x)
+            assert torch.equal(got, x.argmax(-1)), (m, v)
+            assert torch.equal(impl.fn(x[:, : max(1, v - 3)]), x[:, : max(1, v - 3)].argmax(-1))  # strided rows
+    if impl.backend == "cpu_native":
+        with pytest.raises(TypeError, match="x must be float32"):
+            impl.fn(torch.zeros(2, 4, dtype=torch.float64))
+        with pytest.raises(ValueError, match="V >= 1"):
+            torch.ops.fastinfer_cpu.argmax_rows(torch.zeros(2, 0))
