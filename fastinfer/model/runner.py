@@ -158,7 +158,8 @@ class ModelRunner:
                 if feed is not None:
                     batch.token_ids.index_copy_(0, *feed)
                 hidden = self.model(batch.token_ids, batch.positions, self.kv_layers, batch.meta)
-                if not all_logits:
+                if not all_logits and batch.last_index.shape[0] != hidden.shape[0]:
+                    # (as many last rows as rows: every row is one, in order, and the copy is skipped)
                     hidden = hidden.index_select(0, batch.last_index)
             return self.model.compute_logits(hidden)
 
