@@ -132,9 +132,53 @@ void for_rows(int64_t M, int64_t cost_per_row, const F& f) {
   at::parallel_for(0, M, grain, [&](int64_t b, int64_t e) { for (int64_t m = b; m < e; ++m) f(m); });
 }
 
+// One float32 row: v = x (+ r, stored in sum), y = w * (v * inv), inv = 1 / sqrt(mean(v^2) + eps).
+// The AVX-512 and scalar loops do the same float operations in the same order per element.
+#if FI_X86
+FI_TARGET_AVX512 void rms_row_avx512(const float* x, const float* r, float* sum, const float* w, float* out,
+                                     int64_t H, float eps) {
+  const float* v = x;
+  if (r != nullptr) {
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = lanes16(H - i);
+      _mm512_mask_storeu_ps(sum + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, r + i)));
+    }
+    v = sum;
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(dot16_avx512(v, v, H) / static_cast<float>(H) + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes16(H - i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i),
+                                                    _mm512_mul_ps(_mm512_maskz_loadu_ps(m, v + i), inv)));
+  }
+}
+#endif
+
+void rms_row_scalar(const float* x, const float* r, float* sum, const float* w, float* out, int64_t H,
+                    float eps) {
+  const float* v = x;
+  if (r != nullptr) {
+    for (int64_t i = 0; i < H; ++i) sum[i] = x[i] + r[i];
+    v = sum;
+  }
+  const float inv = 1.0f / std::sqrt(dot16(v, v, H) / static_cast<float>(H) + eps);
+  for (int64_t i = 0; i < H; ++i) out[i] = w[i] * (v[i] * inv);
+}
+
 template <typename T>
 void rms_rows(const T* x, int64_t ldx, const T* r, int64_t ldr, T* sum_out, const T* w, T* out,
               int64_t M, int64_t H, float eps) {
+  if constexpr (std::is_same_v<T, float>) {  // in place, no buffer: a decode step's 60 norms
+    for_rows(M, H, [&](int64_t m) {
+      const float* rr = r != nullptr ? r + m * ldr : nullptr;
+      float* s = sum_out != nullptr ? sum_out + m * H : nullptr;
+#if FI_X86
+      if (use_avx512()) return rms_row_avx512(x + m * ldx, rr, s, w, out + m * H, H, eps);
+#endif
+      rms_row_scalar(x + m * ldx, rr, s, w, out + m * H, H, eps);
+    });
+    return;
+  }
   for_rows(M, H, [&](int64_t m) {
     std::vector<float> buf(H);
     for (int64_t i = 0; i < H; ++i) {

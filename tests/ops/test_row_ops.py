@@ -148,3 +148,19 @@ def test_argmax_is_torchs(impl, cap):
             impl.fn(torch.zeros(2, 4, dtype=torch.float64))
         with pytest.raises(ValueError, match="V >= 1"):
             torch.ops.fastinfer_cpu.argmax_rows(torch.zeros(2, 0))
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
+@pytest.mark.parametrize("m,h", [(1, 576), (3, 77), (40, 1536)])
+def test_native_norms_same_bits_on_every_path(m, h):
+    """float32 norms: the AVX-512 rows (in place, no buffer) and the scalar rows give the same
+    bits, with and without the residual add."""
+    x, r = rows(m, h, torch.float32, 7), rows(m, h, torch.float32, 8, strided=True)
+    w = torch.rand(h) + 0.5
+    outs = []
+    for cap in (0, 2):
+        with isa_cap(cap):
+            outs.append((*cpu_native.add_rms_norm(x, r, w, 1e-5), cpu_native.rms_norm(r, w, 1e-6)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0][1], x + r)
