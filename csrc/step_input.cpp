@@ -8,6 +8,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -67,6 +68,65 @@ py::array_t<int32_t> pack_block_tables(const std::vector<std::vector<int32_t>>& 
   return out;
 }
 
+// A whole step's host arrays in one call (ModelRunner.pack): for sequence i, tokens token_ids[i]
+// at positions start_positions[i] onward. Returns (ids [T], positions [T], slots [T], tables
+// [B, W] int64 padded with 0, query_start_loc [B + 1] and context_lens [B] as int64 arrays and
+// as lists, max_query_len, last_index): last_index holds, for each sequence whose needs_logits is
+// true (all when empty), the row of its last token, or of its last num_spec[i] + 1 tokens.
+py::tuple pack_step(const std::vector<std::vector<int64_t>>& token_ids, const std::vector<int64_t>& starts,
+                    const std::vector<std::vector<int32_t>>& block_tables, const std::vector<bool>& needs_logits,
+                    const std::vector<int64_t>& num_spec, int64_t block_size, int64_t num_slots) {
+  const size_t n = token_ids.size();
+  if (starts.size() != n || block_tables.size() != n || (!needs_logits.empty() && needs_logits.size() != n) ||
+      (!num_spec.empty() && num_spec.size() != n))
+    throw std::invalid_argument("pack_step: token_ids, start_positions, block_tables (and needs_logits, num_spec) "
+                                "must have one entry per sequence");
+  std::vector<int64_t> ends(n);
+  py::array_t<int64_t> qsl(static_cast<py::ssize_t>(n + 1)), ctx(static_cast<py::ssize_t>(n));
+  auto* q = qsl.mutable_data();
+  auto* c = ctx.mutable_data();
+  q[0] = 0;
+  int64_t max_len = 0, wanted_rows = 0;
+  size_t width = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t len = static_cast<int64_t>(token_ids[i].size());
+    ends[i] = starts[i] + len;
+    q[i + 1] = q[i] + len;
+    c[i] = ends[i];
+    max_len = std::max(max_len, len);
+    width = std::max(width, block_tables[i].size());
+    if (needs_logits.empty() || needs_logits[i]) wanted_rows += num_spec.empty() ? 1 : num_spec[i] + 1;
+  }
+  py::array_t<int64_t> slots = slot_mapping(block_tables, starts, ends, block_size);
+  const int64_t T = q[n];
+  const int64_t* sp = slots.data();
+  for (int64_t t = 0; t < T; ++t)
+    if (sp[t] < 0 || sp[t] >= num_slots)
+      throw std::invalid_argument("a block table points outside the KV cache (" + std::to_string(num_slots) +
+                                  " slots)");
+  py::array_t<int64_t> ids(T), pos(T), last(wanted_rows);
+  py::array_t<int64_t> tables({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(width)});
+  auto* ip = ids.mutable_data();
+  auto* pp = pos.mutable_data();
+  auto* lp = last.mutable_data();
+  auto tb = tables.mutable_unchecked<2>();
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j < token_ids[i].size(); ++j) {
+      *ip++ = token_ids[i][j];
+      *pp++ = starts[i] + static_cast<int64_t>(j);
+    }
+    for (size_t j = 0; j < width; ++j) tb(i, j) = j < block_tables[i].size() ? block_tables[i][j] : 0;
+    if (needs_logits.empty() || needs_logits[i]) {
+      const int64_t k = num_spec.empty() ? 0 : num_spec[i];
+      for (int64_t r = q[i + 1] - 1 - k; r < q[i + 1]; ++r) *lp++ = r;
+    }
+  }
+  py::list qsl_list(n + 1), ctx_list(n);
+  for (size_t i = 0; i <= n; ++i) qsl_list[i] = q[i];
+  for (size_t i = 0; i < n; ++i) ctx_list[i] = c[i];
+  return py::make_tuple(ids, pos, slots, tables, qsl, ctx, qsl_list, ctx_list, max_len, last);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -74,4 +134,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("slot_mapping", &slot_mapping, py::arg("block_tables"), py::arg("starts"),
         py::arg("ends"), py::arg("block_size"));
   m.def("pack_block_tables", &pack_block_tables, py::arg("block_tables"), py::arg("pad") = -1);
+  m.def("pack_step", &pack_step, py::arg("token_ids"), py::arg("start_positions"), py::arg("block_tables"),
+        py::arg("needs_logits"), py::arg("num_spec"), py::arg("block_size"), py::arg("num_slots"));
 }

@@ -63,3 +63,28 @@ def test_slot_mapping_matches_python():
 def test_pack_block_tables_pads():
     out = native.pack_block_tables([[1, 2, 3], [4]], -1)
     assert out.shape == (2, 3) and out.tolist() == [[1, 2, 3], [4, -1, -1]]
+
+
+def test_pack_step_matches_python():
+    """A step's host arrays in one call: what the runner's Python packing computed, for prefill,
+    decode and verification rows (num_spec), rows without logits, and a slot off the cache."""
+    bs = 4
+    ids, starts, tables = [[7, 8, 9, 10, 11], [3], [4, 5, 6]], [0, 6, 2], [[5, 2], [1, 0, 9], [3, 6]]
+    for needs, spec in (([], []), ([True, False, True], []), ([], [0, 0, 2])):
+        out = native.pack_step(ids, starts, tables, needs, spec, bs, 32)
+        flat, pos, slots, tab, qsl, ctx, qsl_list, ctx_list, max_len, last = out
+        assert flat.tolist() == [t for row in ids for t in row]
+        assert pos.tolist() == [p for s, row in zip(starts, ids) for p in range(s, s + len(row))]
+        assert slots.tolist() == native.slot_mapping(tables, starts, [s + len(r) for s, r in zip(starts, ids)], bs).tolist()
+        assert tab.dtype == np.int64 and tab.tolist() == [[5, 2, 0], [1, 0, 9], [3, 6, 0]]
+        assert qsl.tolist() == qsl_list == [0, 5, 6, 9] and ctx.tolist() == ctx_list == [5, 7, 5]
+        assert max_len == 5
+        wanted = needs or [True] * 3
+        ks = spec or [0] * 3
+        assert last.tolist() == [r for e, w, k in zip(qsl_list[1:], wanted, ks) if w for r in range(e - 1 - k, e)]
+    with pytest.raises(ValueError, match=r"a block table points outside the KV cache \(20 slots\)"):
+        native.pack_step(ids, starts, tables, [], [], bs, 20)
+    with pytest.raises(ValueError, match="needs 2 blocks, has 1"):
+        native.pack_step([[1, 2, 3, 4, 5]], [0], [[1]], [], [], bs, 32)
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        native.pack_step(ids, starts[:2], tables, [], [], bs, 32)
