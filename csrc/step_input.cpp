@@ -95,7 +95,14 @@ py::tuple pack_step(const std::vector<std::vector<int64_t>>& token_ids, const st
     c[i] = ends[i];
     max_len = std::max(max_len, len);
     width = std::max(width, block_tables[i].size());
-    if (needs_logits.empty() || needs_logits[i]) wanted_rows += num_spec.empty() ? 1 : num_spec[i] + 1;
+    if (needs_logits.empty() || needs_logits[i]) {
+      const int64_t k = num_spec.empty() ? 0 : num_spec[i];
+      if (k < 0 || k >= len)
+        throw std::invalid_argument("pack_step: sequence " + std::to_string(i) + " wants logits at its last " +
+                                    std::to_string(k + 1) + " tokens (num_spec " + std::to_string(k) +
+                                    ") but has " + std::to_string(len));
+      wanted_rows += k + 1;
+    }
   }
   py::array_t<int64_t> slots = slot_mapping(block_tables, starts, ends, block_size);
   const int64_t T = q[n];

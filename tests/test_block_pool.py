@@ -70,7 +70,7 @@ def test_pack_step_matches_python():
     decode and verification rows (num_spec), rows without logits, and a slot off the cache."""
     bs = 4
     ids, starts, tables = [[7, 8, 9, 10, 11], [3], [4, 5, 6]], [0, 6, 2], [[5, 2], [1, 0, 9], [3, 6]]
-    for needs, spec in (([], []), ([True, False, True], []), ([], [0, 0, 2])):
+    for needs, spec in (([], []), ([True, False, True], []), ([], [0, 0, 2]), ([False, True, True], [3, 0, 2])):
         out = native.pack_step(ids, starts, tables, needs, spec, bs, 32)
         flat, pos, slots, tab, qsl, ctx, qsl_list, ctx_list, max_len, last = out
         assert flat.tolist() == [t for row in ids for t in row]
@@ -88,3 +88,8 @@ def test_pack_step_matches_python():
         native.pack_step([[1, 2, 3, 4, 5]], [0], [[1]], [], [], bs, 32)
     with pytest.raises(ValueError, match="one entry per sequence"):
         native.pack_step(ids, starts[:2], tables, [], [], bs, 32)
+    for spec in ([0, 1, 0], [0, 0, -1]):  # more drafts than tokens, or a negative count
+        with pytest.raises(ValueError, match="wants logits at its last"):
+            native.pack_step(ids, starts, tables, [], spec, bs, 32)
+    empty = native.pack_step([], [], [], [], [], bs, 32)
+    assert [len(a) for a in empty[:3]] == [0, 0, 0] and empty[6] == [0] and empty[8] == 0 and len(empty[9]) == 0

@@ -5,11 +5,13 @@ import torch
 from torch import nn
 
 from fastinfer import ops
+from fastinfer.layers.linear import TracksWeights
 
 
-class Embedding(nn.Module):
+class Embedding(TracksWeights, nn.Module):
     """``weight [vocab, hidden]`` (a float parameter or a quantized ``PackedWeight``) looked up
-    by token id; rows come out in the model's dtype."""
+    by token id; rows come out in the model's dtype. Replacing, moving or casting the weight
+    tells the model (the native decoder's plan holds the table)."""
 
     def __init__(self, vocab: int, hidden: int, dtype: torch.dtype) -> None:
         super().__init__()

@@ -92,37 +92,39 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings else
                                nn.Parameter(torch.empty(local.vocab_size, cfg.hidden_size, dtype=dtype),
                                             requires_grad=False))
-        # False runs the layers module by module (as forward hooks on them do, which is also
-        # detected at each step).
+        # False runs the layers module by module, and the embedding and final norm as modules (as
+        # forward hooks on them do, which is also detected at each step).
         self.fused_layers = True
         self._plan, self._plan_key = None, None
         # Bumped whenever a layer's weight is replaced or moved: the plan is then rebuilt.
         self.weights_version = WeightsVersion()
-        # Forward hooks on a layer, its modules, the embedding or the final norm need the module
-        # loop: checked at each step.
+        # Forward hooks on a layer or its modules need the module loop, hooks on the embedding or
+        # the final norm their modules: checked at each step.
         self._hook_dicts: list[dict] = []
         self.track_weights()
 
     def track_weights(self) -> None:
-        """Shares the model's :class:`WeightsVersion` with every module of its layers, and bumps
-        it. Replacing a weight needs no call; putting a new module in place of a layer's does
-        (it tracks its weights from then on)."""
+        """Shares the model's :class:`WeightsVersion` with every module of its layers, the
+        embedding and the final norm, and bumps it. Replacing a weight needs no call; putting a
+        new module in place of a layer's does (it tracks its weights from then on)."""
         modules = list(self.layers.modules())
-        # the embedding and the final norm run inside the native call too (ops.decoder_model)
-        self._hook_dicts = _hook_dicts(modules + list(self.embed_tokens.modules()) + [self.norm])
-        for module in modules:
+        self._hook_dicts = _hook_dicts(modules)
+        for module in (*modules, self.embed_tokens, self.norm):
             if isinstance(module, TracksWeights):
                 share_version(module, self.weights_version)
         self.weights_version.bump()
 
     def decoder_plan(self):
         """The layers' weights as :func:`fastinfer.ops.decoder_layers`' fused backends take
-        them (None: none does, or ``fused_layers`` is False), rebuilt when a weight is replaced
-        or moved (``weights_version``) or the rotary table is."""
+        them (None: none does, or ``fused_layers`` is False), with the token table and the final
+        norm's weight where :func:`fastinfer.ops.decoder_model` can run them too (the model's own
+        ``Embedding`` and ``RMSNorm`` classes, the layers' eps). Rebuilt when a weight is replaced,
+        moved or cast (``weights_version``), the embedding or final norm module is replaced, or
+        the rotary table is."""
         if not self.fused_layers or self.comm.size > 1 or _hooked(self._hook_dicts):
             return None  # tensor parallelism runs the module path (its all-reduces are there)
-        norm, embed = self.norm.weight, self.embed_tokens.weight
-        key = (self.weights_version.value, id(norm), id(embed), norm.dtype,
+        norm, embed = self.norm, self.embed_tokens
+        key = (self.weights_version.value, id(norm), id(embed),
                self.layers[0].self_attn.rotary.cos_sin.data_ptr() if len(self.layers) else 0)
         if self._plan_key != key:
             cfg, attn = self.config, self.layers[0].self_attn if len(self.layers) else None
@@ -131,9 +133,13 @@ class LlamaForCausalLM(nn.Module):
                 a, m = layer.self_attn, layer.mlp
                 norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
                 linears += [(lin.weight, lin.bias) for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+            # the embedding and final norm join the native call only as the classes it imitates
+            whole = (type(norm) is RMSNorm and type(embed) is Embedding and norm.eps == cfg.rms_norm_eps
+                     and embed.dtype == norm.weight.dtype)
             self._plan = None if attn is None else ops.decoder_plan(
-                norm.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
-                attn.scale, attn.rotary.cos_sin, norms, linears, embed, norm)
+                norm.weight.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+                attn.scale, attn.rotary.cos_sin, norms, linears, embed.weight if whole else None,
+                norm.weight if whole else None)
             self._plan_key = key
         return self._plan
 
@@ -142,7 +148,10 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[CacheLayer], meta: AttentionMetadata) -> torch.Tensor:
         """``token_ids, positions [T]`` -> final hidden states ``[T, hidden]``: one native call on
         the CPU, else :meth:`forward_parts`."""
-        return ops.decoder_model(self, self.decoder_plan(), token_ids, positions, kv_caches, meta)
+        plan = self.decoder_plan()
+        if plan is not None and _hooked(_hook_dicts((self.embed_tokens, self.norm))):
+            plan = None  # hooks on the embedding or the final norm: they run as modules
+        return ops.decoder_model(self, plan, token_ids, positions, kv_caches, meta)
 
     def forward_parts(self, token_ids: torch.Tensor, positions: torch.Tensor,
                       kv_caches: list[CacheLayer], meta: AttentionMetadata) -> torch.Tensor:

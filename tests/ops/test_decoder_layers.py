@@ -20,6 +20,7 @@ MODES = [  # dtype, quantization, kv_cache_dtype
     (torch.float32, "none", "auto"),
     (torch.bfloat16, "none", "auto"),
     (torch.float32, "int8", "auto"),
+    (torch.bfloat16, "int8", "auto"),  # a packed table's float32 rows cast to the model's bfloat16
     (torch.float32, "int4", "auto"),
     (torch.float32, "fp8", "auto"),
     (torch.float32, "none", "int8"),
@@ -104,6 +105,34 @@ def test_plan_follows_replaced_weights(tiny_folder):
     model.to(CPU)
     moved = model.decoder_plan()
     assert moved is not rebuilt and moved.weights[4 * 1 + 3] is model.layers[1].mlp.down_proj.weight
+
+
+def test_plan_follows_the_embedding_and_final_norm(tiny_folder):
+    """The whole-model call holds the token table and the final norm's weight: replacing or
+    casting them, or putting another norm module in place, rebuilds the plan; a module of another
+    class, or another eps, keeps them out of the native call (the layers stay fused)."""
+    model = load_model(tiny_folder, torch.float32, CPU, "none").model
+    plan = model.decoder_plan()
+    assert plan.final_norm is model.norm.weight and plan.embed is model.embed_tokens.weight
+    new = torch.nn.Parameter(model.norm.weight.detach() * 2, requires_grad=False)
+    model.norm.weight = new
+    assert model.decoder_plan().final_norm is new
+    model.embed_tokens.to(torch.bfloat16)  # rows still come out float32 (Embedding.dtype)
+    assert model.decoder_plan() is not None and model.decoder_plan().embed is None
+    model.embed_tokens.to(torch.float32)
+    assert model.decoder_plan().embed is model.embed_tokens.weight
+    norm = model.norm
+    model.norm = type(norm)(norm.weight.shape[0], norm.eps * 10)
+    assert model.decoder_plan().final_norm is None and model.decoder_plan().weights
+    model.norm = norm
+    assert model.decoder_plan().final_norm is norm.weight
+
+    class Scaled(type(norm)):
+        def forward(self, x, residual=None):
+            return super().forward(x * 2, residual)
+
+    model.norm = Scaled(norm.weight.shape[0], norm.eps)
+    assert model.decoder_plan().final_norm is None
 
 
 def test_plan_refuses_what_the_kernels_do_not_take(tiny_folder):

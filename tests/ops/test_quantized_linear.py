@@ -313,9 +313,10 @@ def test_native_embedding_rows_equal_the_reference(kind, group, offs, rows):
     ids[0] = 96
     for form in (w, *scale_forms(w)):
         assert ops.implementations("quantized_embedding")[0].backend == "cpu_native"
+        assert cpu_native.embedding_q_applies(ids, form)  # so ops.embedding picks it
         want = reference.quantized_embedding(ids, form)
-        got = ops.embedding(ids, form)
-        assert got.dtype == torch.float32 and torch.equal(got, want)
+        got = cpu_native.embedding_q(ids, form)
+        assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(ops.embedding(ids, form), want)
         # -0.0 products stay -0.0 without offsets (no "+ 0.0"): compare the bits too
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     grid = torch.tensor([[5, 0], [96, 5]])

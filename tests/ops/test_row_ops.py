@@ -129,13 +129,12 @@ def test_argmax_is_torchs(impl, cap):
     maximum in a row's tail past the last 16 lanes, -0.0 beside +0.0), the first NaN where a row
     has NaNs, and rows of -inf; on the scalar and AVX-512 paths, for one row and many."""
     g = torch.Generator().manual_seed(3)
-    for m, v in ((1, 49152), (5, 1000), (40, 37), (3, 1)):
+    for m, v in ((1, 49152), (6, 49152), (5, 1000), (40, 37), (3, 1)):
         x = torch.randn(m, v, generator=g)
-        if v > 1:
+        if v > 1 and m >= 5:
             x[0, v - 1] = 50.0                         # the maximum in the tail
-            x[1 % m, [v // 3, v // 2]] = 60.0          # a tie: the lower index wins
-            x[2 % m, :] = -float("inf")                # all -inf: index 0
-        if m >= 5:
+            x[1, [v // 3, v // 2]] = 60.0              # a tie: the lower index wins
+            x[2, :] = -float("inf")                    # all -inf: index 0
             x[3, [7, v - 2]] = float("nan")            # NaN counts as the greatest: the first one
             x[4, :] = -1.0
             x[4, [9, 11]] = torch.tensor([-0.0, 0.0])  # -0.0 == +0.0: the first
@@ -150,7 +149,8 @@ def test_argmax_is_torchs(impl, cap):
             torch.ops.fastinfer_cpu.argmax_rows(torch.zeros(2, 0))
 
 
-@pytest.mark.skipif(not cpu_native.available(), reason="fastinfer._C_cpu is not built")
+@pytest.mark.skipif(not cpu_native.available() or cpu_native.isa() not in ("avx512", "avx512_vnni"),
+                    reason="needs fastinfer._C_cpu and an AVX-512 CPU (two paths to compare)")
 @pytest.mark.parametrize("m,h", [(1, 576), (3, 77), (40, 1536)])
 def test_native_norms_same_bits_on_every_path(m, h):
     """float32 norms: the AVX-512 rows (in place, no buffer) and the scalar rows give the same
@@ -159,7 +159,8 @@ def test_native_norms_same_bits_on_every_path(m, h):
     w = torch.rand(h) + 0.5
     outs = []
     for cap in (0, 2):
-        with isa_cap(cap):
+        with isa_cap(cap) as path:
+            assert path == ("scalar", "avx512")[cap // 2]
             outs.append((*cpu_native.add_rms_norm(x, r, w, 1e-5), cpu_native.rms_norm(r, w, 1e-6)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)

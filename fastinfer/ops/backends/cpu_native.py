@@ -197,7 +197,8 @@ def _embedding_q_op():
 def embedding_q_applies(token_ids: torch.Tensor, weight: PackedWeight) -> bool:
     """True when :func:`embedding_q` takes these inputs: int64 ids and the weight on the CPU,
     groups the native kernels take."""
-    return token_ids.is_cpu and token_ids.dtype == torch.int64 and weight.tensors[0].is_cpu and weight.native_applies()
+    return (token_ids.is_cpu and token_ids.dtype == torch.int64 and weight.native_applies()
+            and all(t is None or t.is_cpu for t in weight.tensors))
 
 
 def embedding_q(token_ids: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
@@ -479,7 +480,7 @@ def decoder_plan(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim
             groups.append(0), packed.append(None)
         biases.append(bias)
     whole = embed is not None and final_norm is not None and _norm_applies(final_norm, dtype) and (
-        embed.tensors[0].is_cpu and embed.native_applies() if isinstance(embed, PackedWeight)
+        all(t is None or t.is_cpu for t in embed.tensors) and embed.native_applies() if isinstance(embed, PackedWeight)
         else embed.dtype == dtype and embed.is_cpu and embed.dim() == 2 and embed.is_contiguous())
     return DecoderPlan(dtype, num_heads, num_kv_heads, head_dim, float(eps), float(attn_scale), cos_sin,
                        list(norms), weights, scales, offsets, biases, kinds, groups, packed,
