@@ -54,13 +54,13 @@ py::array_t<int64_t> slot_mapping(const std::vector<std::vector<int32_t>>& block
   return out;
 }
 
-// Block tables padded with `pad` into one [n, width] int32 array (width = longest table).
-py::array_t<int32_t> pack_block_tables(const std::vector<std::vector<int32_t>>& block_tables,
-                                       int32_t pad) {
+// Block tables padded with `pad` into one [n, width] array of T (width = longest table).
+template <typename T>
+py::array_t<T> pack_block_tables(const std::vector<std::vector<int32_t>>& block_tables, T pad) {
   size_t width = 0;
   for (const auto& bt : block_tables) width = std::max(width, bt.size());
-  py::array_t<int32_t> out({block_tables.size(), width});
-  auto r = out.mutable_unchecked<2>();
+  py::array_t<T> out({block_tables.size(), width});
+  auto r = out.template mutable_unchecked<2>();
   for (size_t i = 0; i < block_tables.size(); ++i) {
     const auto& bt = block_tables[i];
     for (size_t j = 0; j < width; ++j) r(i, j) = j < bt.size() ? bt[j] : pad;
@@ -87,14 +87,12 @@ py::tuple pack_step(const std::vector<std::vector<int64_t>>& token_ids, const st
   auto* c = ctx.mutable_data();
   q[0] = 0;
   int64_t max_len = 0, wanted_rows = 0;
-  size_t width = 0;
   for (size_t i = 0; i < n; ++i) {
     const int64_t len = static_cast<int64_t>(token_ids[i].size());
     ends[i] = starts[i] + len;
     q[i + 1] = q[i] + len;
     c[i] = ends[i];
     max_len = std::max(max_len, len);
-    width = std::max(width, block_tables[i].size());
     if (needs_logits.empty() || needs_logits[i]) {
       const int64_t k = num_spec.empty() ? 0 : num_spec[i];
       if (k < 0 || k >= len)
@@ -112,17 +110,14 @@ py::tuple pack_step(const std::vector<std::vector<int64_t>>& token_ids, const st
       throw std::invalid_argument("a block table points outside the KV cache (" + std::to_string(num_slots) +
                                   " slots)");
   py::array_t<int64_t> ids(T), pos(T), last(wanted_rows);
-  py::array_t<int64_t> tables({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(width)});
   auto* ip = ids.mutable_data();
   auto* pp = pos.mutable_data();
   auto* lp = last.mutable_data();
-  auto tb = tables.mutable_unchecked<2>();
   for (size_t i = 0; i < n; ++i) {
     for (size_t j = 0; j < token_ids[i].size(); ++j) {
       *ip++ = token_ids[i][j];
       *pp++ = starts[i] + static_cast<int64_t>(j);
     }
-    for (size_t j = 0; j < width; ++j) tb(i, j) = j < block_tables[i].size() ? block_tables[i][j] : 0;
     if (needs_logits.empty() || needs_logits[i]) {
       const int64_t k = num_spec.empty() ? 0 : num_spec[i];
       for (int64_t r = q[i + 1] - 1 - k; r < q[i + 1]; ++r) *lp++ = r;
@@ -131,7 +126,8 @@ py::tuple pack_step(const std::vector<std::vector<int64_t>>& token_ids, const st
   py::list qsl_list(n + 1), ctx_list(n);
   for (size_t i = 0; i <= n; ++i) qsl_list[i] = q[i];
   for (size_t i = 0; i < n; ++i) ctx_list[i] = c[i];
-  return py::make_tuple(ids, pos, slots, tables, qsl, ctx, qsl_list, ctx_list, max_len, last);
+  return py::make_tuple(ids, pos, slots, pack_block_tables<int64_t>(block_tables, 0), qsl, ctx, qsl_list, ctx_list,
+                        max_len, last);
 }
 
 }  // namespace
@@ -140,7 +136,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastinfer native core: step input preparation (slot mapping, block tables)";
   m.def("slot_mapping", &slot_mapping, py::arg("block_tables"), py::arg("starts"),
         py::arg("ends"), py::arg("block_size"));
-  m.def("pack_block_tables", &pack_block_tables, py::arg("block_tables"), py::arg("pad") = -1);
+  m.def("pack_block_tables", &pack_block_tables<int32_t>, py::arg("block_tables"), py::arg("pad") = -1);
   m.def("pack_step", &pack_step, py::arg("token_ids"), py::arg("start_positions"), py::arg("block_tables"),
         py::arg("needs_logits"), py::arg("num_spec"), py::arg("block_size"), py::arg("num_slots"));
 }

@@ -96,7 +96,8 @@ class LlamaForCausalLM(nn.Module):
         # forward hooks on them do, which is also detected at each step).
         self.fused_layers = True
         self._plan, self._plan_key = None, None
-        # Bumped whenever a layer's weight is replaced or moved: the plan is then rebuilt.
+        # Bumped whenever a weight of a layer, the embedding or the final norm is replaced or
+        # moved: the plan is then rebuilt.
         self.weights_version = WeightsVersion()
         # Forward hooks on a layer or its modules need the module loop, hooks on the embedding or
         # the final norm their modules: checked at each step.
